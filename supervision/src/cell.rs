@@ -1,0 +1,294 @@
+//! The ractor actor that runs one instance of a durable actor: it loads the committed state,
+//! replays the inbox, handles live deliveries in order and commits each result atomically.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use ractor::concurrency::JoinHandle;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tracing::Instrument;
+
+use crate::actor::{Context, DurableActor};
+use crate::codec::{decode, encode};
+use crate::journal::{Commit, Seq};
+use crate::registry::Shared;
+use crate::slot::Slot;
+
+const REPLAY_CHUNK: usize = 1024;
+
+/// Messages of an instance. Users never see them: they send through the registry.
+#[derive(Debug)]
+pub(crate) enum CellMsg {
+    /// A message made durable at `seq`.
+    Deliver {
+        /// Its sequence number.
+        seq: Seq,
+        /// The encoded message.
+        payload: Arc<[u8]>,
+    },
+    /// Read and handle whatever the journal holds beyond what was handled.
+    Rescan,
+    /// Periodic idleness check for passivation.
+    Tick,
+}
+
+pub(crate) struct Cell<A: DurableActor> {
+    pub(crate) shared: Arc<Shared<A>>,
+}
+
+pub(crate) struct CellState<A: DurableActor> {
+    slot: Arc<Slot>,
+    state: A::State,
+    /// The next sequence number to handle.
+    next: Seq,
+    last_activity: Instant,
+    tick: Option<JoinHandle<()>>,
+}
+
+impl<A: DurableActor> std::fmt::Debug for CellState<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CellState")
+            .field("key", &self.slot.key)
+            .field("next", &self.next)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: DurableActor> Cell<A> {
+    fn load_state(
+        &self,
+        slot: &Slot,
+        bytes: Option<Vec<u8>>,
+    ) -> Result<A::State, ActorProcessingErr> {
+        match bytes {
+            Some(b) => Ok(decode("state", &b)?),
+            None => Ok(self.shared.actor.init(&slot.key)),
+        }
+    }
+
+    async fn rescan(&self, st: &mut CellState<A>) -> Result<(), ActorProcessingErr> {
+        loop {
+            let entries = self
+                .shared
+                .journal
+                .pending(&st.slot.jkey, st.next, REPLAY_CHUNK)
+                .await?;
+            if entries.is_empty() {
+                return Ok(());
+            }
+            for e in entries {
+                if e.seq < st.next {
+                    continue;
+                }
+                st.next = e.seq;
+                self.shared.metrics.replayed.increment(1);
+                self.process(st, e.seq, &e.payload, true).await?;
+            }
+        }
+    }
+
+    async fn process(
+        &self,
+        st: &mut CellState<A>,
+        seq: Seq,
+        payload: &[u8],
+        replayed: bool,
+    ) -> Result<(), ActorProcessingErr> {
+        let shared = &self.shared;
+        let span = tracing::info_span!(
+            "durable_handle",
+            registry = %shared.name,
+            key = %st.slot.key,
+            seq,
+            replayed,
+        );
+        let msg: A::Msg = match decode("message", payload) {
+            Ok(m) => m,
+            Err(e) => {
+                // No retry can decode it: dead-letter at once.
+                return self.dead_letter(st, seq, &e.to_string(), 1).await;
+            }
+        };
+        let mut ctx = Context::new(st.slot.key.clone(), seq, replayed);
+        let outcome = AssertUnwindSafe(shared.actor.handle(&mut ctx, &mut st.state, msg))
+            .catch_unwind()
+            .instrument(span.clone())
+            .await;
+        let failure = match outcome {
+            Ok(Ok(())) => match encode("state", &st.state) {
+                Ok(state) => {
+                    let earliest = ctx.timers.iter().map(|t| t.fire_at_ms).min();
+                    shared
+                        .journal
+                        .commit(Commit {
+                            key: st.slot.jkey.clone(),
+                            seq,
+                            state,
+                            timers: std::mem::take(&mut ctx.timers),
+                        })
+                        .await?;
+                    st.next = seq + 1;
+                    st.slot.done(seq);
+                    shared.metrics.handled.increment(1);
+                    if let Some(at) = earliest {
+                        shared.timers.scheduled(at);
+                    }
+                    return Ok(());
+                }
+                Err(e) => e.to_string(),
+            },
+            Ok(Err(e)) => e.to_string(),
+            Err(panic) => format!("handler panicked: {}", panic_text(&panic)),
+        };
+        let attempts = shared.journal.record_failure(&st.slot.jkey, seq).await?;
+        if attempts >= shared.options.max_attempts {
+            return self.dead_letter(st, seq, &failure, attempts).await;
+        }
+        span.in_scope(|| {
+            tracing::warn!(attempts, max_attempts = shared.options.max_attempts, error = %failure, "message failed, restarting actor");
+        });
+        Err(format!(
+            "{} seq {seq} failed (attempt {attempts}/{}): {failure}",
+            st.slot.key, shared.options.max_attempts
+        )
+        .into())
+    }
+
+    async fn dead_letter(
+        &self,
+        st: &mut CellState<A>,
+        seq: Seq,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), ActorProcessingErr> {
+        let shared = &self.shared;
+        shared
+            .journal
+            .dead_letter(&st.slot.jkey, seq, error, attempts)
+            .await?;
+        tracing::error!(registry = %shared.name, key = %st.slot.key, seq, attempts, error, "message moved to dead letters");
+        // The failed handler may have changed the state: go back to the committed one.
+        let snapshot = shared.journal.load(&st.slot.jkey).await?;
+        st.state = self.load_state(&st.slot, snapshot.state)?;
+        st.next = seq + 1;
+        st.slot.done(seq);
+        shared.metrics.dead_lettered.increment(1);
+        Ok(())
+    }
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".into()
+    }
+}
+
+impl<A: DurableActor> Actor for Cell<A> {
+    type Msg = CellMsg;
+    type State = CellState<A>;
+    type Arguments = Arc<Slot>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<CellMsg>,
+        slot: Arc<Slot>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let shared = &self.shared;
+        shared.track(myself.get_id(), slot.clone());
+        let snapshot = shared.journal.load(&slot.jkey).await?;
+        let mut state = self.load_state(&slot, snapshot.state)?;
+        let activated = AssertUnwindSafe(shared.actor.on_activate(&slot.key, &mut state))
+            .catch_unwind()
+            .await;
+        match activated {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("on_activate of {} failed: {e}", slot.key).into()),
+            Err(p) => {
+                return Err(
+                    format!("on_activate of {} panicked: {}", slot.key, panic_text(&p)).into(),
+                );
+            }
+        }
+        slot.done(snapshot.applied);
+        let tick = shared.options.passivate_after_ms.map(|ms| {
+            let period = Duration::from_millis(ms.div_ceil(2).max(1));
+            myself.send_interval(period, || CellMsg::Tick)
+        });
+        shared.metrics.active.increment(1.0);
+        shared.metrics.activations.increment(1);
+        Ok(CellState {
+            slot,
+            state,
+            next: snapshot.applied + 1,
+            last_activity: Instant::now(),
+            tick,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        _myself: ActorRef<CellMsg>,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        self.rescan(st).await
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<CellMsg>,
+        msg: CellMsg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            CellMsg::Deliver { seq, payload } => {
+                st.last_activity = Instant::now();
+                if seq == st.next {
+                    self.process(st, seq, &payload, false).await?;
+                } else if seq > st.next {
+                    // A gap: something was appended while no instance was live. Read it back.
+                    self.rescan(st).await?;
+                }
+            }
+            CellMsg::Rescan => {
+                st.last_activity = Instant::now();
+                self.rescan(st).await?;
+            }
+            CellMsg::Tick => {
+                if let Some(ms) = self.shared.options.passivate_after_ms
+                    && st.last_activity.elapsed() >= Duration::from_millis(ms)
+                    && st.slot.in_flight() == 0
+                {
+                    tracing::debug!(registry = %self.shared.name, key = %st.slot.key, "passivating idle actor");
+                    myself.stop(Some(crate::registry::PASSIVATED.into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<CellMsg>,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = st.tick.take() {
+            t.abort();
+        }
+        let stopped = AssertUnwindSafe(self.shared.actor.on_stop(&st.slot.key, &st.state))
+            .catch_unwind()
+            .await;
+        match stopped {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("on_stop of {} failed: {e}", st.slot.key).into()),
+            Err(p) => {
+                Err(format!("on_stop of {} panicked: {}", st.slot.key, panic_text(&p)).into())
+            }
+        }
+    }
+}

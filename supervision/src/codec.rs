@@ -1,0 +1,85 @@
+//! Encoding of messages and states (bincode with serde) and of checksummed journal records.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+
+fn config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Encodes a value with bincode (standard configuration).
+pub(crate) fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>> {
+    bincode::serde::encode_to_vec(value, config()).map_err(|e| Error::Encode {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+/// Decodes a value written by [`encode`]; trailing bytes are an error.
+pub(crate) fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T> {
+    let (value, read) =
+        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| Error::Decode {
+            what,
+            detail: e.to_string(),
+        })?;
+    if read != bytes.len() {
+        return Err(Error::Decode {
+            what,
+            detail: format!("{} trailing bytes", bytes.len() - read),
+        });
+    }
+    Ok(value)
+}
+
+/// Prefixes `body` with its CRC32 so that damage is detected on read.
+pub(crate) fn seal(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&crc32fast::hash(body).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Checks and strips the CRC32 written by [`seal`]; `None` when the record is damaged.
+pub(crate) fn unseal(record: &[u8]) -> Option<&[u8]> {
+    let (crc, body) = record.split_at_checked(4)?;
+    let crc = u32::from_be_bytes(crc.try_into().ok()?);
+    (crc32fast::hash(body) == crc).then_some(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn sealed_records_round_trip(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let sealed = seal(&body);
+            prop_assert_eq!(unseal(&sealed), Some(body.as_slice()));
+        }
+
+        #[test]
+        fn any_flipped_byte_is_detected(
+            body in proptest::collection::vec(any::<u8>(), 1..256),
+            at in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+        ) {
+            let mut sealed = seal(&body);
+            let i = at.index(sealed.len());
+            sealed[i] ^= 1 << bit;
+            prop_assert_eq!(unseal(&sealed), None);
+        }
+
+        #[test]
+        fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = decode::<(u64, String, Vec<u32>)>("message", &bytes);
+        }
+    }
+
+    #[test]
+    fn short_record_is_damaged() {
+        assert_eq!(unseal(&[1, 2, 3]), None);
+    }
+}

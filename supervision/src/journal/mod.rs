@@ -1,0 +1,152 @@
+//! The journal: the persistent mailbox and state store behind every durable actor.
+//!
+//! A journal holds, per actor key, an ordered inbox of messages not yet acknowledged by the
+//! actor, the actor's last committed state with the sequence number it covers, failure
+//! counts, dead letters and durable timers. Backends implement [`Journal`]; every backend must
+//! pass the contract suite in `contract` (feature `test-util`).
+
+mod sled;
+
+#[cfg(any(test, feature = "test-util"))]
+pub mod contract;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+pub use self::sled::{Durability, SledJournal, SledOptions};
+
+/// A per-key sequence number: the first message of a key is 1, then 2, 3, ... without gaps.
+pub type Seq = u64;
+
+/// One message to append to a key's inbox.
+#[derive(Debug, Clone)]
+pub struct Append {
+    /// The journal key of the receiving actor.
+    pub key: Arc<str>,
+    /// The encoded message.
+    pub payload: Arc<[u8]>,
+}
+
+/// A message in a key's inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Its sequence number within the key.
+    pub seq: Seq,
+    /// The encoded message.
+    pub payload: Arc<[u8]>,
+}
+
+/// The last committed state of an actor.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Every message up to and including this sequence number has been applied or dead-lettered.
+    pub applied: Seq,
+    /// The encoded state, `None` if the actor never committed one.
+    pub state: Option<Vec<u8>>,
+}
+
+/// A timer to persist together with a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTimer {
+    /// When it fires, in milliseconds since the Unix epoch.
+    pub fire_at_ms: u64,
+    /// The encoded message it delivers to its own actor.
+    pub payload: Vec<u8>,
+}
+
+/// The atomic unit of progress: the state after handling `seq`, and the ack of `seq`.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    /// The actor's journal key.
+    pub key: Arc<str>,
+    /// The message handled; it and everything before it leave the inbox.
+    pub seq: Seq,
+    /// The new encoded state.
+    pub state: Vec<u8>,
+    /// Timers scheduled by the handler; persisted in the same atomic write.
+    pub timers: Vec<NewTimer>,
+}
+
+/// A stored durable timer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timer {
+    /// The journal key of the actor it wakes.
+    pub key: Arc<str>,
+    /// When it fires, in milliseconds since the Unix epoch.
+    pub fire_at_ms: u64,
+    /// A unique id within (key, fire time).
+    pub id: u64,
+    /// The encoded message.
+    pub payload: Vec<u8>,
+}
+
+/// A message that failed too often and was moved aside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The journal key of the actor that could not handle it.
+    pub key: String,
+    /// Its sequence number in that actor's inbox.
+    pub seq: Seq,
+    /// The encoded message.
+    pub payload: Vec<u8>,
+    /// The last error.
+    pub error: String,
+    /// How many deliveries failed.
+    pub attempts: u32,
+    /// When it was dead-lettered, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// Storage for durable actors. All methods are safe to call concurrently; appends and timer
+/// firings for one key are serialised by the backend so that sequence numbers have no gaps.
+#[async_trait]
+pub trait Journal: Send + Sync + std::fmt::Debug + 'static {
+    /// Appends a batch, assigning each entry the next sequence number of its key, in batch
+    /// order. When this returns, the batch is as durable as the backend's durability mode
+    /// promises (see [`Durability`]).
+    async fn append(&self, batch: &[Append]) -> Result<Vec<Seq>>;
+
+    /// The last committed state of `key` (default snapshot when none).
+    async fn load(&self, key: &str) -> Result<Snapshot>;
+
+    /// Up to `limit` inbox entries of `key` with `seq >= from`, in order.
+    async fn pending(&self, key: &str, from: Seq, limit: usize) -> Result<Vec<Entry>>;
+
+    /// Atomically stores the new state, acknowledges `seq` (removing it and any earlier inbox
+    /// entry and its failure count) and persists the new timers.
+    async fn commit(&self, commit: Commit) -> Result<()>;
+
+    /// Records one failed delivery of (`key`, `seq`); returns the total number of failures.
+    async fn record_failure(&self, key: &str, seq: Seq) -> Result<u32>;
+
+    /// Atomically moves (`key`, `seq`) from the inbox to the dead letters and acknowledges it,
+    /// leaving the committed state as it is.
+    async fn dead_letter(&self, key: &str, seq: Seq, error: &str, attempts: u32) -> Result<()>;
+
+    /// Dead letters whose key starts with `prefix`, in key and sequence order.
+    async fn dead_letters(&self, prefix: &str) -> Result<Vec<DeadLetter>>;
+
+    /// Atomically removes a dead letter and appends its payload to its key's inbox as a new
+    /// message; returns the new sequence number.
+    async fn redrive(&self, key: &str, seq: Seq) -> Result<Seq>;
+
+    /// The earliest timer fire time, if any timer is stored.
+    async fn next_timer(&self) -> Result<Option<u64>>;
+
+    /// Up to `limit` timers due at `now_ms`, earliest first.
+    async fn due_timers(&self, now_ms: u64, limit: usize) -> Result<Vec<Timer>>;
+
+    /// Atomically removes `timer` and appends its payload to its key's inbox; returns the new
+    /// sequence number, or `None` if the timer was already fired.
+    async fn fire_timer(&self, timer: &Timer) -> Result<Option<Seq>>;
+
+    /// Keys starting with `prefix` that have unacknowledged inbox entries.
+    async fn keys_with_pending(&self, prefix: &str) -> Result<Vec<String>>;
+
+    /// Makes everything written so far durable.
+    async fn flush(&self) -> Result<()>;
+}

@@ -1,0 +1,155 @@
+//! One addressable durable actor's bookkeeping: its life cycle, its in-flight count and its
+//! progress. A slot outlives the actor instances that come and go for its key.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use ractor::ActorRef;
+use tokio::sync::Notify;
+
+use crate::cell::CellMsg;
+use crate::journal::Seq;
+use crate::policy::RestartWindow;
+
+/// Where the single instance of a key is in its life cycle. Every transition happens under
+/// the slot's lock, and only a transition into `Starting` spawns an instance, so a key never
+/// has two live instances.
+#[derive(Debug)]
+pub(crate) enum Life {
+    /// No instance; the next message activates one.
+    Passive,
+    /// An instance is being spawned.
+    Starting,
+    /// The instance is running.
+    Live(ActorRef<CellMsg>),
+    /// The instance failed; a restart is scheduled after a backoff.
+    Restarting,
+    /// The instance failed more often than the restart intensity allows; the next message
+    /// (or an explicit wake) starts it again.
+    Parked,
+}
+
+/// Activates an instance for a slot (implemented by the registry).
+pub(crate) trait Activate: Send + Sync {
+    fn activate(&self, slot: Arc<Slot>);
+}
+
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) key: Arc<str>,
+    pub(crate) jkey: Arc<str>,
+    life: Mutex<Life>,
+    /// Reserved by senders, not yet appended.
+    queued: AtomicUsize,
+    /// Highest sequence number appended since this slot exists.
+    last_appended: AtomicU64,
+    /// Highest sequence number committed or dead-lettered.
+    last_done: AtomicU64,
+    pub(crate) progress: Notify,
+    pub(crate) window: Mutex<RestartWindow>,
+    owner: Weak<dyn Activate>,
+}
+
+impl Slot {
+    pub(crate) fn new(key: Arc<str>, jkey: Arc<str>, owner: Weak<dyn Activate>) -> Self {
+        Self {
+            key,
+            jkey,
+            life: Mutex::new(Life::Passive),
+            queued: AtomicUsize::new(0),
+            last_appended: AtomicU64::new(0),
+            last_done: AtomicU64::new(0),
+            progress: Notify::new(),
+            window: Mutex::new(RestartWindow::default()),
+            owner,
+        }
+    }
+
+    pub(crate) fn life(&self) -> MutexGuard<'_, Life> {
+        self.life.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Messages accepted for this key and not yet committed or dead-lettered.
+    pub(crate) fn in_flight(&self) -> usize {
+        let appended = self.last_appended.load(Ordering::Acquire);
+        let done = self.last_done.load(Ordering::Acquire);
+        self.queued.load(Ordering::Acquire) + appended.saturating_sub(done) as usize
+    }
+
+    /// Takes one place in the bounded mailbox; `false` when full.
+    pub(crate) fn try_reserve(&self, limit: usize) -> bool {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        if self.in_flight() > limit {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back a place whose append failed.
+    pub(crate) fn unreserve(&self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        self.progress.notify_waiters();
+    }
+
+    pub(crate) fn last_done(&self) -> Seq {
+        self.last_done.load(Ordering::Acquire)
+    }
+
+    /// The instance committed or dead-lettered `seq`.
+    pub(crate) fn done(&self, seq: Seq) {
+        self.last_done.fetch_max(seq, Ordering::AcqRel);
+        self.progress.notify_waiters();
+    }
+
+    /// A message was appended outside the send path (timer, re-drive): count it, deliver it.
+    pub(crate) fn appended_external(self: &Arc<Self>, seq: Seq) {
+        self.last_appended.fetch_max(seq, Ordering::AcqRel);
+        self.deliver(seq, None);
+    }
+
+    /// The writer made `seq` durable: count it and hand it to the live instance, or start one.
+    pub(crate) fn appended(self: &Arc<Self>, seq: Seq, payload: Arc<[u8]>) {
+        self.last_appended.fetch_max(seq, Ordering::AcqRel);
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        self.deliver(seq, Some(payload));
+    }
+
+    fn deliver(self: &Arc<Self>, seq: Seq, payload: Option<Arc<[u8]>>) {
+        let mut life = self.life();
+        match &*life {
+            Life::Live(cell) => {
+                let msg = match payload {
+                    Some(payload) => CellMsg::Deliver { seq, payload },
+                    None => CellMsg::Rescan,
+                };
+                // A failed cast means the instance is dying; its supervision event restarts
+                // or reactivates it, and the new instance reads this message from the journal.
+                let _ = cell.cast(msg);
+            }
+            Life::Passive | Life::Parked => {
+                *life = Life::Starting;
+                drop(life);
+                self.start();
+            }
+            Life::Starting | Life::Restarting => {}
+        }
+    }
+
+    /// Starts an instance if none is live or scheduled.
+    pub(crate) fn wake(self: &Arc<Self>) {
+        let mut life = self.life();
+        if matches!(&*life, Life::Passive | Life::Parked) {
+            *life = Life::Starting;
+            drop(life);
+            self.start();
+        }
+    }
+
+    /// Spawns an instance; the caller has moved the life to `Starting`.
+    pub(crate) fn start(self: &Arc<Self>) {
+        if let Some(owner) = self.owner.upgrade() {
+            owner.activate(self.clone());
+        }
+    }
+}

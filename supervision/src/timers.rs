@@ -1,0 +1,117 @@
+//! Durable timers: stored in the journal with the commit that scheduled them, fired by one
+//! task per runtime that moves each due timer into its actor's inbox.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Notify;
+
+use crate::journal::Journal;
+use crate::runtime::Routes;
+
+const FIRE_BATCH: usize = 512;
+/// How long to wait before retrying timers of a registry that does not exist yet.
+const UNROUTED_RETRY: Duration = Duration::from_secs(1);
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Tells the timer task about new timers.
+#[derive(Debug, Clone)]
+pub(crate) struct TimerHandle {
+    inner: Arc<TimerShared>,
+}
+
+#[derive(Debug)]
+struct TimerShared {
+    wake: Notify,
+    /// The earliest fire time the task is sleeping towards (u64::MAX when none).
+    next: AtomicU64,
+}
+
+impl TimerHandle {
+    pub(crate) fn start(journal: Arc<dyn Journal>, routes: Routes) -> Self {
+        let inner = Arc::new(TimerShared {
+            wake: Notify::new(),
+            next: AtomicU64::new(u64::MAX),
+        });
+        tokio::spawn(run(journal, routes, inner.clone()));
+        Self { inner }
+    }
+
+    /// A timer at `fire_at_ms` was committed.
+    pub(crate) fn scheduled(&self, fire_at_ms: u64) {
+        if fire_at_ms < self.inner.next.load(Ordering::Acquire) {
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// A registry was added: timers waiting for it can fire.
+    pub(crate) fn poke(&self) {
+        self.inner.wake.notify_one();
+    }
+}
+
+async fn run(journal: Arc<dyn Journal>, routes: Routes, shared: Arc<TimerShared>) {
+    loop {
+        let woken = shared.wake.notified();
+        let next = match journal.next_timer().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read timers");
+                None
+            }
+        };
+        shared
+            .next
+            .store(next.unwrap_or(u64::MAX), Ordering::Release);
+        let wait = match next {
+            None => None,
+            Some(at) => {
+                let now = now_ms();
+                if at <= now {
+                    match fire_due(&*journal, &routes, now).await {
+                        Ok(fired) if fired > 0 => continue,
+                        Ok(_) => Some(UNROUTED_RETRY),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot fire timers");
+                            Some(UNROUTED_RETRY)
+                        }
+                    }
+                } else {
+                    Some(Duration::from_millis(at - now))
+                }
+            }
+        };
+        match wait {
+            Some(d) => {
+                tokio::select! {
+                    _ = woken => {}
+                    _ = tokio::time::sleep(d) => {}
+                }
+            }
+            None => woken.await,
+        }
+    }
+}
+
+async fn fire_due(journal: &dyn Journal, routes: &Routes, now: u64) -> crate::Result<usize> {
+    let mut fired = 0;
+    for timer in journal.due_timers(now, FIRE_BATCH).await? {
+        let Some((route, key)) = routes.resolve(&timer.key) else {
+            continue;
+        };
+        if let Some(seq) = journal.fire_timer(&timer).await? {
+            tracing::debug!(key = %timer.key, seq, "timer fired");
+            route.appended(&key, seq);
+            fired += 1;
+        }
+    }
+    Ok(fired)
+}

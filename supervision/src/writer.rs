@@ -1,0 +1,103 @@
+//! Group commit: one task gathers the appends of all senders into batches, appends each batch
+//! with one journal call (one flush), then acknowledges the senders and delivers to actors in
+//! sequence order.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, Result};
+use crate::journal::{Append, Journal, Seq};
+use crate::slot::Slot;
+
+struct Request {
+    append: Append,
+    slot: Arc<Slot>,
+    reply: oneshot::Sender<Result<Seq>>,
+}
+
+/// Sends appends to the writer task.
+#[derive(Clone, Debug)]
+pub(crate) struct WriterHandle {
+    tx: mpsc::UnboundedSender<Request>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("key", &self.append.key)
+            .finish()
+    }
+}
+
+impl WriterHandle {
+    /// Starts the writer task; batches hold at most `max_batch` messages.
+    pub(crate) fn start(journal: Arc<dyn Journal>, max_batch: usize) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(journal, rx, max_batch.max(1)));
+        Self { tx }
+    }
+
+    /// Appends one message (reserved on `slot`), durable on return.
+    pub(crate) async fn append(&self, append: Append, slot: Arc<Slot>) -> Result<Seq> {
+        let (reply, rx) = oneshot::channel();
+        let request = Request {
+            append,
+            slot: slot.clone(),
+            reply,
+        };
+        if self.tx.send(request).is_err() {
+            slot.unreserve();
+            return Err(Error::Stopped {
+                what: "journal writer",
+            });
+        }
+        rx.await.map_err(|_| Error::Stopped {
+            what: "journal writer",
+        })?
+    }
+}
+
+async fn run(
+    journal: Arc<dyn Journal>,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    max_batch: usize,
+) {
+    let batch_size = crate::metrics::batch_size();
+    let mut requests: Vec<Request> = Vec::with_capacity(max_batch);
+    let mut appends: Vec<Append> = Vec::with_capacity(max_batch);
+    loop {
+        if rx.recv_many(&mut requests, max_batch).await == 0 {
+            return;
+        }
+        appends.clear();
+        appends.extend(requests.iter().map(|r| r.append.clone()));
+        batch_size.record(appends.len() as f64);
+        let started = std::time::Instant::now();
+        let appended = journal.append(&appends).await;
+        tracing::debug!(
+            messages = appends.len(),
+            took_us = started.elapsed().as_micros() as u64,
+            "batch appended"
+        );
+        match appended {
+            Ok(seqs) => {
+                // In sequence order: each actor's mailbox receives its messages in order.
+                for (r, seq) in requests.drain(..).zip(seqs) {
+                    r.slot.appended(seq, r.append.payload);
+                    let _ = r.reply.send(Ok(seq));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, messages = requests.len(), "journal append failed");
+                let detail = e.to_string();
+                for r in requests.drain(..) {
+                    r.slot.unreserve();
+                    let _ = r.reply.send(Err(Error::Append {
+                        detail: detail.clone(),
+                    }));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The journal contract on the sled backend, plus what only a disk can show: reopening and
+//! damage.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use soma_supervision::{Append, Error, Journal, SledJournal, SledOptions, contract};
+
+#[tokio::test]
+async fn sled_journal_passes_the_contract() {
+    let dirs = std::sync::Mutex::new(Vec::new());
+    contract::run(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let j = SledJournal::open(SledOptions::new(dir.path().join("j"))).unwrap();
+        dirs.lock().unwrap().push(dir);
+        async move { Arc::new(j) as Arc<dyn Journal> }
+    })
+    .await;
+}
+
+fn app(key: &str, payload: &[u8]) -> Append {
+    Append {
+        key: Arc::from(key),
+        payload: Arc::from(payload),
+    }
+}
+
+#[tokio::test]
+async fn appends_survive_reopen_and_sequences_continue() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    {
+        let j = SledJournal::open(SledOptions::new(&path)).unwrap();
+        j.append(&[app("k", b"1"), app("k", b"2")]).await.unwrap();
+    }
+    let j = SledJournal::open(SledOptions::new(&path)).unwrap();
+    assert_eq!(j.pending("k", 1, 10).await.unwrap().len(), 2);
+    assert_eq!(j.append(&[app("k", b"3")]).await.unwrap(), vec![3]);
+}
+
+fn open_error(path: &std::path::Path) -> Error {
+    match SledJournal::open(SledOptions::new(path)) {
+        Ok(_) => panic!("opening {} should fail", path.display()),
+        Err(e) => e,
+    }
+}
+
+fn assert_corrupt_names_path(e: &Error, path: &std::path::Path) {
+    let text = e.to_string();
+    assert!(
+        matches!(e, Error::Corrupt { .. }),
+        "expected Corrupt, got {e:?}"
+    );
+    assert!(text.contains(&path.display().to_string()), "{text}");
+}
+
+#[test]
+fn a_file_instead_of_a_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    std::fs::write(&path, b"hello").unwrap();
+    let e = open_error(&path);
+    assert_corrupt_names_path(&e, &path);
+    assert!(e.to_string().contains("not a directory"), "{e}");
+}
+
+#[test]
+fn a_foreign_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("db"), b"not sled").unwrap();
+    let e = open_error(&path);
+    assert_corrupt_names_path(&e, &path);
+    assert!(e.to_string().contains("SOMA_JOURNAL is missing"), "{e}");
+}
+
+async fn filled_journal(path: &std::path::Path) {
+    let j = SledJournal::open(SledOptions::new(path)).unwrap();
+    for i in 0..200u32 {
+        let payload = vec![i as u8; 512];
+        j.append(&[app(&format!("k{}", i % 7), &payload)])
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_garbled_journal_is_an_error_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    filled_journal(&path).await;
+    let db = path.join("db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    let len = bytes.len();
+    for b in &mut bytes[len / 8..] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&db, &bytes).unwrap();
+    let e = open_and_read(&path).await;
+    assert_corrupt_names_path(&e, &path);
+}
+
+#[tokio::test]
+async fn a_truncated_journal_is_an_error_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    filled_journal(&path).await;
+    let db = path.join("db");
+    let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    f.set_len(64).unwrap();
+    drop(f);
+    let e = open_and_read(&path).await;
+    assert_corrupt_names_path(&e, &path);
+}
+
+/// Opens and reads everything back; the first error found.
+async fn open_and_read(path: &std::path::Path) -> Error {
+    let j = match SledJournal::open(SledOptions::new(path)) {
+        Ok(j) => j,
+        Err(e) => return e,
+    };
+    for k in 0..7 {
+        let key = format!("k{k}");
+        match j.pending(&key, 1, 1000).await {
+            Err(e) => return e,
+            Ok(entries) if entries.len() < 200 / 7 => {
+                panic!("damage went unnoticed: {key} has {} entries", entries.len())
+            }
+            Ok(_) => {}
+        }
+    }
+    panic!("damage went unnoticed")
+}
