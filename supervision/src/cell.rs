@@ -200,7 +200,6 @@ impl<A: DurableActor> Actor for Cell<A> {
         slot: Arc<Slot>,
     ) -> Result<Self::State, ActorProcessingErr> {
         let shared = &self.shared;
-        shared.track(myself.get_id(), slot.clone());
         let snapshot = shared.journal.load(&slot.jkey).await?;
         let mut state = self.load_state(&slot, snapshot.state)?;
         let activated = AssertUnwindSafe(shared.actor.on_activate(&slot.key, &mut state))
@@ -220,6 +219,8 @@ impl<A: DurableActor> Actor for Cell<A> {
             let period = Duration::from_millis(ms.div_ceil(2).max(1));
             myself.send_interval(period, || CellMsg::Tick)
         });
+        // Tracked only once started: a failed start is reported by the spawn, not by an event.
+        shared.track(myself.get_id(), slot.clone());
         shared.metrics.active.increment(1.0);
         shared.metrics.activations.increment(1);
         Ok(CellState {

@@ -240,7 +240,6 @@ impl<A: DurableActor> Shared<A> {
                 }
                 Err(e) => {
                     tracing::warn!(registry = %shared.name, key = %slot.key, error = %e, "activation failed");
-                    shared.cells().retain(|_, s| !Arc::ptr_eq(s, &slot));
                     shared.after_failure(slot);
                 }
             }

@@ -120,6 +120,15 @@ pub struct SupervisorState {
 }
 
 impl Supervisor {
+    /// A supervisor to start as a child of another one (see [`ChildSpec::new`]); use
+    /// [`Supervisor::start`] for a root supervisor.
+    pub fn new(name: impl Into<String>, policy: Policy) -> Self {
+        Self {
+            name: name.into(),
+            policy,
+        }
+    }
+
     /// Starts a supervisor with `children`, linked to `parent` if given. Children start in
     /// order; if one fails to start, the supervisor fails to start.
     pub async fn start(
@@ -200,6 +209,7 @@ impl Actor for Supervisor {
         myself: ActorRef<Self::Msg>,
         specs: Vec<ChildSpec>,
     ) -> Result<Self::State, ActorProcessingErr> {
+        self.policy.backoff.validate()?;
         let mut children = Vec::with_capacity(specs.len());
         for spec in specs {
             let cell = (spec.start)(myself.get_cell()).await?;

@@ -346,3 +346,41 @@ async fn bad_keys_and_options_are_clear_errors() {
         .unwrap_err();
     assert!(e.to_string().contains("already runs"), "{e}");
 }
+
+#[tokio::test]
+async fn actor_failing_to_activate_is_retried_then_parked_and_its_messages_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir).await;
+    let (counter, mut events) = Counter::with_events();
+    counter
+        .fail_activate
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut opts = options("counter");
+    opts.intensity = soma_supervision::Intensity {
+        max_restarts: 2,
+        window_ms: 60_000,
+    };
+    let reg = rt.registry(counter.clone(), opts).await.unwrap();
+    reg.send("k", &Msg::Add(1)).await.unwrap();
+    // The first activation and two restarts fail; then the key is parked.
+    for _ in 0..3 {
+        assert_eq!(
+            next_event(&mut events).await,
+            Event::ActivationFailed("k".into())
+        );
+    }
+    assert_eq!(reg.live(), 0);
+    // Once the fault is gone, the next message wakes it, and nothing was lost.
+    counter
+        .fail_activate
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let seq = reg.send("k", &Msg::Add(2)).await.unwrap();
+    reg.wait_handled("k", seq).await.unwrap();
+    assert_eq!(reg.state("k").await.unwrap().ids, vec![1, 2]);
+    assert_eq!(
+        counter
+            .activation_failures
+            .load(std::sync::atomic::Ordering::SeqCst),
+        3
+    );
+}

@@ -3,7 +3,7 @@
 #![allow(unreachable_pub)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,7 @@ pub struct State {
 pub enum Event {
     Activated(String, u64),
     Stopped(String),
+    ActivationFailed(String),
 }
 
 /// Counts `Add` ids; reports activations and stops on `events`.
@@ -42,6 +43,9 @@ pub struct Counter {
     pub events: Option<mpsc::UnboundedSender<Event>>,
     pub gate: Arc<Semaphore>,
     pub attempts: Arc<AtomicU32>,
+    /// While set, activation fails (and counts on `activation_failures`).
+    pub fail_activate: Arc<AtomicBool>,
+    pub activation_failures: Arc<AtomicU32>,
 }
 
 impl Counter {
@@ -50,6 +54,8 @@ impl Counter {
             events: None,
             gate: Arc::new(Semaphore::new(0)),
             attempts: Arc::new(AtomicU32::new(0)),
+            fail_activate: Arc::new(AtomicBool::new(false)),
+            activation_failures: Arc::new(AtomicU32::new(0)),
         }
     }
 
@@ -106,6 +112,13 @@ impl DurableActor for Counter {
     }
 
     async fn on_activate(&self, key: &str, state: &mut State) -> Result<(), HandlerError> {
+        if self.fail_activate.load(Ordering::SeqCst) {
+            self.activation_failures.fetch_add(1, Ordering::SeqCst);
+            if let Some(tx) = &self.events {
+                let _ = tx.send(Event::ActivationFailed(key.to_string()));
+            }
+            return Err(HandlerError::new("activation refused"));
+        }
         if let Some(tx) = &self.events {
             let _ = tx.send(Event::Activated(key.to_string(), state.count));
         }

@@ -1,0 +1,118 @@
+//! Property: any interleaving of sends, actor kills and whole-runtime restarts applies every
+//! acknowledged message exactly once, in sequence order.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Counter, Msg, options};
+use proptest::prelude::*;
+use soma_supervision::{Registry, Runtime, RuntimeOptions};
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// `n` concurrent sends to one key, all awaited (acknowledged).
+    Send { key: u8, n: u8 },
+    /// Kill the key's live instance as a crash would.
+    Kill { key: u8 },
+    /// Drop the whole runtime (all tasks, the journal handle) without waiting, and reopen.
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (0u8..3, 1u8..8).prop_map(|(key, n)| Op::Send { key, n }),
+        2 => (0u8..3).prop_map(|key| Op::Kill { key }),
+        1 => Just(Op::Restart),
+    ]
+}
+
+struct Life {
+    tokio: tokio::runtime::Runtime,
+    reg: Registry<Counter>,
+}
+
+fn open(path: &Path) -> Life {
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let reg = tokio.block_on(async {
+        let rt = Runtime::open(RuntimeOptions::new(path)).await.unwrap();
+        rt.registry(Counter::new(), options("p")).await.unwrap()
+    });
+    Life { tokio, reg }
+}
+
+fn run(ops: Vec<Op>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    // key -> (seq -> id) of acknowledged sends
+    let mut acked: BTreeMap<String, BTreeMap<u64, u64>> = BTreeMap::new();
+    let mut next_id = 0u64;
+    let mut life = open(&path);
+    for op in ops {
+        match op {
+            Op::Send { key, n } => {
+                let key = format!("k{key}");
+                let ids: Vec<u64> = (next_id..next_id + n as u64).collect();
+                next_id += n as u64;
+                let reg = life.reg.clone();
+                let k = key.clone();
+                let seqs = life.tokio.block_on(async move {
+                    let sends = ids.iter().map(|id| {
+                        let reg = reg.clone();
+                        let k = k.clone();
+                        let id = *id;
+                        tokio::spawn(
+                            async move { (reg.send(&k, &Msg::Add(id)).await.unwrap(), id) },
+                        )
+                    });
+                    let mut out = Vec::new();
+                    for s in sends {
+                        out.push(s.await.unwrap());
+                    }
+                    out
+                });
+                acked.entry(key).or_default().extend(seqs);
+            }
+            Op::Kill { key } => {
+                life.reg.kill(&format!("k{key}"));
+            }
+            Op::Restart => {
+                drop(life.reg);
+                life.tokio.shutdown_timeout(Duration::from_secs(5));
+                life = open(&path);
+            }
+        }
+    }
+    let reg = life.reg.clone();
+    life.tokio.block_on(async move {
+        for (key, by_seq) in &acked {
+            let last = *by_seq.keys().last().unwrap();
+            reg.wait_handled(key, last).await.unwrap();
+            let state = reg.state(key).await.unwrap();
+            let expected: Vec<u64> = by_seq.values().copied().collect();
+            assert_eq!(
+                state.ids, expected,
+                "{key}: exactly once, in sequence order"
+            );
+            assert_eq!(state.count, expected.len() as u64);
+        }
+    });
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn interleaved_sends_kills_and_restarts_apply_each_message_once(
+        ops in proptest::collection::vec(op(), 1..30)
+    ) {
+        run(ops);
+    }
+}
