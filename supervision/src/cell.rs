@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::actor::{Context, DurableActor};
 use crate::codec::{decode, encode};
-use crate::journal::{Commit, Seq};
+use crate::journal::{Commit, NewTimer, Seq};
 use crate::registry::Shared;
 use crate::slot::Slot;
 
@@ -32,6 +32,12 @@ pub(crate) enum CellMsg {
     Rescan,
     /// Periodic idleness check for passivation.
     Tick,
+}
+
+enum Outcome {
+    Handled(Vec<NewTimer>),
+    Failed(String),
+    Undecodable(String),
 }
 
 pub(crate) struct Cell<A: DurableActor> {
@@ -68,6 +74,10 @@ impl<A: DurableActor> Cell<A> {
         }
     }
 
+    /// Handles everything the journal holds from `next` on. Replayed messages are committed
+    /// in batches (one state write per chunk); a failure inside a batch discards the batch and
+    /// restarts the instance, which then replays one message at a time up to the failing one,
+    /// so that failures are counted against a correctly committed state.
     async fn rescan(&self, st: &mut CellState<A>) -> Result<(), ActorProcessingErr> {
         loop {
             let entries = self
@@ -78,25 +88,96 @@ impl<A: DurableActor> Cell<A> {
             if entries.is_empty() {
                 return Ok(());
             }
+            let careful_until = st.slot.careful_until();
+            let mut batch: Option<(Seq, Seq, Vec<NewTimer>)> = None;
             for e in entries {
                 if e.seq < st.next {
                     continue;
                 }
-                st.next = e.seq;
                 self.shared.metrics.replayed.increment(1);
-                self.process(st, e.seq, &e.payload, true).await?;
+                if e.seq <= careful_until {
+                    self.process(st, e.seq, &e.payload, true).await?;
+                    continue;
+                }
+                match self.run_handler(st, e.seq, &e.payload, true).await {
+                    Outcome::Handled(timers) => {
+                        let (_, last, all) = batch.get_or_insert((e.seq, e.seq, Vec::new()));
+                        *last = e.seq;
+                        all.extend(timers);
+                        st.next = e.seq + 1;
+                    }
+                    Outcome::Undecodable(error) => {
+                        self.commit_batch(st, batch.take()).await?;
+                        self.dead_letter(st, e.seq, &error, 1).await?;
+                    }
+                    Outcome::Failed(error) if batch.is_some() => {
+                        st.slot.set_careful_until(e.seq);
+                        return Err(format!(
+                            "{} seq {} failed during replay, replaying one by one: {error}",
+                            st.slot.key, e.seq
+                        )
+                        .into());
+                    }
+                    Outcome::Failed(error) => self.failed(st, e.seq, error).await?,
+                }
             }
+            self.commit_batch(st, batch.take()).await?;
         }
     }
 
-    async fn process(
+    async fn commit_batch(
+        &self,
+        st: &mut CellState<A>,
+        batch: Option<(Seq, Seq, Vec<NewTimer>)>,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some((from, seq, timers)) = batch else {
+            return Ok(());
+        };
+        self.commit(st, from, seq, timers).await
+    }
+
+    async fn commit(
+        &self,
+        st: &mut CellState<A>,
+        from: Seq,
+        seq: Seq,
+        timers: Vec<NewTimer>,
+    ) -> Result<(), ActorProcessingErr> {
+        let shared = &self.shared;
+        let state = encode("state", &st.state)?;
+        let earliest = timers.iter().map(|t| t.fire_at_ms).min();
+        shared
+            .journal
+            .commit(Commit {
+                key: st.slot.jkey.clone(),
+                from,
+                seq,
+                state,
+                timers,
+            })
+            .await?;
+        st.next = seq + 1;
+        st.slot.done(seq);
+        shared.metrics.handled.increment(seq - from + 1);
+        if let Some(at) = earliest {
+            shared.timers.scheduled(at);
+        }
+        Ok(())
+    }
+
+    /// Runs the user's handler on one message, catching errors and panics.
+    async fn run_handler(
         &self,
         st: &mut CellState<A>,
         seq: Seq,
         payload: &[u8],
         replayed: bool,
-    ) -> Result<(), ActorProcessingErr> {
+    ) -> Outcome {
         let shared = &self.shared;
+        let msg: A::Msg = match decode("message", payload) {
+            Ok(m) => m,
+            Err(e) => return Outcome::Undecodable(e.to_string()),
+        };
         let span = tracing::info_span!(
             "durable_handle",
             registry = %shared.name,
@@ -104,51 +185,67 @@ impl<A: DurableActor> Cell<A> {
             seq,
             replayed,
         );
-        let msg: A::Msg = match decode("message", payload) {
-            Ok(m) => m,
-            Err(e) => {
-                // No retry can decode it: dead-letter at once.
-                return self.dead_letter(st, seq, &e.to_string(), 1).await;
-            }
-        };
         let mut ctx = Context::new(st.slot.key.clone(), seq, replayed);
         let outcome = AssertUnwindSafe(shared.actor.handle(&mut ctx, &mut st.state, msg))
             .catch_unwind()
-            .instrument(span.clone())
+            .instrument(span)
             .await;
-        let failure = match outcome {
-            Ok(Ok(())) => match encode("state", &st.state) {
-                Ok(state) => {
-                    let earliest = ctx.timers.iter().map(|t| t.fire_at_ms).min();
-                    shared
-                        .journal
-                        .commit(Commit {
-                            key: st.slot.jkey.clone(),
-                            seq,
-                            state,
-                            timers: std::mem::take(&mut ctx.timers),
-                        })
-                        .await?;
-                    st.next = seq + 1;
-                    st.slot.done(seq);
-                    shared.metrics.handled.increment(1);
-                    if let Some(at) = earliest {
-                        shared.timers.scheduled(at);
+        match outcome {
+            Ok(Ok(())) => Outcome::Handled(std::mem::take(&mut ctx.timers)),
+            Ok(Err(e)) => Outcome::Failed(e.to_string()),
+            Err(panic) => Outcome::Failed(format!("handler panicked: {}", panic_text(&panic))),
+        }
+    }
+
+    /// Handles and commits one message.
+    async fn process(
+        &self,
+        st: &mut CellState<A>,
+        seq: Seq,
+        payload: &[u8],
+        replayed: bool,
+    ) -> Result<(), ActorProcessingErr> {
+        match self.run_handler(st, seq, payload, replayed).await {
+            Outcome::Handled(timers) => {
+                if let Err(e) = self.commit(st, seq, seq, timers).await {
+                    // A state that cannot be encoded is the message's failure, not storage's.
+                    if e.downcast_ref::<crate::Error>()
+                        .is_some_and(|e| matches!(e, crate::Error::Encode { .. }))
+                    {
+                        return self.failed(st, seq, e.to_string()).await;
                     }
-                    return Ok(());
+                    return Err(e);
                 }
-                Err(e) => e.to_string(),
-            },
-            Ok(Err(e)) => e.to_string(),
-            Err(panic) => format!("handler panicked: {}", panic_text(&panic)),
-        };
+                Ok(())
+            }
+            // No retry can decode it: dead-letter at once.
+            Outcome::Undecodable(error) => self.dead_letter(st, seq, &error, 1).await,
+            Outcome::Failed(error) => self.failed(st, seq, error).await,
+        }
+    }
+
+    /// Counts a failed delivery: dead-letters the message past `max_attempts`, otherwise
+    /// fails the instance so that it restarts (with backoff) and retries.
+    async fn failed(
+        &self,
+        st: &mut CellState<A>,
+        seq: Seq,
+        failure: String,
+    ) -> Result<(), ActorProcessingErr> {
+        let shared = &self.shared;
         let attempts = shared.journal.record_failure(&st.slot.jkey, seq).await?;
         if attempts >= shared.options.max_attempts {
             return self.dead_letter(st, seq, &failure, attempts).await;
         }
-        span.in_scope(|| {
-            tracing::warn!(attempts, max_attempts = shared.options.max_attempts, error = %failure, "message failed, restarting actor");
-        });
+        tracing::warn!(
+            registry = %shared.name,
+            key = %st.slot.key,
+            seq,
+            attempts,
+            max_attempts = shared.options.max_attempts,
+            error = %failure,
+            "message failed, restarting actor"
+        );
         Err(format!(
             "{} seq {seq} failed (attempt {attempts}/{}): {failure}",
             st.slot.key, shared.options.max_attempts

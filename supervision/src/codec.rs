@@ -5,8 +5,12 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 
-fn config() -> bincode::config::Configuration {
-    bincode::config::standard()
+/// The largest message or state accepted; a length prefix beyond it is an error, not an
+/// allocation (a damaged or hostile record must never abort the process).
+pub(crate) const MAX_RECORD_BYTES: usize = 256 * 1024 * 1024;
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_RECORD_BYTES>()
 }
 
 /// Encodes a value with bincode (standard configuration).
@@ -76,6 +80,14 @@ mod tests {
         fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
             let _ = decode::<(u64, String, Vec<u32>)>("message", &bytes);
         }
+    }
+
+    #[test]
+    fn huge_length_prefix_is_an_error_not_an_allocation() {
+        let mut bytes = vec![253u8];
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        let e = decode::<Vec<u8>>("message", &bytes).unwrap_err();
+        assert!(matches!(e, Error::Decode { .. }), "{e}");
     }
 
     #[test]

@@ -37,3 +37,4 @@ pub use policy::{Backoff, Intensity, Restart, Strategy};
 pub use registry::{Registry, RegistryOptions, WhenFull};
 pub use runtime::{Runtime, RuntimeOptions};
 pub use supervisor::{ChildSpec, Policy, Supervisor, SupervisorMsg, SupervisorState};
+pub use writer::WriterStats;

@@ -237,6 +237,8 @@ impl<A: DurableActor> Shared<A> {
                         let _ = instance.cast(CellMsg::Rescan);
                         *life = Life::Live(instance);
                     }
+                    drop(life);
+                    slot.started.notify_waiters();
                 }
                 Err(e) => {
                     tracing::warn!(registry = %shared.name, key = %slot.key, error = %e, "activation failed");
@@ -262,6 +264,7 @@ impl<A: DurableActor> Shared<A> {
                 "restart intensity exceeded, actor parked until its next message"
             );
             *slot.life() = Life::Parked;
+            slot.started.notify_waiters();
             return;
         };
         *slot.life() = Life::Restarting;
@@ -547,6 +550,28 @@ impl<A: DurableActor> Registry<A> {
             })?;
         slot.appended_external(new_seq);
         Ok(new_seq)
+    }
+
+    /// Activates `key` (loads its state and replays its inbox) without sending to it, and
+    /// waits until its instance runs. Use it to warm actors before traffic arrives.
+    pub async fn activate(&self, key: &str) -> Result<()> {
+        check_key(key)?;
+        let slot = self.shared.slot(key);
+        loop {
+            let started = slot.started.notified();
+            match &*slot.life() {
+                Life::Live(_) => return Ok(()),
+                Life::Parked => {
+                    return Err(Error::Spawn {
+                        name: key.to_string(),
+                        detail: "parked after exceeding its restart intensity".into(),
+                    });
+                }
+                _ => {}
+            }
+            slot.wake();
+            started.await;
+        }
     }
 
     /// The number of live (not passivated) instances.

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::journal::{Journal, Seq, SledJournal, SledOptions};
 use crate::registry::{KEY_SEPARATOR, Registry, RegistryOptions};
 use crate::timers::TimerHandle;
-use crate::writer::WriterHandle;
+use crate::writer::{WriterHandle, WriterStats};
 
 /// Options of a runtime.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,6 +129,11 @@ impl Runtime {
         drop(map);
         self.timers.poke();
         Ok(())
+    }
+
+    /// Group-commit counters: how many batches and messages the writer appended.
+    pub fn writer_stats(&self) -> WriterStats {
+        self.writer.stats()
     }
 
     /// Flushes the journal: everything committed so far is durable.

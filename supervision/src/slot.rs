@@ -45,7 +45,12 @@ pub(crate) struct Slot {
     last_appended: AtomicU64,
     /// Highest sequence number committed or dead-lettered.
     last_done: AtomicU64,
+    /// Replay commits one message at a time up to this sequence number (set after a failure
+    /// inside a replay batch).
+    careful_until: AtomicU64,
     pub(crate) progress: Notify,
+    /// Notified when an instance goes live or the key is parked.
+    pub(crate) started: Notify,
     pub(crate) window: Mutex<RestartWindow>,
     owner: Weak<dyn Activate>,
 }
@@ -59,7 +64,9 @@ impl Slot {
             queued: AtomicUsize::new(0),
             last_appended: AtomicU64::new(0),
             last_done: AtomicU64::new(0),
+            careful_until: AtomicU64::new(0),
             progress: Notify::new(),
+            started: Notify::new(),
             window: Mutex::new(RestartWindow::default()),
             owner,
         }
@@ -90,6 +97,14 @@ impl Slot {
     pub(crate) fn unreserve(&self) {
         self.queued.fetch_sub(1, Ordering::AcqRel);
         self.progress.notify_waiters();
+    }
+
+    pub(crate) fn careful_until(&self) -> Seq {
+        self.careful_until.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_careful_until(&self, seq: Seq) {
+        self.careful_until.fetch_max(seq, Ordering::AcqRel);
     }
 
     pub(crate) fn last_done(&self) -> Seq {

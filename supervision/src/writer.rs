@@ -3,6 +3,7 @@
 //! sequence order.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -20,6 +21,33 @@ struct Request {
 #[derive(Clone, Debug)]
 pub(crate) struct WriterHandle {
     tx: mpsc::UnboundedSender<Request>,
+    stats: Arc<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    batches: AtomicU64,
+    messages: AtomicU64,
+}
+
+/// Group-commit counters since the runtime started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WriterStats {
+    /// Journal appends (each one flush in flush-per-batch mode).
+    pub batches: u64,
+    /// Messages appended.
+    pub messages: u64,
+}
+
+impl WriterStats {
+    /// Messages per batch on average.
+    pub fn mean_batch(&self) -> f64 {
+        if self.batches == 0 {
+            0.0
+        } else {
+            self.messages as f64 / self.batches as f64
+        }
+    }
 }
 
 impl std::fmt::Debug for Request {
@@ -34,8 +62,16 @@ impl WriterHandle {
     /// Starts the writer task; batches hold at most `max_batch` messages.
     pub(crate) fn start(journal: Arc<dyn Journal>, max_batch: usize) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(journal, rx, max_batch.max(1)));
-        Self { tx }
+        let stats = Arc::new(Counts::default());
+        tokio::spawn(run(journal, rx, max_batch.max(1), stats.clone()));
+        Self { tx, stats }
+    }
+
+    pub(crate) fn stats(&self) -> WriterStats {
+        WriterStats {
+            batches: self.stats.batches.load(Ordering::Relaxed),
+            messages: self.stats.messages.load(Ordering::Relaxed),
+        }
     }
 
     /// Appends one message (reserved on `slot`), durable on return.
@@ -62,6 +98,7 @@ async fn run(
     journal: Arc<dyn Journal>,
     mut rx: mpsc::UnboundedReceiver<Request>,
     max_batch: usize,
+    stats: Arc<Counts>,
 ) {
     let batch_size = crate::metrics::batch_size();
     let mut requests: Vec<Request> = Vec::with_capacity(max_batch);
@@ -82,6 +119,10 @@ async fn run(
         );
         match appended {
             Ok(seqs) => {
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .messages
+                    .fetch_add(seqs.len() as u64, Ordering::Relaxed);
                 // In sequence order: each actor's mailbox receives its messages in order.
                 for (r, seq) in requests.drain(..).zip(seqs) {
                     r.slot.appended(seq, r.append.payload);

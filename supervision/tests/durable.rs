@@ -384,3 +384,57 @@ async fn actor_failing_to_activate_is_retried_then_parked_and_its_messages_kept(
         3
     );
 }
+
+#[tokio::test]
+async fn failure_inside_a_replay_batch_is_counted_against_the_right_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir).await;
+    let (counter, mut events) = Counter::with_events();
+    let mut opts = options("counter");
+    opts.max_attempts = 2;
+    let reg = rt.registry(counter.clone(), opts).await.unwrap();
+    reg.send("k", &Msg::Gated(1)).await.unwrap();
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Activated("k".into(), 0)
+    );
+    reg.send("k", &Msg::Add(2)).await.unwrap();
+    let bad = reg
+        .send(
+            "k",
+            &Msg::FailThenAdd {
+                id: 3,
+                fail_times: 5,
+            },
+        )
+        .await
+        .unwrap();
+    let last = reg.send("k", &Msg::Add(4)).await.unwrap();
+    // Kill while blocked in the first message: the restart replays all four as a batch.
+    assert!(reg.kill("k"));
+    counter.gate.add_permits(3);
+    reg.wait_handled("k", last).await.unwrap();
+    assert_eq!(reg.state("k").await.unwrap().ids, vec![1, 2, 4]);
+    let dead = reg.dead_letters(Some("k")).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].seq, dead[0].attempts), (bad, 2));
+}
+
+#[tokio::test]
+async fn activate_warms_an_actor_without_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir).await;
+    let (counter, mut events) = Counter::with_events();
+    let reg = rt.registry(counter, options("counter")).await.unwrap();
+    assert_eq!(reg.live(), 0);
+    reg.activate("warm").await.unwrap();
+    assert_eq!(reg.live(), 1);
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Activated("warm".into(), 0)
+    );
+    reg.activate("warm").await.unwrap();
+    assert_eq!(reg.live(), 1, "activating a live actor is a no-op");
+    let stats = rt.writer_stats();
+    assert_eq!(stats.messages, 0, "activation appends nothing");
+}

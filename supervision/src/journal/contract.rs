@@ -19,6 +19,7 @@ fn app(key: &str, payload: &[u8]) -> Append {
 fn commit(key: &str, seq: u64, state: &[u8]) -> Commit {
     Commit {
         key: Arc::from(key),
+        from: seq,
         seq,
         state: state.to_vec(),
         timers: Vec::new(),
@@ -35,6 +36,7 @@ where
     Box::pin(pending_reads_in_order_from_a_sequence(fresh().await)).await;
     Box::pin(commit_acknowledges_and_stores_state(fresh().await)).await;
     Box::pin(failures_are_counted_until_commit(fresh().await)).await;
+    Box::pin(commit_of_a_range_acknowledges_all_of_it(fresh().await)).await;
     Box::pin(dead_letter_moves_message_aside(fresh().await)).await;
     Box::pin(redrive_appends_dead_letter_as_new_message(fresh().await)).await;
     Box::pin(timers_fire_once_into_the_inbox(fresh().await)).await;
@@ -95,9 +97,27 @@ pub async fn failures_are_counted_until_commit(j: Arc<dyn Journal>) {
     j.append(&[app("k", b"x")]).await.unwrap();
     assert_eq!(j.record_failure("k", 1).await.unwrap(), 1);
     assert_eq!(j.record_failure("k", 1).await.unwrap(), 2);
+    assert_eq!(
+        j.record_failure("other", 1).await.unwrap(),
+        1,
+        "counts are per key"
+    );
     j.commit(commit("k", 1, b"s")).await.unwrap();
     j.append(&[app("k", b"y")]).await.unwrap();
     assert_eq!(j.record_failure("k", 2).await.unwrap(), 1);
+}
+
+pub async fn commit_of_a_range_acknowledges_all_of_it(j: Arc<dyn Journal>) {
+    let batch: Vec<Append> = (0..6u8).map(|i| app("k", &[i])).collect();
+    j.append(&batch).await.unwrap();
+    let mut c = commit("k", 4, b"after-4");
+    c.from = 1;
+    j.commit(c).await.unwrap();
+    let snap = j.load("k").await.unwrap();
+    assert_eq!(snap.applied, 4);
+    assert_eq!(snap.state.as_deref(), Some(&b"after-4"[..]));
+    let rest = j.pending("k", 1, 10).await.unwrap();
+    assert_eq!(rest.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![5, 6]);
 }
 
 pub async fn dead_letter_moves_message_aside(j: Arc<dyn Journal>) {

@@ -58,12 +58,14 @@ pub struct NewTimer {
     pub payload: Vec<u8>,
 }
 
-/// The atomic unit of progress: the state after handling `seq`, and the ack of `seq`.
+/// The atomic unit of progress: the state after handling `from..=seq`, and their acks.
 #[derive(Debug, Clone)]
 pub struct Commit {
     /// The actor's journal key.
     pub key: Arc<str>,
-    /// The message handled; it and everything before it leave the inbox.
+    /// The first message this commit acknowledges (equal to `seq` for a single message).
+    pub from: Seq,
+    /// The last message handled; `from..=seq` leave the inbox.
     pub seq: Seq,
     /// The new encoded state.
     pub state: Vec<u8>,
@@ -116,11 +118,13 @@ pub trait Journal: Send + Sync + std::fmt::Debug + 'static {
     /// Up to `limit` inbox entries of `key` with `seq >= from`, in order.
     async fn pending(&self, key: &str, from: Seq, limit: usize) -> Result<Vec<Entry>>;
 
-    /// Atomically stores the new state, acknowledges `seq` (removing it and any earlier inbox
-    /// entry and its failure count) and persists the new timers.
+    /// Atomically stores the new state, acknowledges `from..=seq` (removing them from the
+    /// inbox and clearing the key's failure count) and persists the new timers.
     async fn commit(&self, commit: Commit) -> Result<()>;
 
-    /// Records one failed delivery of (`key`, `seq`); returns the total number of failures.
+    /// Records one failed delivery of (`key`, `seq`); returns the number of failures of that
+    /// message. Only the message an actor is stuck on has a count: a failure of a later
+    /// message starts again at 1.
     async fn record_failure(&self, key: &str, seq: Seq) -> Result<u32>;
 
     /// Atomically moves (`key`, `seq`) from the inbox to the dead letters and acknowledges it,

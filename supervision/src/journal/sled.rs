@@ -553,8 +553,10 @@ impl Journal for SledJournal {
             key_prefix(STATE, &commit.key),
             Inner::state_record(commit.seq, Some(&commit.state)),
         );
-        write.remove(seq_key(INBOX, &commit.key, commit.seq));
-        write.remove(seq_key(FAILURES, &commit.key, commit.seq));
+        for seq in commit.from.min(commit.seq)..=commit.seq {
+            write.remove(seq_key(INBOX, &commit.key, seq));
+        }
+        write.remove(key_prefix(FAILURES, &commit.key));
         for (i, t) in commit.timers.iter().enumerate() {
             // Deterministic id: a replayed commit rewrites the same timer, never a second one.
             let id = (commit.seq << 16) | (i as u64 & 0xffff);
@@ -566,18 +568,25 @@ impl Journal for SledJournal {
     async fn record_failure(&self, key: &str, seq: Seq) -> Result<u32> {
         check_key(key)?;
         let inner = &self.inner;
-        let raw_key = seq_key(FAILURES, key, seq);
+        let raw_key = key_prefix(FAILURES, key);
         let before = match inner.db.get(&raw_key).map_err(|e| inner.engine(e))? {
             Some(v) => {
                 let body = inner.unseal("failure", &raw_key, &v)?;
-                u32::from_be_bytes(body.try_into().unwrap_or([0; 4]))
+                let (at, count) = body.split_at_checked(8).ok_or_else(|| {
+                    inner.corrupt(format!("failure record of {key} is too short"))
+                })?;
+                let at = u64::from_be_bytes(at.try_into().unwrap_or([0; 8]));
+                let count = u32::from_be_bytes(count.try_into().unwrap_or([0; 4]));
+                if at == seq { count } else { 0 }
             }
             None => 0,
         };
         let attempts = before.saturating_add(1);
+        let mut body = seq.to_be_bytes().to_vec();
+        body.extend_from_slice(&attempts.to_be_bytes());
         inner
             .db
-            .insert(&raw_key, seal(&attempts.to_be_bytes()))
+            .insert(&raw_key, seal(&body))
             .map_err(|e| inner.engine(e))?;
         self.flush().await?;
         Ok(attempts)
@@ -606,7 +615,7 @@ impl Journal for SledJournal {
             seal(&encode("dead letter", &letter)?),
         );
         write.remove(inbox_key);
-        write.remove(seq_key(FAILURES, key, seq));
+        write.remove(key_prefix(FAILURES, key));
         write.insert(
             key_prefix(STATE, key),
             Inner::state_record(seq.max(snapshot.applied), snapshot.state.as_deref()),
