@@ -598,6 +598,24 @@ impl<A: DurableActor> Registry<A> {
     /// journal.
     pub async fn stop(&self) {
         self.shared.stopping.store(true, Ordering::Release);
+        let live: Vec<ActorRef<CellMsg>> = self
+            .shared
+            .slots()
+            .values()
+            .filter_map(|slot| match &*slot.life() {
+                Life::Live(instance) => Some(instance.clone()),
+                _ => None,
+            })
+            .collect();
+        let stops = live.into_iter().map(|instance| async move {
+            let _ = instance
+                .stop_and_wait(
+                    Some("registry stopped".into()),
+                    Some(Duration::from_secs(10)),
+                )
+                .await;
+        });
+        futures_util::future::join_all(stops).await;
         if let Some(sup) = self.shared.supervisor() {
             let _ = sup
                 .stop_and_wait(

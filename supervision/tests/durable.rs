@@ -438,3 +438,28 @@ async fn activate_warms_an_actor_without_a_message() {
     let stats = rt.writer_stats();
     assert_eq!(stats.messages, 0, "activation appends nothing");
 }
+
+#[tokio::test]
+async fn stop_is_graceful_and_later_sends_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir).await;
+    let (counter, mut events) = Counter::with_events();
+    let reg = rt.registry(counter, options("counter")).await.unwrap();
+    let seq = reg.send("k", &Msg::Add(1)).await.unwrap();
+    reg.wait_handled("k", seq).await.unwrap();
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Activated("k".into(), 0)
+    );
+    reg.stop().await;
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Stopped("k".into()),
+        "on_stop ran"
+    );
+    assert!(matches!(
+        reg.send("k", &Msg::Add(2)).await,
+        Err(Error::Stopped { .. })
+    ));
+    assert_eq!(reg.state("k").await.unwrap().ids, vec![1]);
+}
