@@ -108,11 +108,34 @@ struct Inner {
     marked: AtomicU64,
     /// Serialises flushes so that epochs become durable in order.
     flush_lock: Mutex<()>,
+    /// Commits not yet written to the engine (written with the next batch).
+    staged: Mutex<Staged>,
+}
+
+/// Commits waiting for the next batch write: the latest per key, so that many commits of one
+/// key between two group commits cost one write. Reads consult it first.
+#[derive(Debug, Default)]
+struct Staged {
+    commits: HashMap<Arc<str>, StagedCommit>,
+    /// Acknowledged inbox ranges whose state is already on disk (leftovers of a past run).
+    garbage: Vec<(Arc<str>, Seq, Seq)>,
+}
+
+#[derive(Debug)]
+struct StagedCommit {
+    /// First inbox entry acknowledged since the last write.
+    from: Seq,
+    applied: Seq,
+    state: Vec<u8>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Err(e) = self.flush().and_then(|()| self.mark()) {
+        if let Err(e) = self
+            .collect()
+            .and_then(|_| self.flush())
+            .and_then(|()| self.mark())
+        {
             tracing::error!(path = %self.path.display(), error = %e, "final journal flush failed");
         }
     }
@@ -193,6 +216,7 @@ impl SledJournal {
             epoch: AtomicU64::new(epoch),
             marked: AtomicU64::new(marked.unwrap_or(0)),
             flush_lock: Mutex::new(()),
+            staged: Mutex::new(Staged::default()),
         });
         spawn_background(Arc::downgrade(&inner), options.durability);
         Ok(Self { inner })
@@ -271,6 +295,18 @@ fn spawn_background(inner: Weak<Inner>, durability: Durability) {
             loop {
                 std::thread::sleep(tick);
                 let Some(inner) = inner.upgrade() else { return };
+                // Commits with no append after them are written and flushed here.
+                match inner.collect() {
+                    Ok(true) if durability == Durability::FlushPerBatch => {
+                        if let Err(e) = inner.flush() {
+                            tracing::error!(path = %inner.path.display(), error = %e, "flush failed");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(path = %inner.path.display(), error = %e, "cannot write staged commits");
+                    }
+                }
                 if let Durability::Periodic { .. } = durability
                     && let Err(e) = inner.flush()
                 {
@@ -380,7 +416,17 @@ impl Inner {
         })
     }
 
+    fn staged(&self) -> std::sync::MutexGuard<'_, Staged> {
+        self.staged.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn snapshot(&self, key: &str) -> Result<Snapshot> {
+        if let Some(c) = self.staged().commits.get(key) {
+            return Ok(Snapshot {
+                applied: c.applied,
+                state: Some(c.state.clone()),
+            });
+        }
         let raw_key = key_prefix(STATE, key);
         let Some(record) = self.db.get(&raw_key).map_err(|e| self.engine(e))? else {
             return Ok(Snapshot::default());
@@ -425,10 +471,48 @@ impl Inner {
         Ok(last)
     }
 
+    /// Remembers acknowledged inbox entries to remove with the next batch write.
+    fn collect_later(&self, key: &Arc<str>, from: Seq, to: Seq) {
+        self.staged().garbage.push((key.clone(), from, to));
+    }
+
+    /// Moves every staged commit and collected removal into `write`; whether any was.
+    fn take_staged(&self, write: &mut sled::Batch) -> bool {
+        let staged = std::mem::take(&mut *self.staged());
+        let any = !staged.commits.is_empty() || !staged.garbage.is_empty();
+        for (key, c) in staged.commits {
+            write.insert(
+                key_prefix(STATE, &key),
+                Inner::state_record(c.applied, Some(&c.state)),
+            );
+            for seq in c.from..=c.applied {
+                write.remove(seq_key(INBOX, &key, seq));
+            }
+        }
+        for (key, from, to) in staged.garbage {
+            for seq in from..=to {
+                write.remove(seq_key(INBOX, &key, seq));
+            }
+        }
+        any
+    }
+
+    /// Writes staged commits now (idle periods, timers, dead letters, close); whether any
+    /// was written.
+    fn collect(&self) -> Result<bool> {
+        let mut write = sled::Batch::default();
+        if !self.take_staged(&mut write) {
+            return Ok(false);
+        }
+        self.db.apply_batch(write).map_err(|e| self.engine(e))?;
+        Ok(true)
+    }
+
     fn append_locked(&self, batch: &[Append]) -> Result<Vec<Seq>> {
         let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::with_capacity(batch.len());
         let mut write = sled::Batch::default();
+        self.take_staged(&mut write);
         let mut assigned: HashMap<Arc<str>, Seq> = HashMap::new();
         for a in batch {
             check_key(&a.key)?;
@@ -530,6 +614,8 @@ impl Journal for SledJournal {
     async fn pending(&self, key: &str, from: Seq, limit: usize) -> Result<Vec<Entry>> {
         check_key(key)?;
         let inner = &self.inner;
+        // Acknowledged entries may still be on disk until collected: start past them.
+        let from = from.max(inner.snapshot(key)?.applied + 1);
         let start = seq_key(INBOX, key, from);
         let end = seq_key(INBOX, key, u64::MAX);
         let mut out = Vec::new();
@@ -548,21 +634,42 @@ impl Journal for SledJournal {
     async fn commit(&self, commit: Commit) -> Result<()> {
         check_key(&commit.key)?;
         let inner = &self.inner;
-        let mut write = sled::Batch::default();
-        write.insert(
-            key_prefix(STATE, &commit.key),
-            Inner::state_record(commit.seq, Some(&commit.state)),
-        );
-        for seq in commit.from.min(commit.seq)..=commit.seq {
-            write.remove(seq_key(INBOX, &commit.key, seq));
+        // The state record, holding the applied seq, is the commit point. It is staged and
+        // written with the next group-commit batch, together with the removal of the entries
+        // it acknowledges: one engine batch per group commit instead of one per message, and
+        // one state write per key however many messages it handled in between. Durability
+        // is unchanged: a commit was never flushed before the next flush anyway.
+        {
+            let mut staged = inner.staged();
+            match staged.commits.get_mut(&commit.key) {
+                Some(c) => {
+                    c.applied = commit.seq;
+                    c.state = commit.state;
+                }
+                None => {
+                    staged.commits.insert(
+                        commit.key.clone(),
+                        StagedCommit {
+                            from: commit.from.min(commit.seq),
+                            applied: commit.seq,
+                            state: commit.state,
+                        },
+                    );
+                }
+            }
         }
-        write.remove(key_prefix(FAILURES, &commit.key));
-        for (i, t) in commit.timers.iter().enumerate() {
-            // Deterministic id: a replayed commit rewrites the same timer, never a second one.
-            let id = (commit.seq << 16) | (i as u64 & 0xffff);
-            write.insert(timer_key(t.fire_at_ms, &commit.key, id), seal(&t.payload));
+        if !commit.timers.is_empty() {
+            // Timers must be visible to the timer task at once: write them with the state.
+            let mut write = sled::Batch::default();
+            inner.take_staged(&mut write);
+            for (i, t) in commit.timers.iter().enumerate() {
+                // Deterministic id: a replayed commit rewrites the same timer, never a second.
+                let id = (commit.seq << 16) | (i as u64 & 0xffff);
+                write.insert(timer_key(t.fire_at_ms, &commit.key, id), seal(&t.payload));
+            }
+            inner.db.apply_batch(write).map_err(|e| inner.engine(e))?;
         }
-        inner.db.apply_batch(write).map_err(|e| inner.engine(e))
+        Ok(())
     }
 
     async fn record_failure(&self, key: &str, seq: Seq) -> Result<u32> {
@@ -595,6 +702,7 @@ impl Journal for SledJournal {
     async fn dead_letter(&self, key: &str, seq: Seq, error: &str, attempts: u32) -> Result<()> {
         check_key(key)?;
         let inner = &self.inner;
+        inner.collect()?;
         let inbox_key = seq_key(INBOX, key, seq);
         let Some(record) = inner.db.get(&inbox_key).map_err(|e| inner.engine(e))? else {
             return Err(inner.corrupt(format!("dead-lettering {key} seq {seq}: not in inbox")));
@@ -738,7 +846,19 @@ impl Journal for SledJournal {
                     String::from_utf8_lossy(&k)
                 ))
             })?;
-            out.push(key.to_string());
+            // Entries up to the applied seq are acknowledged leftovers of a previous run.
+            let first = tail_seq(&k).unwrap_or(0);
+            let applied = inner.snapshot(key)?.applied;
+            let last = match inner.db.scan_prefix(key_prefix(INBOX, key)).next_back() {
+                Some(r) => tail_seq(&r.map_err(|e| inner.engine(e))?.0).unwrap_or(0),
+                None => 0,
+            };
+            if first <= applied {
+                inner.collect_later(&Arc::from(key), first, applied.min(last));
+            }
+            if last > applied {
+                out.push(key.to_string());
+            }
             start = seq_key(INBOX, key, u64::MAX);
             start.push(0);
         }
