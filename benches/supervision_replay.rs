@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{fmt_rate, rate};
@@ -20,7 +20,8 @@ use soma::{Context, DurableActor, HandlerError, RegistryOptions, Runtime, Runtim
 
 const TOTAL: u64 = 1_000_000;
 
-static FIRST: OnceLock<Instant> = OnceLock::new();
+/// When the current run handled its first message.
+static FIRST: Mutex<Option<Instant>> = Mutex::new(None);
 
 struct Replayer;
 
@@ -38,7 +39,7 @@ impl DurableActor for Replayer {
         n: &mut u64,
         _msg: Vec<u8>,
     ) -> Result<(), HandlerError> {
-        FIRST.get_or_init(Instant::now);
+        FIRST.lock().unwrap().get_or_insert_with(Instant::now);
         *n += 1;
         Ok(())
     }
@@ -73,6 +74,7 @@ struct Result1 {
 }
 
 async fn replay(path: &std::path::Path, keys: u64) -> Result1 {
+    *FIRST.lock().unwrap() = None;
     let started = Instant::now();
     let rt = Runtime::open(RuntimeOptions::new(path)).await.unwrap();
     let open = started.elapsed();
@@ -84,7 +86,10 @@ async fn replay(path: &std::path::Path, keys: u64) -> Result1 {
         reg.wait_handled(&format!("k{k}"), per_key).await.unwrap();
     }
     let all = started.elapsed();
-    let first = FIRST.get().map_or(all, |t| t.duration_since(started));
+    let first = FIRST
+        .lock()
+        .unwrap()
+        .map_or(all, |t| t.duration_since(started));
     let handled: u64 = {
         let mut s = 0;
         for k in 0..keys {

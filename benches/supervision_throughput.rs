@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 const ROUND_TRIPS: u64 = 200_000;
 const SENDERS: u64 = 64;
 const PER_SENDER: u64 = 20_000;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 4;
 
 enum Work {
     Ping(u64, RpcReplyPort<u64>),
@@ -141,8 +141,14 @@ fn measure(rt: &tokio::runtime::Runtime) -> Sample {
         for _ in 0..ROUNDS {
             s.raw_pp.push(ping_pong(&raw).await);
             s.sup_pp.push(ping_pong(&sup).await);
-            s.raw_fi.push(fan_in(&raw).await);
-            s.sup_fi.push(fan_in(&sup).await);
+            // Alternate which goes first: the second of a pair inherits the first's heap.
+            if s.raw_fi.len() % 2 == 0 {
+                s.raw_fi.push(fan_in(&raw).await);
+                s.sup_fi.push(fan_in(&sup).await);
+            } else {
+                s.sup_fi.push(fan_in(&sup).await);
+                s.raw_fi.push(fan_in(&raw).await);
+            }
         }
         raw.stop(None);
         supervisor.stop(None);
