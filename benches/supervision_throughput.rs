@@ -142,7 +142,7 @@ fn measure(rt: &tokio::runtime::Runtime) -> Sample {
             s.raw_pp.push(ping_pong(&raw).await);
             s.sup_pp.push(ping_pong(&sup).await);
             // Alternate which goes first: the second of a pair inherits the first's heap.
-            if s.raw_fi.len() % 2 == 0 {
+            if s.raw_fi.len().is_multiple_of(2) {
                 s.raw_fi.push(fan_in(&raw).await);
                 s.sup_fi.push(fan_in(&sup).await);
             } else {
