@@ -85,31 +85,65 @@ async fn filled_journal(path: &std::path::Path) {
     }
 }
 
-#[tokio::test]
-async fn a_garbled_journal_is_an_error_naming_the_path() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("j");
-    filled_journal(&path).await;
-    let db = path.join("db");
-    let mut bytes = std::fs::read(&db).unwrap();
+/// The inbox segment holding the filled journal's messages.
+fn segment(path: &std::path::Path) -> std::path::PathBuf {
+    std::fs::read_dir(path.join("inbox"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::metadata(p).unwrap().len() > 0)
+        .expect("a non-empty segment")
+}
+
+fn garble(file: &std::path::Path) {
+    let mut bytes = std::fs::read(file).unwrap();
     let len = bytes.len();
     for b in &mut bytes[len / 8..] {
         *b ^= 0x5a;
     }
-    std::fs::write(&db, &bytes).unwrap();
+    std::fs::write(file, &bytes).unwrap();
+}
+
+fn truncate(file: &std::path::Path) {
+    let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    f.set_len(64).unwrap();
+}
+
+#[tokio::test]
+async fn a_garbled_inbox_is_an_error_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    filled_journal(&path).await;
+    garble(&segment(&path));
     let e = open_and_read(&path).await;
     assert_corrupt_names_path(&e, &path);
 }
 
 #[tokio::test]
-async fn a_truncated_journal_is_an_error_naming_the_path() {
+async fn a_truncated_inbox_is_an_error_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
     filled_journal(&path).await;
-    let db = path.join("db");
-    let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
-    f.set_len(64).unwrap();
-    drop(f);
+    truncate(&segment(&path));
+    let e = open_and_read(&path).await;
+    assert_corrupt_names_path(&e, &path);
+}
+
+#[tokio::test]
+async fn a_garbled_state_store_is_an_error_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    filled_journal(&path).await;
+    garble(&path.join("state").join("db"));
+    let e = open_and_read(&path).await;
+    assert_corrupt_names_path(&e, &path);
+}
+
+#[tokio::test]
+async fn a_truncated_state_store_is_an_error_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    filled_journal(&path).await;
+    truncate(&path.join("state").join("db"));
     let e = open_and_read(&path).await;
     assert_corrupt_names_path(&e, &path);
 }

@@ -5,6 +5,7 @@
 //! counts, dead letters and durable timers. Backends implement [`Journal`]; every backend must
 //! pass the contract suite in `contract` (feature `test-util`).
 
+mod inbox;
 mod sled;
 
 #[cfg(any(test, feature = "test-util"))]
