@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{fmt_rate, rate};
-use soma::supervision::{Append, Journal, SledJournal, SledOptions};
+use soma::supervision::{Append, Bytes, Journal, SledJournal, SledOptions};
 use soma::{Context, DurableActor, HandlerError, RegistryOptions, Runtime, RuntimeOptions};
 
 const TOTAL: u64 = 1_000_000;
@@ -47,10 +47,10 @@ impl DurableActor for Replayer {
 
 async fn fill(path: &std::path::Path, keys: u64) {
     let j = SledJournal::open(SledOptions::new(path)).unwrap();
-    let payload: Arc<[u8]> = Arc::from(vec![0x7du8; 126].as_slice()); // bincode Vec<u8> of 125
+    // bincode of a Vec<u8> of 125 bytes: the length, then the bytes.
     let mut encoded = vec![125u8];
-    encoded.extend_from_slice(&payload[..125]);
-    let encoded: Arc<[u8]> = Arc::from(encoded);
+    encoded.extend_from_slice(&[0x7du8; 125]);
+    let encoded = Bytes::from(encoded);
     let jkeys: Vec<Arc<str>> = (0..keys)
         .map(|k| Arc::from(format!("replay\u{1f}k{k}")))
         .collect();

@@ -26,7 +26,7 @@ pub(crate) enum CellMsg {
         /// Its sequence number.
         seq: Seq,
         /// The encoded message.
-        payload: Arc<[u8]>,
+        payload: bytes::Bytes,
     },
     /// Read and handle whatever the journal holds beyond what was handled.
     Rescan,

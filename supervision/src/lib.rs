@@ -30,7 +30,7 @@ pub use error::{Error, Result};
 #[cfg(any(test, feature = "test-util"))]
 pub use journal::contract;
 pub use journal::{
-    Append, Commit, DeadLetter, Durability, Entry, Journal, NewTimer, Seq, SledJournal,
+    Append, Bytes, Commit, DeadLetter, Durability, Entry, Journal, NewTimer, Seq, SledJournal,
     SledOptions, Snapshot, Timer,
 };
 pub use policy::{Backoff, Intensity, Restart, Strategy};

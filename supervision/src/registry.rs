@@ -438,7 +438,7 @@ impl<A: DurableActor> Registry<A> {
     /// number once it is durable: from then on it will be handled, after any crash.
     pub async fn send(&self, key: &str, msg: &A::Msg) -> Result<Seq> {
         check_key(key)?;
-        let payload: Arc<[u8]> = encode("message", msg)?.into();
+        let payload = bytes::Bytes::from(encode("message", msg)?);
         let shared = &self.shared;
         if shared.stopping.load(Ordering::Acquire) {
             return Err(Error::Stopped { what: "registry" });

@@ -124,13 +124,13 @@ impl Slot {
     }
 
     /// The writer made `seq` durable: count it and hand it to the live instance, or start one.
-    pub(crate) fn appended(self: &Arc<Self>, seq: Seq, payload: Arc<[u8]>) {
+    pub(crate) fn appended(self: &Arc<Self>, seq: Seq, payload: bytes::Bytes) {
         self.last_appended.fetch_max(seq, Ordering::AcqRel);
         self.queued.fetch_sub(1, Ordering::AcqRel);
         self.deliver(seq, Some(payload));
     }
 
-    fn deliver(self: &Arc<Self>, seq: Seq, payload: Option<Arc<[u8]>>) {
+    fn deliver(self: &Arc<Self>, seq: Seq, payload: Option<bytes::Bytes>) {
         let mut life = self.life();
         match &*life {
             Life::Live(cell) => {

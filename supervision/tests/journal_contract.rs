@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use soma_supervision::{Append, Error, Journal, SledJournal, SledOptions, contract};
+use soma_supervision::{Append, Bytes, Error, Journal, SledJournal, SledOptions, contract};
 
 #[tokio::test]
 async fn sled_journal_passes_the_contract() {
@@ -21,7 +21,7 @@ async fn sled_journal_passes_the_contract() {
 fn app(key: &str, payload: &[u8]) -> Append {
     Append {
         key: Arc::from(key),
-        payload: Arc::from(payload),
+        payload: Bytes::copy_from_slice(payload),
     }
 }
 

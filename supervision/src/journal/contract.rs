@@ -6,13 +6,13 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use super::{Append, Commit, Journal, NewTimer};
+use super::{Append, Bytes, Commit, Journal, NewTimer};
 use crate::error::Error;
 
 fn app(key: &str, payload: &[u8]) -> Append {
     Append {
         key: Arc::from(key),
-        payload: Arc::from(payload),
+        payload: Bytes::copy_from_slice(payload),
     }
 }
 

@@ -8,9 +8,11 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
 
 use super::{Entry, Seq};
 use crate::error::{Error, Result};
@@ -32,8 +34,12 @@ pub(crate) enum Origin {
     Timer { fire_at_ms: u64, id: u64 },
 }
 
+/// Maps hashed on every message: a fast hasher (keys are ours, not an attacker's choice of
+/// collisions; they come from authenticated senders and a per-process random seed).
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A message to append: key, seq, origin, payload.
-pub(crate) type NewEntry = (Arc<str>, Seq, Origin, Arc<[u8]>);
+pub(crate) type NewEntry = (Arc<str>, Seq, Origin, Bytes);
 
 /// The durable position of the log: (segment, bytes known durable in it).
 pub(crate) type Position = (u64, u64);
@@ -42,7 +48,7 @@ pub(crate) type Position = (u64, u64);
 struct Pending {
     seq: Seq,
     segment: u64,
-    payload: Arc<[u8]>,
+    payload: Bytes,
 }
 
 #[derive(Debug)]
@@ -55,7 +61,7 @@ struct State {
     /// Unacknowledged messages per segment.
     live: BTreeMap<u64, u64>,
     /// Unacknowledged messages per key, in seq order.
-    keys: HashMap<Arc<str>, VecDeque<Pending>>,
+    keys: Map<Arc<str>, VecDeque<Pending>>,
     /// Segments emptied by acknowledgements that are not yet durable.
     emptied: Vec<u64>,
 }
@@ -179,21 +185,21 @@ impl Inbox {
                 });
             }
         }
-        let mut keys: HashMap<Arc<str>, VecDeque<Pending>> = HashMap::new();
+        // Per key: its name, its applied seq, its unacknowledged messages.
+        let mut recovered: Vec<(Arc<str>, Seq, VecDeque<Pending>)> = Vec::new();
+        let mut slot_of: Map<Arc<str>, usize> = Map::default();
         let mut live: BTreeMap<u64, u64> = BTreeMap::new();
-        let mut applied_of: HashMap<Arc<str>, Seq> = HashMap::new();
         let mut unfinished = Vec::new();
         let newest = ids.last().copied();
         for &id in &ids {
             let path = segment_path(dir, id);
-            let mut bytes = Vec::new();
-            File::open(&path)
-                .and_then(|f| BufReader::with_capacity(1 << 20, f).read_to_end(&mut bytes))
-                .map_err(|e| io(&path, e))?;
+            // One buffer per segment; recovered payloads are slices of it, not copies.
+            let buffer = Bytes::from(std::fs::read(&path).map_err(|e| io(&path, e))?);
+            let bytes: &[u8] = &buffer;
             let mut at = 0usize;
             let mut count = 0u64;
             while at < bytes.len() {
-                let parsed = parse_at(&bytes, at);
+                let parsed = parse_at(bytes, at);
                 let Some((record, next)) = parsed else {
                     let durable_here = match durable {
                         Some((seg, len)) if seg == id => at as u64 >= len,
@@ -216,19 +222,19 @@ impl Inbox {
                     });
                 };
                 at = next;
-                let key: Arc<str> = match applied_of.get_key_value(record.key) {
-                    Some((k, _)) => k.clone(),
+                let slot = match slot_of.get(record.key) {
+                    Some(i) => *i,
                     None => {
                         let k: Arc<str> = Arc::from(record.key);
-                        let a = applied(record.key)?;
-                        applied_of.insert(k.clone(), a);
-                        k
+                        recovered.push((k.clone(), applied(record.key)?, VecDeque::new()));
+                        slot_of.insert(k, recovered.len() - 1);
+                        recovered.len() - 1
                     }
                 };
-                if record.seq <= applied_of.get(&key).copied().unwrap_or(0) {
+                let (key, applied_seq, queue) = &mut recovered[slot];
+                if record.seq <= *applied_seq {
                     continue;
                 }
-                let queue = keys.entry(key.clone()).or_default();
                 if queue.back().is_some_and(|p| p.seq >= record.seq) {
                     return Err(Error::Corrupt {
                         path,
@@ -239,12 +245,12 @@ impl Inbox {
                     });
                 }
                 if record.origin != Origin::Send {
-                    unfinished.push((key.clone(), record.origin));
+                    unfinished.push((Arc::clone(key), record.origin));
                 }
                 queue.push_back(Pending {
                     seq: record.seq,
                     segment: id,
-                    payload: Arc::from(record.payload),
+                    payload: buffer.slice_ref(record.payload),
                 });
                 count += 1;
             }
@@ -256,6 +262,11 @@ impl Inbox {
             .iter()
             .filter(|(_, n)| **n == 0)
             .map(|(id, _)| *id)
+            .collect();
+        let keys: Map<Arc<str>, VecDeque<Pending>> = recovered
+            .into_iter()
+            .filter(|(_, _, q)| !q.is_empty())
+            .map(|(k, _, q)| (k, q))
             .collect();
         let active_id = newest.map_or(1, |n| n + 1);
         let path = segment_path(dir, active_id);
@@ -382,7 +393,7 @@ impl Inbox {
     }
 
     /// The payload of one unacknowledged message.
-    pub(crate) fn payload(&self, key: &str, seq: Seq) -> Option<Arc<[u8]>> {
+    pub(crate) fn payload(&self, key: &str, seq: Seq) -> Option<Bytes> {
         let st = self.state();
         let q = st.keys.get(key)?;
         let i = q.binary_search_by_key(&seq, |p| p.seq).ok()?;
@@ -496,7 +507,12 @@ mod tests {
     use proptest::prelude::*;
 
     fn entry(key: &str, seq: Seq, payload: &[u8]) -> NewEntry {
-        (Arc::from(key), seq, Origin::Send, Arc::from(payload))
+        (
+            Arc::from(key),
+            seq,
+            Origin::Send,
+            Bytes::copy_from_slice(payload),
+        )
     }
 
     fn open(dir: &Path, durable: Option<Position>) -> Result<(Inbox, Unfinished)> {
@@ -611,7 +627,7 @@ mod tests {
                         fire_at_ms: 5,
                         id: 9,
                     },
-                    Arc::from(&b"t"[..]),
+                    Bytes::from_static(b"t"),
                 )],
                 true,
             )

@@ -14,6 +14,7 @@ pub mod contract;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+pub use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -29,7 +30,7 @@ pub struct Append {
     /// The journal key of the receiving actor.
     pub key: Arc<str>,
     /// The encoded message.
-    pub payload: Arc<[u8]>,
+    pub payload: Bytes,
 }
 
 /// A message in a key's inbox.
@@ -38,7 +39,7 @@ pub struct Entry {
     /// Its sequence number within the key.
     pub seq: Seq,
     /// The encoded message.
-    pub payload: Arc<[u8]>,
+    pub payload: Bytes,
 }
 
 /// The last committed state of an actor.

@@ -19,7 +19,7 @@ use self::layout::{
     write_marker,
 };
 use super::inbox::{Inbox, Origin};
-use super::{Append, Commit, DeadLetter, Entry, Journal, Seq, Snapshot, Timer};
+use super::{Append, Bytes, Commit, DeadLetter, Entry, Journal, Seq, Snapshot, Timer};
 use crate::codec::{decode, encode, seal, unseal};
 use crate::error::{Error, Result};
 
@@ -391,7 +391,7 @@ impl Inner {
         seqs: &mut HashMap<Arc<str>, Seq>,
         key: &Arc<str>,
         origin: Origin,
-        payload: Arc<[u8]>,
+        payload: Bytes,
     ) -> Result<Seq> {
         let seq = self.last_seq(seqs, key)? + 1;
         self.inbox
@@ -646,7 +646,7 @@ impl Journal for SledJournal {
                 &mut seqs,
                 &key,
                 Origin::Redrive { seq },
-                Arc::from(letter.payload),
+                Bytes::from(letter.payload),
             )?;
             inner2.db.remove(&dead_key).map_err(|e| inner2.engine(e))?;
             Ok(new_seq)
@@ -722,7 +722,7 @@ impl Journal for SledJournal {
                 id: timer.id,
             };
             let seq =
-                inner.append_moved(&mut seqs, &timer.key, origin, Arc::from(timer.payload))?;
+                inner.append_moved(&mut seqs, &timer.key, origin, Bytes::from(timer.payload))?;
             inner.db.remove(&raw_key).map_err(|e| inner.engine(e))?;
             Ok(Some(seq))
         })
