@@ -505,27 +505,21 @@ impl<A: DurableActor> Registry<A> {
 
     /// Dead letters of this registry (all keys, or one key).
     pub async fn dead_letters(&self, key: Option<&str>) -> Result<Vec<DeadLetter>> {
+        let namespace = format!("{}{KEY_SEPARATOR}", self.shared.name);
         let prefix = match key {
             Some(k) => {
                 check_key(k)?;
-                let mut p = self.shared.jkey(k).to_string();
-                p.push('\0');
-                p
+                self.shared.jkey(k).to_string()
             }
-            None => format!("{}{KEY_SEPARATOR}", self.shared.name),
+            None => namespace.clone(),
         };
-        let strip = format!("{}{KEY_SEPARATOR}", self.shared.name);
-        let mut letters = self
-            .shared
-            .journal
-            .dead_letters(prefix.trim_end_matches('\0'))
-            .await?;
+        let mut letters = self.shared.journal.dead_letters(&prefix).await?;
         if key.is_some() {
-            let jkey = self.shared.jkey(key.unwrap_or_default());
-            letters.retain(|l| *l.key == *jkey);
+            // The journal matches by prefix: `k1` would also list `k10`.
+            letters.retain(|l| l.key == prefix);
         }
         for l in &mut letters {
-            if let Some(k) = l.key.strip_prefix(&strip) {
+            if let Some(k) = l.key.strip_prefix(&namespace) {
                 l.key = k.to_string();
             }
         }

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use soma_supervision::{Append, Bytes, Error, Journal, SledJournal, SledOptions, contract};
+use soma_supervision::{
+    Append, Bytes, Durability, Error, Journal, SledJournal, SledOptions, contract,
+};
 
 #[tokio::test]
 async fn sled_journal_passes_the_contract() {
@@ -16,6 +18,46 @@ async fn sled_journal_passes_the_contract() {
         async move { Arc::new(j) as Arc<dyn Journal> }
     })
     .await;
+}
+
+#[tokio::test]
+async fn sled_journal_in_periodic_mode_passes_the_contract() {
+    let dirs = std::sync::Mutex::new(Vec::new());
+    contract::run(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = SledOptions::new(dir.path().join("j"));
+        options.durability = Durability::Periodic { interval_ms: 5 };
+        let j = SledJournal::open(options).unwrap();
+        dirs.lock().unwrap().push(dir);
+        async move { Arc::new(j) as Arc<dyn Journal> }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn periodic_mode_keeps_appends_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let mut options = SledOptions::new(&path);
+    options.durability = Durability::Periodic { interval_ms: 5 };
+    {
+        let j = SledJournal::open(options.clone()).unwrap();
+        j.append(&[app("k", b"1"), app("k", b"2")]).await.unwrap();
+    }
+    let j = SledJournal::open(options).unwrap();
+    assert_eq!(j.pending("k", 1, 10).await.unwrap().len(), 2);
+}
+
+#[test]
+fn zero_periodic_interval_is_refused_naming_the_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = SledOptions::new(dir.path().join("j"));
+    options.durability = Durability::Periodic { interval_ms: 0 };
+    let e = SledJournal::open(options).unwrap_err();
+    assert!(
+        e.to_string().contains("journal.durability.interval_ms"),
+        "{e}"
+    );
 }
 
 fn app(key: &str, payload: &[u8]) -> Append {
