@@ -3,28 +3,21 @@
 
 use std::time::Duration;
 
+/// A numeric field of a `/proc/self` file, e.g. `("status", "VmRSS:")`.
+fn proc_field(file: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/self/{file}")).ok()?;
+    let value = text.lines().find_map(|l| l.strip_prefix(field))?;
+    value.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
 /// Resident set size of this process, in bytes.
 pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    proc_field("status", "VmRSS:").map_or(0, |kb| kb * 1024)
 }
 
 /// Bytes this process caused to be written to storage so far (`/proc/self/io`).
 pub fn write_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/io")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("write_bytes:"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        })
-        .unwrap_or(0)
+    proc_field("io", "write_bytes:").unwrap_or(0)
 }
 
 /// Messages per second.

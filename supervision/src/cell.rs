@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use crate::actor::{Context, DurableActor};
 use crate::codec::{decode, encode};
+use crate::error::panic_text;
 use crate::journal::{Commit, NewTimer, Seq};
 use crate::registry::Shared;
 use crate::slot::Slot;
@@ -193,7 +194,7 @@ impl<A: DurableActor> Cell<A> {
         match outcome {
             Ok(Ok(())) => Outcome::Handled(std::mem::take(&mut ctx.timers)),
             Ok(Err(e)) => Outcome::Failed(e.to_string()),
-            Err(panic) => Outcome::Failed(format!("handler panicked: {}", panic_text(&panic))),
+            Err(panic) => Outcome::Failed(format!("handler panicked: {}", panic_text(&*panic))),
         }
     }
 
@@ -276,16 +277,6 @@ impl<A: DurableActor> Cell<A> {
     }
 }
 
-fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".into()
-    }
-}
-
 impl<A: DurableActor> Actor for Cell<A> {
     type Msg = CellMsg;
     type State = CellState<A>;
@@ -307,7 +298,7 @@ impl<A: DurableActor> Actor for Cell<A> {
             Ok(Err(e)) => return Err(format!("on_activate of {} failed: {e}", slot.key).into()),
             Err(p) => {
                 return Err(
-                    format!("on_activate of {} panicked: {}", slot.key, panic_text(&p)).into(),
+                    format!("on_activate of {} panicked: {}", slot.key, panic_text(&*p)).into(),
                 );
             }
         }
@@ -385,7 +376,7 @@ impl<A: DurableActor> Actor for Cell<A> {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("on_stop of {} failed: {e}", st.slot.key).into()),
             Err(p) => {
-                Err(format!("on_stop of {} panicked: {}", st.slot.key, panic_text(&p)).into())
+                Err(format!("on_stop of {} panicked: {}", st.slot.key, panic_text(&*p)).into())
             }
         }
     }

@@ -110,16 +110,6 @@ pub(super) fn write_marker(path: &Path, marker: Marker) -> Result<()> {
     std::fs::rename(&tmp, path.join(MARKER_FILE)).map_err(io)
 }
 
-pub(super) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".into()
-    }
-}
-
 pub(super) fn engine_error(path: &Path, e: sled::Error) -> Error {
     match e {
         sled::Error::Corruption { at, .. } => Error::Corrupt {

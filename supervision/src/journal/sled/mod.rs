@@ -15,13 +15,12 @@ use serde::{Deserialize, Serialize};
 
 use self::layout::{
     DEAD, EPOCH_KEY, FAILURES, FORMAT, FORMAT_KEY, Marker, STATE, TIMER, check_key, engine_error,
-    inbox_dir, key_prefix, panic_text, read_marker, seq_key, state_dir, tail_seq, timer_key,
-    write_marker,
+    inbox_dir, key_prefix, read_marker, seq_key, state_dir, tail_seq, timer_key, write_marker,
 };
 use super::inbox::{Inbox, Origin};
 use super::{Append, Bytes, Commit, DeadLetter, Entry, Journal, Seq, Snapshot, Timer};
 use crate::codec::{decode, encode, seal, unseal};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, panic_text};
 
 const MARKER_EVERY: Duration = Duration::from_millis(1000);
 /// How often staged commits are written and flushed when no append carries them.
@@ -228,7 +227,7 @@ fn open_state_store(path: &Path, cache: u64) -> Result<sled::Db> {
         Ok(Err(e)) => Err(engine_error(&dir, e)),
         Err(panic) => Err(Error::Corrupt {
             path: dir,
-            detail: format!("storage engine failed to open: {}", panic_text(&panic)),
+            detail: format!("storage engine failed to open: {}", panic_text(&*panic)),
         }),
     }
 }
