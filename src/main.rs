@@ -53,21 +53,21 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::DurableHost { data } => rt.block_on(soma::demo::host(&data))?,
         Command::Demo { data, rounds, keys } => {
-            let tmp;
-            let data = match data {
-                Some(d) => d,
-                None => {
-                    tmp = std::env::temp_dir().join(format!("soma-demo-{}", std::process::id()));
-                    tmp
-                }
-            };
+            let temporary = data.is_none();
+            let data = data.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("soma-demo-{}", std::process::id()))
+            });
             let exe = std::env::current_exe().context("cannot find the soma binary")?;
             println!(
                 "durable counters in a child process, journal in {}",
                 data.display()
             );
-            let report = rt.block_on(soma::demo::run(exe, data, rounds, keys))?;
+            let report = rt.block_on(soma::demo::run(exe, data.clone(), rounds, keys))?;
             println!("{report}");
+            if temporary {
+                std::fs::remove_dir_all(&data)
+                    .with_context(|| format!("cannot remove {}", data.display()))?;
+            }
             anyhow::ensure!(report.holds(), "durability invariants violated");
             println!("ok: every acknowledged message applied exactly once");
         }
