@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codec::encode;
+use crate::codec::encode_message;
 use crate::error::Result;
 use crate::journal::{NewTimer, Seq};
 
@@ -131,7 +131,7 @@ impl<M: Serialize> Context<M> {
             .unwrap_or(0);
         self.timers.push(NewTimer {
             fire_at_ms,
-            payload: encode("message", msg)?,
+            payload: encode_message(msg)?,
         });
         Ok(())
     }

@@ -11,7 +11,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::Instrument;
 
 use crate::actor::{Context, DurableActor};
-use crate::codec::{decode, encode};
+use crate::codec::{decode, encode_state};
 use crate::error::panic_text;
 use crate::journal::{Commit, NewTimer, Seq};
 use crate::registry::Shared;
@@ -145,7 +145,7 @@ impl<A: DurableActor> Cell<A> {
         timers: Vec<NewTimer>,
     ) -> Result<(), ActorProcessingErr> {
         let shared = &self.shared;
-        let state = encode("state", &st.state)?;
+        let state = encode_state(&st.state)?;
         let earliest = timers.iter().map(|t| t.fire_at_ms).min();
         shared
             .journal
@@ -280,12 +280,12 @@ impl<A: DurableActor> Cell<A> {
 impl<A: DurableActor> Actor for Cell<A> {
     type Msg = CellMsg;
     type State = CellState<A>;
-    type Arguments = Arc<Slot>;
+    type Arguments = (Arc<Slot>, u64);
 
     async fn pre_start(
         &self,
         myself: ActorRef<CellMsg>,
-        slot: Arc<Slot>,
+        (slot, generation): (Arc<Slot>, u64),
     ) -> Result<Self::State, ActorProcessingErr> {
         let shared = &self.shared;
         let snapshot = shared.journal.load(&slot.jkey).await?;
@@ -308,7 +308,7 @@ impl<A: DurableActor> Actor for Cell<A> {
             myself.send_interval(period, || CellMsg::Tick)
         });
         // Tracked only once started: a failed start is reported by the spawn, not by an event.
-        shared.track(myself.get_id(), slot.clone());
+        shared.track(myself.get_id(), slot.clone(), generation);
         shared.metrics.active.increment(1.0);
         shared.metrics.activations.increment(1);
         Ok(CellState {

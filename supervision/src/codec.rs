@@ -9,6 +9,40 @@ use crate::error::{Error, Result};
 /// allocation (a damaged or hostile record must never abort the process).
 pub(crate) const MAX_RECORD_BYTES: usize = 256 * 1024 * 1024;
 
+/// The largest encoded message accepted by a send or a timer (well under what the inbox log
+/// accepts when reading, so that every accepted message can be read back).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Encodes a message, refusing one larger than [`MAX_MESSAGE_BYTES`].
+pub(crate) fn encode_message<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    let bytes = encode("message", value)?;
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(Error::Encode {
+            what: "message",
+            detail: format!(
+                "{} bytes exceed the limit of {MAX_MESSAGE_BYTES} bytes",
+                bytes.len()
+            ),
+        });
+    }
+    Ok(bytes)
+}
+
+/// Encodes a state, refusing one that could not be decoded again.
+pub(crate) fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    let bytes = encode("state", value)?;
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(Error::Encode {
+            what: "state",
+            detail: format!(
+                "{} bytes exceed the limit of {MAX_RECORD_BYTES} bytes",
+                bytes.len()
+            ),
+        });
+    }
+    Ok(bytes)
+}
+
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_RECORD_BYTES>()
 }

@@ -26,6 +26,7 @@ mod timers;
 mod writer;
 
 pub use actor::{Context, DurableActor, HandlerError};
+pub use codec::MAX_MESSAGE_BYTES;
 pub use error::{Error, Result};
 #[cfg(any(test, feature = "test-util"))]
 pub use journal::contract;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::actor::DurableActor;
 use crate::cell::{Cell, CellMsg};
-use crate::codec::{decode, encode};
+use crate::codec::{decode, encode_message};
 use crate::error::{Error, Result};
 use crate::journal::{Append, DeadLetter, Journal, Seq};
 use crate::metrics::RegistryMetrics;
@@ -150,7 +150,8 @@ pub(crate) struct Shared<A: DurableActor> {
     pub(crate) timers: TimerHandle,
     writer: WriterHandle,
     slots: Mutex<HashMap<Arc<str>, Arc<Slot>>>,
-    cells: Mutex<HashMap<ActorId, Arc<Slot>>>,
+    /// Running instances: their slot and generation.
+    cells: Mutex<HashMap<ActorId, (Arc<Slot>, u64)>>,
     supervisor: Mutex<Option<ActorCell>>,
     stopping: AtomicBool,
     myself: Weak<Shared<A>>,
@@ -161,13 +162,13 @@ impl<A: DurableActor> Shared<A> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn cells(&self) -> MutexGuard<'_, HashMap<ActorId, Arc<Slot>>> {
+    fn cells(&self) -> MutexGuard<'_, HashMap<ActorId, (Arc<Slot>, u64)>> {
         self.cells.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Remembers which slot an instance serves (called from its `pre_start`).
-    pub(crate) fn track(&self, id: ActorId, slot: Arc<Slot>) {
-        self.cells().insert(id, slot);
+    /// Remembers which slot and generation an instance serves (called from its `pre_start`).
+    pub(crate) fn track(&self, id: ActorId, slot: Arc<Slot>, generation: u64) {
+        self.cells().insert(id, (slot, generation));
     }
 
     fn jkey(&self, key: &str) -> Arc<str> {
@@ -201,10 +202,11 @@ impl<A: DurableActor> Shared<A> {
         }
     }
 
-    /// Drops a passive slot with nothing in flight.
+    /// Drops a passive slot with nothing in flight. Retired under the map lock, so a sender
+    /// (who reserves under that lock) never holds it; anyone else holding it is rerouted.
     fn forget_if_idle(&self, slot: &Arc<Slot>) {
         let mut slots = self.slots();
-        if slot.in_flight() == 0 && matches!(&*slot.life(), Life::Passive) {
+        if slots.get(&slot.key).is_some_and(|s| Arc::ptr_eq(s, slot)) && slot.retire_if_idle() {
             slots.remove(&slot.key);
         }
     }
@@ -216,7 +218,7 @@ impl<A: DurableActor> Shared<A> {
             .clone()
     }
 
-    fn spawn_instance(self: &Arc<Self>, slot: Arc<Slot>) {
+    fn spawn_instance(self: &Arc<Self>, slot: Arc<Slot>, generation: u64) {
         let shared = self.clone();
         tokio::spawn(async move {
             let Some(sup) = shared.supervisor() else {
@@ -224,15 +226,17 @@ impl<A: DurableActor> Shared<A> {
             };
             if shared.stopping.load(Ordering::Acquire) {
                 *slot.life() = Life::Passive;
+                slot.started.notify_waiters();
                 return;
             }
             let cell = Cell {
                 shared: shared.clone(),
             };
-            match Actor::spawn_linked(None, cell, slot.clone(), sup).await {
+            match Actor::spawn_linked(None, cell, (slot.clone(), generation), sup).await {
                 Ok((instance, _)) => {
                     let mut life = slot.life();
-                    if matches!(&*life, Life::Starting) {
+                    // Only this generation's spawn may go live: a late one is stale.
+                    if matches!(&*life, Life::Starting(g) if *g == generation) {
                         // Anything appended while starting is picked up by this rescan.
                         let _ = instance.cast(CellMsg::Rescan);
                         *life = Life::Live(instance);
@@ -241,14 +245,25 @@ impl<A: DurableActor> Shared<A> {
                     slot.started.notify_waiters();
                 }
                 Err(e) => {
-                    tracing::warn!(registry = %shared.name, key = %slot.key, error = %e, "activation failed");
-                    shared.after_failure(slot);
+                    let current = {
+                        let mut life = slot.life();
+                        let current = matches!(&*life, Life::Starting(g) if *g == generation);
+                        if current {
+                            *life = Life::Restarting;
+                        }
+                        current
+                    };
+                    if current {
+                        tracing::warn!(registry = %shared.name, key = %slot.key, error = %e, "activation failed");
+                        shared.after_failure(slot);
+                    }
                 }
             }
         });
     }
 
-    /// An instance failed (or could not start): restart it after a backoff, or park it.
+    /// An instance failed (or could not start) and the slot is `Restarting`: restart it after
+    /// a backoff, or park it past the restart intensity.
     fn after_failure(self: &Arc<Self>, slot: Arc<Slot>) {
         let allowed = {
             let mut window = slot.window.lock().unwrap_or_else(|p| p.into_inner());
@@ -261,44 +276,59 @@ impl<A: DurableActor> Shared<A> {
                 registry = %self.name,
                 key = %slot.key,
                 max_restarts = self.options.intensity.max_restarts,
-                "restart intensity exceeded, actor parked until its next message"
+                window_ms = self.options.intensity.window_ms,
+                "restart intensity exceeded, actor parked for one window"
             );
             *slot.life() = Life::Parked;
             slot.started.notify_waiters();
+            // A parked key tries again by itself once the window has passed, or earlier when
+            // a message arrives.
+            let retry = Duration::from_millis(self.options.intensity.window_ms.max(1));
+            tokio::spawn(async move {
+                tokio::time::sleep(retry).await;
+                slot.wake();
+            });
             return;
         };
-        *slot.life() = Life::Restarting;
         self.metrics.restarts.increment(1);
-        let shared = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let mut life = slot.life();
-            if matches!(&*life, Life::Restarting) {
-                *life = Life::Starting;
-                drop(life);
-                shared.spawn_instance(slot);
-            }
+            slot.restart();
         });
     }
 
     fn on_exit(self: &Arc<Self>, cell: &ActorCell, failed: bool, reason: &str) {
-        let Some(slot) = self.cells().remove(&cell.get_id()) else {
+        let Some((slot, generation)) = self.cells().remove(&cell.get_id()) else {
             return;
         };
         self.metrics.active.decrement(1.0);
+        let mut life = slot.life();
+        let current = match &*life {
+            Life::Live(instance) => instance.get_id() == cell.get_id(),
+            Life::Starting(g) => *g == generation,
+            _ => false,
+        };
+        if !current {
+            return; // a stale exit: the slot has moved on
+        }
         if self.stopping.load(Ordering::Acquire) {
-            *slot.life() = Life::Passive;
+            *life = Life::Passive;
+            drop(life);
+            slot.started.notify_waiters();
             return;
         }
         if failed {
+            *life = Life::Restarting;
+            drop(life);
             tracing::warn!(registry = %self.name, key = %slot.key, reason, "actor failed");
             self.after_failure(slot);
             return;
         }
+        *life = Life::Passive;
+        drop(life);
         if reason == PASSIVATED {
             self.metrics.passivations.increment(1);
         }
-        *slot.life() = Life::Passive;
         if slot.in_flight() > 0 {
             slot.wake();
         } else {
@@ -308,9 +338,17 @@ impl<A: DurableActor> Shared<A> {
 }
 
 impl<A: DurableActor> Activate for Shared<A> {
-    fn activate(&self, slot: Arc<Slot>) {
+    fn activate(&self, slot: Arc<Slot>, generation: u64) {
         if let Some(me) = self.myself.upgrade() {
-            me.spawn_instance(slot);
+            me.spawn_instance(slot, generation);
+        }
+    }
+
+    fn reroute(&self, key: &str, appended: Option<Seq>) {
+        let slot = self.slot(key);
+        match appended {
+            Some(seq) => slot.appended_external(seq),
+            None => slot.wake(),
         }
     }
 }
@@ -438,7 +476,7 @@ impl<A: DurableActor> Registry<A> {
     /// number once it is durable: from then on it will be handled, after any crash.
     pub async fn send(&self, key: &str, msg: &A::Msg) -> Result<Seq> {
         check_key(key)?;
-        let payload = bytes::Bytes::from(encode("message", msg)?);
+        let payload = bytes::Bytes::from(encode_message(msg)?);
         let shared = &self.shared;
         if shared.stopping.load(Ordering::Acquire) {
             return Err(Error::Stopped { what: "registry" });
@@ -454,6 +492,8 @@ impl<A: DurableActor> Registry<A> {
                         });
                     }
                     WhenFull::Wait => {
+                        // A parked key makes no progress by itself: wake it.
+                        slot.wake();
                         let progressed = slot.progress.notified();
                         if slot.in_flight() < shared.options.max_in_flight {
                             continue;
@@ -550,8 +590,12 @@ impl<A: DurableActor> Registry<A> {
     /// waits until its instance runs. Use it to warm actors before traffic arrives.
     pub async fn activate(&self, key: &str) -> Result<()> {
         check_key(key)?;
-        let slot = self.shared.slot(key);
         loop {
+            if self.shared.stopping.load(Ordering::Acquire) {
+                return Err(Error::Stopped { what: "registry" });
+            }
+            // Looked up each round: an idle slot may be retired and replaced meanwhile.
+            let slot = self.shared.slot(key);
             let started = slot.started.notified();
             match &*slot.life() {
                 Life::Live(_) => return Ok(()),
@@ -564,7 +608,10 @@ impl<A: DurableActor> Registry<A> {
                 _ => {}
             }
             slot.wake();
-            started.await;
+            tokio::select! {
+                _ = started => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
         }
     }
 

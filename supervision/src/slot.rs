@@ -1,7 +1,7 @@
 //! One addressable durable actor's bookkeeping: its life cycle, its in-flight count and its
 //! progress. A slot outlives the actor instances that come and go for its key.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use ractor::ActorRef;
@@ -18,8 +18,9 @@ use crate::policy::RestartWindow;
 pub(crate) enum Life {
     /// No instance; the next message activates one.
     Passive,
-    /// An instance is being spawned.
-    Starting,
+    /// An instance of this generation is being spawned. Only that spawn may go `Live`, and
+    /// only that instance's exit counts: a late spawn or a stale exit is ignored.
+    Starting(u64),
     /// The instance is running.
     Live(ActorRef<CellMsg>),
     /// The instance failed; a restart is scheduled after a backoff.
@@ -31,7 +32,10 @@ pub(crate) enum Life {
 
 /// Activates an instance for a slot (implemented by the registry).
 pub(crate) trait Activate: Send + Sync {
-    fn activate(&self, slot: Arc<Slot>);
+    /// Spawns generation `generation` of the slot's instance.
+    fn activate(&self, slot: Arc<Slot>, generation: u64);
+    /// The slot was retired (dropped while idle): hand the key's event to its current slot.
+    fn reroute(&self, key: &str, appended: Option<Seq>);
 }
 
 #[derive(Debug)]
@@ -52,6 +56,9 @@ pub(crate) struct Slot {
     /// Notified when an instance goes live or the key is parked.
     pub(crate) started: Notify,
     pub(crate) window: Mutex<RestartWindow>,
+    /// Set (under the life lock) when the registry dropped this slot; it starts nothing more.
+    retired: AtomicBool,
+    generations: AtomicU64,
     owner: Weak<dyn Activate>,
 }
 
@@ -68,6 +75,8 @@ impl Slot {
             progress: Notify::new(),
             started: Notify::new(),
             window: Mutex::new(RestartWindow::default()),
+            retired: AtomicBool::new(false),
+            generations: AtomicU64::new(0),
             owner,
         }
     }
@@ -132,6 +141,13 @@ impl Slot {
 
     fn deliver(self: &Arc<Self>, seq: Seq, payload: Option<bytes::Bytes>) {
         let mut life = self.life();
+        if self.retired.load(Ordering::Acquire) {
+            drop(life);
+            if let Some(owner) = self.owner.upgrade() {
+                owner.reroute(&self.key, Some(seq));
+            }
+            return;
+        }
         match &*life {
             Life::Live(cell) => {
                 let msg = match payload {
@@ -143,28 +159,64 @@ impl Slot {
                 let _ = cell.cast(msg);
             }
             Life::Passive | Life::Parked => {
-                *life = Life::Starting;
+                let generation = self.next_generation();
+                *life = Life::Starting(generation);
                 drop(life);
-                self.start();
+                self.start(generation);
             }
-            Life::Starting | Life::Restarting => {}
+            Life::Starting(_) | Life::Restarting => {}
         }
+    }
+
+    fn next_generation(&self) -> u64 {
+        self.generations.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     /// Starts an instance if none is live or scheduled.
     pub(crate) fn wake(self: &Arc<Self>) {
         let mut life = self.life();
-        if matches!(&*life, Life::Passive | Life::Parked) {
-            *life = Life::Starting;
+        if self.retired.load(Ordering::Acquire) {
             drop(life);
-            self.start();
+            if let Some(owner) = self.owner.upgrade() {
+                owner.reroute(&self.key, None);
+            }
+            return;
+        }
+        if matches!(&*life, Life::Passive | Life::Parked) {
+            let generation = self.next_generation();
+            *life = Life::Starting(generation);
+            drop(life);
+            self.start(generation);
         }
     }
 
-    /// Spawns an instance; the caller has moved the life to `Starting`.
-    pub(crate) fn start(self: &Arc<Self>) {
+    /// Moves a failed key from `Restarting` to a new start (after its backoff).
+    pub(crate) fn restart(self: &Arc<Self>) {
+        let mut life = self.life();
+        if matches!(&*life, Life::Restarting) {
+            let generation = self.next_generation();
+            *life = Life::Starting(generation);
+            drop(life);
+            self.start(generation);
+        }
+    }
+
+    /// Retires an idle slot (the registry drops it from its map, under the map lock); `false`
+    /// if it is not idle.
+    pub(crate) fn retire_if_idle(&self) -> bool {
+        let life = self.life();
+        if self.in_flight() == 0 && matches!(&*life, Life::Passive) {
+            self.retired.store(true, Ordering::Release);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Spawns an instance; the caller has moved the life to `Starting(generation)`.
+    fn start(self: &Arc<Self>, generation: u64) {
         if let Some(owner) = self.owner.upgrade() {
-            owner.activate(self.clone());
+            owner.activate(self.clone(), generation);
         }
     }
 }

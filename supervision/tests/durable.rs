@@ -463,3 +463,113 @@ async fn stop_is_graceful_and_later_sends_are_refused() {
     ));
     assert_eq!(reg.state("k").await.unwrap().ids, vec![1]);
 }
+
+#[tokio::test]
+async fn oversized_message_is_refused_before_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir).await;
+    let reg = rt
+        .registry(Counter::new(), options("counter"))
+        .await
+        .unwrap();
+    reg.send("k", &Msg::Add(1)).await.unwrap();
+    let encoded = soma_supervision::MAX_MESSAGE_BYTES + 1;
+    let huge = HugeMsg(vec![0u8; encoded]);
+    let big_reg = rt.registry(HugeSink, options("huge")).await.unwrap();
+    match big_reg.send("k", &huge).await {
+        Err(Error::Encode { what, detail }) => {
+            assert_eq!(what, "message");
+            assert!(detail.contains("exceed the limit"), "{detail}");
+        }
+        other => panic!("expected Encode, got {other:?}"),
+    }
+    assert_eq!(
+        rt.writer_stats().messages,
+        1,
+        "only the small message was appended"
+    );
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct HugeMsg(Vec<u8>);
+
+struct HugeSink;
+
+impl soma_supervision::DurableActor for HugeSink {
+    type Msg = HugeMsg;
+    type State = u64;
+
+    fn init(&self, _key: &str) -> u64 {
+        0
+    }
+
+    async fn handle(
+        &self,
+        _ctx: &mut soma_supervision::Context<HugeMsg>,
+        n: &mut u64,
+        _msg: HugeMsg,
+    ) -> Result<(), soma_supervision::HandlerError> {
+        *n += 1;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passivation_churn_never_runs_two_instances_of_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir).await;
+    let (counter, mut events) = Counter::with_events();
+    let mut opts = options("counter");
+    opts.passivate_after_ms = Some(2);
+    let reg = rt.registry(counter, opts).await.unwrap();
+    let mut tasks = Vec::new();
+    for task in 0..8u64 {
+        let reg = reg.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = format!("k{}", task % 2);
+            let mut last = 0;
+            for i in 0..60u64 {
+                if i % 3 == 0 {
+                    reg.activate(&key).await.unwrap();
+                } else {
+                    last = last.max(reg.send(&key, &Msg::Add(task * 1000 + i)).await.unwrap());
+                }
+                tokio::time::sleep(Duration::from_millis(fastrand::u64(0..4))).await;
+            }
+            (key, last)
+        }));
+    }
+    let mut lasts = std::collections::BTreeMap::new();
+    for t in tasks {
+        let (key, last) = t.await.unwrap();
+        let e = lasts.entry(key).or_insert(0);
+        *e = (*e).max(last);
+    }
+    for (key, last) in &lasts {
+        reg.wait_handled(key, *last).await.unwrap();
+        let ids = reg.state(key).await.unwrap().ids;
+        let mut dedup = ids.clone();
+        dedup.sort_unstable();
+        dedup.dedup();
+        assert_eq!(dedup.len(), ids.len(), "{key}: a message applied twice");
+        assert_eq!(
+            ids.len() as u64,
+            *last,
+            "{key}: every accepted message applied"
+        );
+    }
+    // Per key, activations and stops alternate: never two instances at once.
+    reg.stop().await;
+    let mut live: std::collections::HashMap<String, i32> = Default::default();
+    while let Ok(e) = events.try_recv() {
+        match e {
+            Event::Activated(k, _) => {
+                let n = live.entry(k.clone()).or_default();
+                *n += 1;
+                assert_eq!(*n, 1, "{k}: a second instance started while one was live");
+            }
+            Event::Stopped(k) => *live.entry(k).or_default() -= 1,
+            Event::ActivationFailed(k) => panic!("{k}: unexpected activation failure"),
+        }
+    }
+}

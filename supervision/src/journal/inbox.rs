@@ -309,15 +309,21 @@ impl Inbox {
         }
         let mut st = self.state();
         let id = st.active_id;
-        if let Err(e) = st.active.write_all(&buf) {
-            // Whatever part was written is cut off again: nothing of a failed batch remains.
-            let len = st.active_len;
-            let _ = st.active.set_len(len);
+        let before = st.active_len;
+        let written = st
+            .active
+            .write_all(&buf)
+            .and_then(|()| if sync { st.active.sync_data() } else { Ok(()) });
+        if let Err(e) = written {
+            // Nothing of a failed batch may stay: cut the file back. (After a failed fsync the
+            // kernel may have dropped the pages anyway; the senders were told it failed.)
+            if let Err(cut) = st.active.set_len(before) {
+                tracing::error!(segment = id, error = %cut, "cannot cut a failed append off the inbox log");
+            }
             return Err(self.io(id, e));
         }
         st.active_len += buf.len() as u64;
         if sync {
-            st.active.sync_data().map_err(|e| self.io(id, e))?;
             st.synced_len = st.active_len;
         }
         for (key, seq, _, payload) in entries {
@@ -328,8 +334,11 @@ impl Inbox {
             });
         }
         *st.live.entry(id).or_default() += entries.len() as u64;
-        if st.active_len >= SEGMENT_BYTES {
-            self.roll(&mut st)?;
+        if st.active_len >= SEGMENT_BYTES
+            && let Err(e) = self.roll(&mut st)
+        {
+            // The batch is written and indexed; keep using this segment and retry later.
+            tracing::error!(segment = id, error = %e, "cannot start a new inbox segment");
         }
         Ok(())
     }

@@ -120,8 +120,9 @@ pub trait Journal: Send + Sync + std::fmt::Debug + 'static {
     /// Up to `limit` inbox entries of `key` with `seq >= from`, in order.
     async fn pending(&self, key: &str, from: Seq, limit: usize) -> Result<Vec<Entry>>;
 
-    /// Atomically stores the new state, acknowledges `from..=seq` (removing them from the
-    /// inbox and clearing the key's failure count) and persists the new timers.
+    /// Atomically stores the new state, acknowledges `from..=seq` (they are never returned by
+    /// `pending` again) and persists the new timers. A backend may make the commit durable
+    /// later (at its next flush); until then a crash replays the acknowledged messages.
     async fn commit(&self, commit: Commit) -> Result<()>;
 
     /// Records one failed delivery of (`key`, `seq`); returns the number of failures of that

@@ -107,6 +107,8 @@ struct Inner {
     marked: Mutex<Marker>,
     /// Serialises state-store flushes so that epochs become durable in order.
     flush_lock: Mutex<()>,
+    /// Serialises writes of staged commits (taken after `flush_lock` when both are held).
+    commit_lock: Mutex<()>,
     /// Commits not yet written to the state store.
     staged: Mutex<HashMap<Arc<str>, StagedCommit>>,
 }
@@ -193,6 +195,7 @@ impl SledJournal {
             epoch: AtomicU64::new(epoch),
             marked: Mutex::new(marker),
             flush_lock: Mutex::new(()),
+            commit_lock: Mutex::new(()),
             staged: Mutex::new(HashMap::new()),
         });
         inner.finish_moves(&unfinished)?;
@@ -400,9 +403,24 @@ impl Inner {
     }
 
     /// Writes staged commits to the state store and drops what they acknowledge from the
-    /// inbox index.
-    fn write_staged(&self, mut write: sled::Batch) -> Result<()> {
-        let staged = std::mem::take(&mut *self.staged());
+    /// inbox index. `extra` adds to the same atomic batch and may override staged commits (a
+    /// dead letter, a commit with timers). Serialised from the take to the acks: a write
+    /// that took older commits can never land after one that took newer ones.
+    fn write_staged(
+        &self,
+        extra: impl FnOnce(&mut HashMap<Arc<str>, StagedCommit>, &mut sled::Batch) -> Result<()>,
+    ) -> Result<()> {
+        let _serial = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut staged = std::mem::take(&mut *self.staged());
+        let mut write = sled::Batch::default();
+        if let Err(e) = extra(&mut staged, &mut write) {
+            // Nothing written: put back what was taken, unless newer commits arrived.
+            let mut current = self.staged();
+            for (k, c) in staged {
+                current.entry(k).or_insert(c);
+            }
+            return Err(e);
+        }
         for (key, c) in &staged {
             write.insert(
                 key_prefix(STATE, key),
@@ -416,11 +434,22 @@ impl Inner {
         Ok(())
     }
 
+    /// The committed state of `key`, seen from inside [`Inner::write_staged`].
+    fn snapshot_in(&self, taken: &HashMap<Arc<str>, StagedCommit>, key: &str) -> Result<Snapshot> {
+        match taken.get(key) {
+            Some(c) => Ok(Snapshot {
+                applied: c.applied,
+                state: c.state.clone(),
+            }),
+            None => self.snapshot(key),
+        }
+    }
+
     /// Writes staged commits and flushes the state store, then deletes inbox segments that
     /// only held messages acknowledged before this flush.
     fn flush(&self) -> Result<()> {
         let _serial = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.write_staged(sled::Batch::default())?;
+        self.write_staged(|_, _| Ok(()))?;
         let emptied = self.inbox.take_emptied();
         let next = self.epoch.load(Ordering::Acquire) + 1;
         self.db
@@ -445,11 +474,13 @@ impl Inner {
 
     /// Records the durable epoch and log position in the marker file if they moved.
     fn mark(&self) -> Result<()> {
-        let now = Marker {
-            epoch: self.epoch.load(Ordering::Acquire),
-            log: Some(self.inbox.durable_position()),
-        };
+        // Read the position under the lock, and never move backwards: a stale position
+        // written after a newer one could name a segment already deleted.
         let mut marked = self.marked.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Marker {
+            epoch: self.epoch.load(Ordering::Acquire).max(marked.epoch),
+            log: Some(self.inbox.durable_position()).max(marked.log),
+        };
         if *marked != now {
             write_marker(&self.path, now)?;
             *marked = now;
@@ -530,24 +561,43 @@ impl Journal for SledJournal {
         // store batch for many commits, one state write per key however many messages it
         // handled in between. A commit lost in a crash is replayed: its messages are in the
         // inbox until the commit is durable.
-        inner.staged().insert(
-            commit.key.clone(),
-            StagedCommit {
-                applied: commit.seq,
-                state: Some(commit.state),
-            },
-        );
-        if !commit.timers.is_empty() {
-            // Timers must be visible to the timer task at once: write them with the state.
-            let mut write = sled::Batch::default();
-            for (i, t) in commit.timers.iter().enumerate() {
-                // Deterministic id: a replayed commit rewrites the same timer, never a second.
-                let id = (commit.seq << 16) | (i as u64 & 0xffff);
-                write.insert(timer_key(t.fire_at_ms, &commit.key, id), seal(&t.payload));
-            }
-            inner.write_staged(write)?;
+        if commit.timers.is_empty() {
+            inner.staged().insert(
+                commit.key.clone(),
+                StagedCommit {
+                    applied: commit.seq,
+                    state: Some(commit.state),
+                },
+            );
+            return Ok(());
         }
-        Ok(())
+        // Timers must be visible to the timer task at once, and atomic with their state:
+        // one batch with both.
+        let Commit {
+            key,
+            seq,
+            state,
+            timers,
+            ..
+        } = commit;
+        self.blocking(move |inner| {
+            inner.write_staged(|taken, write| {
+                for (i, t) in timers.iter().enumerate() {
+                    // Deterministic id: a replayed commit rewrites the same timer.
+                    let id = (seq << 16) | (i as u64 & 0xffff);
+                    write.insert(timer_key(t.fire_at_ms, &key, id), seal(&t.payload));
+                }
+                taken.insert(
+                    key,
+                    StagedCommit {
+                        applied: seq,
+                        state: Some(state),
+                    },
+                );
+                Ok(())
+            })
+        })
+        .await
     }
 
     async fn record_failure(&self, key: &str, seq: Seq) -> Result<u32> {
@@ -583,7 +633,6 @@ impl Journal for SledJournal {
         let Some(payload) = inner.inbox.payload(key, seq) else {
             return Err(inner.corrupt(format!("dead-lettering {key} seq {seq}: not in the inbox")));
         };
-        let snapshot = inner.snapshot(key)?;
         let letter = DeadLetter {
             key: key.to_string(),
             seq,
@@ -592,22 +641,23 @@ impl Journal for SledJournal {
             attempts,
             at_ms: crate::timers::now_ms(),
         };
-        let mut write = sled::Batch::default();
-        write.insert(
-            seq_key(DEAD, key, seq),
-            seal(&encode("dead letter", &letter)?),
-        );
-        write.remove(key_prefix(FAILURES, key));
-        // The state stays; the applied seq moves past the dead message. One batch: the
-        // dead letter exists if and only if the message left the inbox.
-        inner.staged().insert(
-            Arc::from(key),
-            StagedCommit {
-                applied: seq.max(snapshot.applied),
-                state: snapshot.state,
-            },
-        );
-        inner.write_staged(write)?;
+        let record = seal(&encode("dead letter", &letter)?);
+        let key_arc: Arc<str> = Arc::from(key);
+        // One batch: the dead letter exists if and only if the message is acknowledged. The
+        // state stays; the applied seq moves past the dead message.
+        inner.write_staged(|taken, write| {
+            let snapshot = inner.snapshot_in(taken, key)?;
+            write.insert(seq_key(DEAD, key, seq), record);
+            write.remove(key_prefix(FAILURES, key));
+            taken.insert(
+                key_arc,
+                StagedCommit {
+                    applied: seq.max(snapshot.applied),
+                    state: snapshot.state,
+                },
+            );
+            Ok(())
+        })?;
         self.flush().await
     }
 
@@ -707,6 +757,9 @@ impl Journal for SledJournal {
         check_key(&timer.key)?;
         let timer = timer.clone();
         self.blocking(move |inner| {
+            // The commit that scheduled the timer must be durable before its message is:
+            // otherwise a crash could replay that commit and fire the timer twice.
+            inner.flush()?;
             let mut seqs = inner.seqs();
             let raw_key = timer_key(timer.fire_at_ms, &timer.key, timer.id);
             if !inner
