@@ -11,6 +11,8 @@ use crate::journal::Journal;
 use crate::runtime::Routes;
 
 const FIRE_BATCH: usize = 512;
+/// Timers read at most in one look when earlier ones belong to registries not started yet.
+const MAX_LOOK: usize = 1 << 20;
 /// How long to wait before retrying timers of a registry that does not exist yet.
 const UNROUTED_RETRY: Duration = Duration::from_secs(1);
 
@@ -47,7 +49,10 @@ impl TimerHandle {
 
     /// A timer at `fire_at_ms` was committed.
     pub(crate) fn scheduled(&self, fire_at_ms: u64) {
-        if fire_at_ms < self.inner.next.load(Ordering::Acquire) {
+        let next = self.inner.next.load(Ordering::Acquire);
+        // Wake the task if it sleeps past this timer, or if what it waits for is only
+        // timers of registries not started yet (their time is already past).
+        if fire_at_ms < next || next <= now_ms() {
             self.inner.wake.notify_one();
         }
     }
@@ -103,15 +108,30 @@ async fn run(journal: Arc<dyn Journal>, routes: Routes, shared: Arc<TimerShared>
 
 async fn fire_due(journal: &dyn Journal, routes: &Routes, now: u64) -> crate::Result<usize> {
     let mut fired = 0;
-    for timer in journal.due_timers(now, FIRE_BATCH).await? {
-        let Some((route, key)) = routes.resolve(&timer.key) else {
-            continue;
-        };
-        if let Some(seq) = journal.fire_timer(&timer).await? {
-            tracing::debug!(key = %timer.key, seq, "timer fired");
-            route.appended(&key, seq);
-            fired += 1;
+    let mut look = FIRE_BATCH;
+    loop {
+        let due = journal.due_timers(now, look).await?;
+        let complete = due.len() < look;
+        let mut routed = 0;
+        for timer in due {
+            let Some((route, key)) = routes.resolve(&timer.key) else {
+                continue;
+            };
+            routed += 1;
+            if routed > FIRE_BATCH {
+                break;
+            }
+            if let Some(seq) = journal.fire_timer(&timer).await? {
+                tracing::debug!(key = %timer.key, seq, "timer fired");
+                route.appended(&key, seq);
+                fired += 1;
+            }
         }
+        // Every due timer read belonged to a registry not started yet: look further, so that
+        // they never starve the others.
+        if fired > 0 || complete || look >= MAX_LOOK {
+            return Ok(fired);
+        }
+        look = (look * 8).min(MAX_LOOK);
     }
-    Ok(fired)
 }

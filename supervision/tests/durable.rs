@@ -573,3 +573,48 @@ async fn passivation_churn_never_runs_two_instances_of_a_key() {
         }
     }
 }
+
+#[tokio::test]
+async fn timers_of_a_registry_not_started_do_not_starve_others() {
+    use soma_supervision::{Append, Bytes, Commit, NewTimer};
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir).await;
+    let journal = rt.journal().clone();
+    // 600 due timers for a registry that never starts, written before ours.
+    let key: std::sync::Arc<str> = std::sync::Arc::from("absent\u{1f}k");
+    journal
+        .append(&[Append {
+            key: key.clone(),
+            payload: Bytes::from_static(b"x"),
+        }])
+        .await
+        .unwrap();
+    journal
+        .commit(Commit {
+            key,
+            from: 1,
+            seq: 1,
+            state: vec![],
+            timers: (0..600)
+                .map(|_| NewTimer {
+                    fire_at_ms: 1,
+                    payload: vec![0],
+                })
+                .collect(),
+        })
+        .await
+        .unwrap();
+    let reg = rt
+        .registry(Counter::new(), options("counter"))
+        .await
+        .unwrap();
+    let seq = reg
+        .send("k", &Msg::Later { id: 5, after_ms: 1 })
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), reg.wait_handled("k", seq + 1))
+        .await
+        .expect("the timer was starved")
+        .unwrap();
+    assert_eq!(reg.state("k").await.unwrap().ids, vec![5]);
+}
