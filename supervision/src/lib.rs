@@ -10,6 +10,37 @@
 //!
 //! The guarantees (ordering, delivery, durability, replay, stop versus kill) are stated in
 //! `docs/semantics.md`.
+//!
+//! # Example
+//! ```
+//! use soma_supervision::{Context, DurableActor, HandlerError, RegistryOptions, Runtime, RuntimeOptions};
+//!
+//! struct Total;
+//!
+//! impl DurableActor for Total {
+//!     type Msg = u64;
+//!     type State = u64;
+//!     fn init(&self, _key: &str) -> u64 {
+//!         0
+//!     }
+//!     async fn handle(&self, _: &mut Context<u64>, total: &mut u64, n: u64) -> Result<(), HandlerError> {
+//!         *total += n;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> soma_supervision::Result<()> {
+//! let dir = tempfile::tempdir().expect("a temporary directory");
+//! let rt = Runtime::open(RuntimeOptions::new(dir.path().join("journal"))).await?;
+//! let totals = rt.registry(Total, RegistryOptions::new("total")).await?;
+//! totals.send("tenant/acme/total", &40).await?; // durable once this returns
+//! let seq = totals.send("tenant/acme/total", &2).await?;
+//! totals.wait_handled("tenant/acme/total", seq).await?;
+//! assert_eq!(totals.state("tenant/acme/total").await?, 42);
+//! # Ok(())
+//! # }
+//! ```
 
 mod actor;
 mod cell;

@@ -355,11 +355,7 @@ impl<A: DurableActor> Activate for Shared<A> {
 
 impl<A: DurableActor> Route for Shared<A> {
     fn appended(&self, key: &str, seq: Seq) {
-        self.slot(key).appended_external(seq);
-    }
-
-    fn wake(&self, key: &str) {
-        self.slot(key).wake();
+        self.reroute(key, Some(seq));
     }
 }
 

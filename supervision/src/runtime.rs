@@ -41,8 +41,6 @@ impl RuntimeOptions {
 /// Where journal appends made outside a send (timers, re-drives) are delivered.
 pub(crate) trait Route: Send + Sync {
     fn appended(&self, key: &str, seq: Seq);
-    #[allow(dead_code)]
-    fn wake(&self, key: &str);
 }
 
 /// Registry name to route.
