@@ -8,7 +8,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -22,6 +23,8 @@ const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest record accepted when reading (a damaged length must not allocate gigabytes).
 const MAX_RECORD: usize = crate::codec::MAX_RECORD_BYTES;
 const HEADER: usize = 8;
+/// Recovery reads segments through a buffer of this size.
+const READ_BUFFER: usize = 4 * 1024 * 1024;
 
 /// Why a message entered the inbox; recovery uses it to finish an interrupted move.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +51,16 @@ pub(crate) type Position = (u64, u64);
 struct Pending {
     seq: Seq,
     segment: u64,
-    payload: Bytes,
+    payload: Payload,
+}
+
+/// Where an unacknowledged message's payload is: in memory (appended by this process) or in
+/// its segment (recovered: read back on demand, so that recovery reads the log once, through
+/// one small buffer, and holds no payloads).
+#[derive(Debug)]
+enum Payload {
+    Memory(Bytes),
+    Disk { offset: u64, len: u32 },
 }
 
 #[derive(Debug)]
@@ -64,6 +76,8 @@ struct State {
     keys: Map<Arc<str>, VecDeque<Pending>>,
     /// Segments emptied by acknowledgements that are not yet durable.
     emptied: Vec<u64>,
+    /// Read handles of recovered segments, for payloads on disk.
+    files: Map<u64, Arc<File>>,
 }
 
 /// The inbox log. All methods take `&self`; one lock orders appends and acknowledgements.
@@ -191,37 +205,13 @@ impl Inbox {
         let mut live: BTreeMap<u64, u64> = BTreeMap::new();
         let mut unfinished = Vec::new();
         let newest = ids.last().copied();
+        let mut files: Map<u64, Arc<File>> = Map::default();
+        let mut buf = vec![0u8; READ_BUFFER];
         for &id in &ids {
             let path = segment_path(dir, id);
-            // One buffer per segment; recovered payloads are slices of it, not copies.
-            let buffer = Bytes::from(std::fs::read(&path).map_err(|e| io(&path, e))?);
-            let bytes: &[u8] = &buffer;
-            let mut at = 0usize;
+            let file = File::open(&path).map_err(|e| io(&path, e))?;
             let mut count = 0u64;
-            while at < bytes.len() {
-                let parsed = parse_at(bytes, at);
-                let Some((record, next)) = parsed else {
-                    let durable_here = match durable {
-                        Some((seg, len)) if seg == id => at as u64 >= len,
-                        Some((seg, _)) => id > seg,
-                        None => true,
-                    };
-                    if Some(id) == newest && durable_here {
-                        tracing::warn!(path = %path.display(), offset = at, dropped = bytes.len() - at, "cutting a torn write at the end of the inbox log");
-                        let f = OpenOptions::new()
-                            .write(true)
-                            .open(&path)
-                            .map_err(|e| io(&path, e))?;
-                        f.set_len(at as u64).map_err(|e| io(&path, e))?;
-                        f.sync_all().map_err(|e| io(&path, e))?;
-                        break;
-                    }
-                    return Err(Error::Corrupt {
-                        path,
-                        detail: format!("damaged record at offset {at}"),
-                    });
-                };
-                at = next;
+            let end = scan_segment(&file, &mut buf, |offset, payload_offset, record| {
                 let slot = match slot_of.get(record.key) {
                     Some(i) => *i,
                     None => {
@@ -233,13 +223,13 @@ impl Inbox {
                 };
                 let (key, applied_seq, queue) = &mut recovered[slot];
                 if record.seq <= *applied_seq {
-                    continue;
+                    return Ok(());
                 }
                 if queue.back().is_some_and(|p| p.seq >= record.seq) {
                     return Err(Error::Corrupt {
-                        path,
+                        path: path.clone(),
                         detail: format!(
-                            "{} seq {} out of order at offset {at}",
+                            "{} seq {} out of order at offset {offset}",
                             record.key, record.seq
                         ),
                     });
@@ -250,9 +240,41 @@ impl Inbox {
                 queue.push_back(Pending {
                     seq: record.seq,
                     segment: id,
-                    payload: buffer.slice_ref(record.payload),
+                    payload: Payload::Disk {
+                        offset: payload_offset,
+                        len: record.payload.len() as u32,
+                    },
                 });
                 count += 1;
+                Ok(())
+            })
+            .map_err(|e| match e {
+                ScanError::Io(e) => io(&path, e),
+                ScanError::Record(e) => e,
+            })?;
+            if let Some(at) = end {
+                let durable_here = match durable {
+                    Some((seg, len)) if seg == id => at >= len,
+                    Some((seg, _)) => id > seg,
+                    None => true,
+                };
+                if Some(id) != newest || !durable_here {
+                    return Err(Error::Corrupt {
+                        path,
+                        detail: format!("damaged record at offset {at}"),
+                    });
+                }
+                let len = file.metadata().map_err(|e| io(&path, e))?.len();
+                tracing::warn!(path = %path.display(), offset = at, dropped = len - at, "cutting a torn write at the end of the inbox log");
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| io(&path, e))?;
+                f.set_len(at).map_err(|e| io(&path, e))?;
+                f.sync_all().map_err(|e| io(&path, e))?;
+            }
+            if count > 0 {
+                files.insert(id, Arc::new(file));
             }
             live.insert(id, count);
         }
@@ -283,6 +305,7 @@ impl Inbox {
                     live,
                     keys,
                     emptied,
+                    files,
                 }),
             },
             unfinished,
@@ -330,7 +353,7 @@ impl Inbox {
             st.keys.entry(key.clone()).or_default().push_back(Pending {
                 seq: *seq,
                 segment: id,
-                payload: payload.clone(),
+                payload: Payload::Memory(payload.clone()),
             });
         }
         *st.live.entry(id).or_default() += entries.len() as u64;
@@ -386,27 +409,60 @@ impl Inbox {
     }
 
     /// Up to `limit` unacknowledged messages of `key` with `seq >= from`.
-    pub(crate) fn pending(&self, key: &str, from: Seq, limit: usize) -> Vec<Entry> {
-        let st = self.state();
-        let Some(q) = st.keys.get(key) else {
-            return Vec::new();
+    pub(crate) fn pending(&self, key: &str, from: Seq, limit: usize) -> Result<Vec<Entry>> {
+        let wanted: Vec<(Seq, Located)> = {
+            let st = self.state();
+            let Some(q) = st.keys.get(key) else {
+                return Ok(Vec::new());
+            };
+            let start = q.partition_point(|p| p.seq < from);
+            q.range(start..)
+                .take(limit)
+                .map(|p| (p.seq, st.locate(p)))
+                .collect()
         };
-        let start = q.partition_point(|p| p.seq < from);
-        q.range(start..)
-            .take(limit)
-            .map(|p| Entry {
-                seq: p.seq,
-                payload: p.payload.clone(),
+        // Reads from disk happen outside the lock.
+        wanted
+            .into_iter()
+            .map(|(seq, at)| {
+                Ok(Entry {
+                    seq,
+                    payload: self.read(at)?,
+                })
             })
             .collect()
     }
 
     /// The payload of one unacknowledged message.
-    pub(crate) fn payload(&self, key: &str, seq: Seq) -> Option<Bytes> {
-        let st = self.state();
-        let q = st.keys.get(key)?;
-        let i = q.binary_search_by_key(&seq, |p| p.seq).ok()?;
-        Some(q[i].payload.clone())
+    pub(crate) fn payload(&self, key: &str, seq: Seq) -> Result<Option<Bytes>> {
+        let at = {
+            let st = self.state();
+            let Some(q) = st.keys.get(key) else {
+                return Ok(None);
+            };
+            let Ok(i) = q.binary_search_by_key(&seq, |p| p.seq) else {
+                return Ok(None);
+            };
+            st.locate(&q[i])
+        };
+        self.read(at).map(Some)
+    }
+
+    fn read(&self, at: Located) -> Result<Bytes> {
+        match at {
+            Located::Memory(b) => Ok(b),
+            Located::Disk {
+                segment,
+                file,
+                offset,
+                len,
+            } => {
+                let mut buf = vec![0u8; len as usize];
+                file.read_exact_at(&mut buf, offset)
+                    .map_err(|e| self.io(segment, e))?;
+                Ok(Bytes::from(buf))
+            }
+        }
     }
 
     /// Keys starting with `prefix` with messages in the index, and their last seq.
@@ -456,6 +512,7 @@ impl Inbox {
         for id in ids {
             if st.live.get(&id) == Some(&0) && id != st.active_id {
                 st.live.remove(&id);
+                st.files.remove(&id);
                 let path = segment_path(&self.dir, id);
                 match std::fs::remove_file(&path) {
                     Ok(()) => {}
@@ -477,6 +534,88 @@ impl Inbox {
     #[cfg(test)]
     pub(crate) fn segments(&self) -> usize {
         self.state().live.len()
+    }
+}
+
+/// Where to read a payload from, resolved under the lock, read outside it.
+enum Located {
+    Memory(Bytes),
+    Disk {
+        segment: u64,
+        file: Arc<File>,
+        offset: u64,
+        len: u32,
+    },
+}
+
+impl State {
+    fn locate(&self, p: &Pending) -> Located {
+        match &p.payload {
+            Payload::Memory(b) => Located::Memory(b.clone()),
+            Payload::Disk { offset, len } => match self.files.get(&p.segment) {
+                Some(file) => Located::Disk {
+                    segment: p.segment,
+                    file: file.clone(),
+                    offset: *offset,
+                    len: *len,
+                },
+                // Cannot happen: a segment with unacknowledged messages keeps its handle.
+                None => Located::Memory(Bytes::new()),
+            },
+        }
+    }
+}
+
+enum ScanError {
+    Io(std::io::Error),
+    Record(Error),
+}
+
+/// Reads a segment's records in order through `buf` (grown for a record larger than it),
+/// calling `on_record(record offset, payload offset, record)`. Returns the offset of the
+/// first torn or damaged record, if any.
+fn scan_segment(
+    file: &File,
+    buf: &mut Vec<u8>,
+    mut on_record: impl FnMut(u64, u64, Record<'_>) -> Result<()>,
+) -> Result<Option<u64>, ScanError> {
+    let mut reader = file;
+    let mut base = 0u64; // file offset of buf[0]
+    let mut filled = 0usize;
+    let mut at = 0usize;
+    let mut eof = false;
+    loop {
+        while filled - at >= HEADER {
+            let len = u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+            if len > MAX_RECORD {
+                return Ok(Some(base + at as u64));
+            }
+            if filled - at < HEADER + len {
+                if HEADER + len > buf.len() {
+                    buf.resize(HEADER + len, 0);
+                }
+                break;
+            }
+            let Some((record, next)) = parse_at(&buf[..filled], at) else {
+                return Ok(Some(base + at as u64));
+            };
+            let offset = base + at as u64;
+            let payload_offset = base + (next - record.payload.len()) as u64;
+            on_record(offset, payload_offset, record).map_err(ScanError::Record)?;
+            at = next;
+        }
+        if eof {
+            return Ok((at < filled).then_some(base + at as u64));
+        }
+        buf.copy_within(at..filled, 0);
+        base += at as u64;
+        filled -= at;
+        at = 0;
+        let n = reader.read(&mut buf[filled..]).map_err(ScanError::Io)?;
+        if n == 0 {
+            eof = true;
+        }
+        filled += n;
     }
 }
 
@@ -545,7 +684,7 @@ mod tests {
         drop(inbox);
         let (inbox, unfinished) = open(dir.path(), None).unwrap();
         assert!(unfinished.is_empty());
-        let a = inbox.pending("a", 1, 10);
+        let a = inbox.pending("a", 1, 10).unwrap();
         assert_eq!(a.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(&*a[1].payload, b"z");
         assert_eq!(inbox.last_seq("b"), Some(1));
@@ -602,7 +741,7 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(len - 3).unwrap();
         let (inbox, _) = open(dir.path(), Some(pos)).unwrap();
-        assert_eq!(inbox.pending("a", 1, 10).len(), 1);
+        assert_eq!(inbox.pending("a", 1, 10).unwrap().len(), 1);
     }
 
     #[test]
@@ -653,6 +792,36 @@ mod tests {
                 }
             )]
         );
+    }
+
+    #[test]
+    fn scanning_handles_records_across_and_beyond_the_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.log");
+        let mut bytes = Vec::new();
+        let payloads: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; i as usize * 7]).collect();
+        for (i, p) in payloads.iter().enumerate() {
+            encode_record(&mut bytes, "key", i as u64 + 1, Origin::Send, p);
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        // A buffer smaller than most records: every record crosses a refill.
+        let mut buf = vec![0u8; 16];
+        let mut seen = Vec::new();
+        let end = scan_segment(&file, &mut buf, |_, payload_offset, r| {
+            let mut read = vec![0u8; r.payload.len()];
+            file.read_exact_at(&mut read, payload_offset).unwrap();
+            assert_eq!(read, r.payload, "payload offset points at the payload");
+            seen.push((r.seq, r.payload.to_vec()));
+            Ok(())
+        });
+        assert!(matches!(end, Ok(None)));
+        let expected: Vec<(u64, Vec<u8>)> = payloads
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (i as u64 + 1, p))
+            .collect();
+        assert_eq!(seen, expected);
     }
 
     proptest! {

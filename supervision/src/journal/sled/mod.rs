@@ -550,7 +550,7 @@ impl Journal for SledJournal {
         check_key(key)?;
         // Acknowledged messages stay in the index until their commit is written: skip them.
         let from = from.max(self.inner.snapshot(key)?.applied + 1);
-        Ok(self.inner.inbox.pending(key, from, limit))
+        self.inner.inbox.pending(key, from, limit)
     }
 
     async fn commit(&self, commit: Commit) -> Result<()> {
@@ -630,7 +630,7 @@ impl Journal for SledJournal {
     async fn dead_letter(&self, key: &str, seq: Seq, error: &str, attempts: u32) -> Result<()> {
         check_key(key)?;
         let inner = &self.inner;
-        let Some(payload) = inner.inbox.payload(key, seq) else {
+        let Some(payload) = inner.inbox.payload(key, seq)? else {
             return Err(inner.corrupt(format!("dead-lettering {key} seq {seq}: not in the inbox")));
         };
         let letter = DeadLetter {
