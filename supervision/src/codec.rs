@@ -15,29 +15,20 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Encodes a message, refusing one larger than [`MAX_MESSAGE_BYTES`].
 pub(crate) fn encode_message<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    let bytes = encode("message", value)?;
-    if bytes.len() > MAX_MESSAGE_BYTES {
-        return Err(Error::Encode {
-            what: "message",
-            detail: format!(
-                "{} bytes exceed the limit of {MAX_MESSAGE_BYTES} bytes",
-                bytes.len()
-            ),
-        });
-    }
-    Ok(bytes)
+    encode_within("message", value, MAX_MESSAGE_BYTES)
 }
 
 /// Encodes a state, refusing one that could not be decoded again.
 pub(crate) fn encode_state<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    let bytes = encode("state", value)?;
-    if bytes.len() > MAX_RECORD_BYTES {
+    encode_within("state", value, MAX_RECORD_BYTES)
+}
+
+fn encode_within<T: Serialize>(what: &'static str, value: &T, limit: usize) -> Result<Vec<u8>> {
+    let bytes = encode(what, value)?;
+    if bytes.len() > limit {
         return Err(Error::Encode {
-            what: "state",
-            detail: format!(
-                "{} bytes exceed the limit of {MAX_RECORD_BYTES} bytes",
-                bytes.len()
-            ),
+            what,
+            detail: format!("{} bytes exceed the limit of {limit} bytes", bytes.len()),
         });
     }
     Ok(bytes)
