@@ -635,24 +635,36 @@ impl<A: DurableActor> Registry<A> {
     /// journal.
     pub async fn stop(&self) {
         self.shared.stopping.store(true, Ordering::Release);
-        let live: Vec<ActorRef<CellMsg>> = self
-            .shared
-            .slots()
-            .values()
-            .filter_map(|slot| match &*slot.life() {
-                Life::Live(instance) => Some(instance.clone()),
-                _ => None,
-            })
-            .collect();
-        let stops = live.into_iter().map(|instance| async move {
-            let _ = instance
-                .stop_and_wait(
-                    Some("registry stopped".into()),
-                    Some(Duration::from_secs(10)),
-                )
-                .await;
-        });
-        futures_util::future::join_all(stops).await;
+        // Instances still starting go live (or fail) shortly: give them up to a second so
+        // that they too stop gracefully rather than being killed with the supervisor.
+        for _ in 0..50 {
+            let (live, starting) = {
+                let slots = self.shared.slots();
+                let mut live = Vec::new();
+                let mut starting = false;
+                for slot in slots.values() {
+                    match &*slot.life() {
+                        Life::Live(instance) => live.push(instance.clone()),
+                        Life::Starting(_) => starting = true,
+                        _ => {}
+                    }
+                }
+                (live, starting)
+            };
+            let stops = live.into_iter().map(|instance| async move {
+                let _ = instance
+                    .stop_and_wait(
+                        Some("registry stopped".into()),
+                        Some(Duration::from_secs(10)),
+                    )
+                    .await;
+            });
+            futures_util::future::join_all(stops).await;
+            if !starting {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         if let Some(sup) = self.shared.supervisor() {
             let _ = sup
                 .stop_and_wait(
