@@ -586,6 +586,7 @@ impl<A: DurableActor> Registry<A> {
     /// waits until its instance runs. Use it to warm actors before traffic arrives.
     pub async fn activate(&self, key: &str) -> Result<()> {
         check_key(key)?;
+        let mut tried_parked = false;
         loop {
             if self.shared.stopping.load(Ordering::Acquire) {
                 return Err(Error::Stopped { what: "registry" });
@@ -595,12 +596,14 @@ impl<A: DurableActor> Registry<A> {
             let started = slot.started.notified();
             match &*slot.life() {
                 Life::Live(_) => return Ok(()),
-                Life::Parked => {
+                // A parked key gets one immediate try; parked again, it is an error.
+                Life::Parked if tried_parked => {
                     return Err(Error::Spawn {
                         name: key.to_string(),
                         detail: "parked after exceeding its restart intensity".into(),
                     });
                 }
+                Life::Parked => tried_parked = true,
                 _ => {}
             }
             slot.wake();

@@ -49,6 +49,9 @@ pub(crate) struct Slot {
     last_appended: AtomicU64,
     /// Highest sequence number committed or dead-lettered.
     last_done: AtomicU64,
+    /// The first sequence number appended through this slot: earlier ones (a backlog from
+    /// before this slot existed) are not counted in flight.
+    first_seen: AtomicU64,
     /// Replay commits one message at a time up to this sequence number (set after a failure
     /// inside a replay batch).
     careful_until: AtomicU64,
@@ -71,6 +74,7 @@ impl Slot {
             queued: AtomicUsize::new(0),
             last_appended: AtomicU64::new(0),
             last_done: AtomicU64::new(0),
+            first_seen: AtomicU64::new(0),
             careful_until: AtomicU64::new(0),
             progress: Notify::new(),
             started: Notify::new(),
@@ -88,8 +92,18 @@ impl Slot {
     /// Messages accepted for this key and not yet committed or dead-lettered.
     pub(crate) fn in_flight(&self) -> usize {
         let appended = self.last_appended.load(Ordering::Acquire);
-        let done = self.last_done.load(Ordering::Acquire);
-        self.queued.load(Ordering::Acquire) + appended.saturating_sub(done) as usize
+        let baseline = self
+            .last_done
+            .load(Ordering::Acquire)
+            .max(self.first_seen.load(Ordering::Acquire).saturating_sub(1));
+        self.queued.load(Ordering::Acquire) + appended.saturating_sub(baseline) as usize
+    }
+
+    fn seen(&self, seq: Seq) {
+        let _ = self
+            .first_seen
+            .compare_exchange(0, seq, Ordering::AcqRel, Ordering::Acquire);
+        self.last_appended.fetch_max(seq, Ordering::AcqRel);
     }
 
     /// Takes one place in the bounded mailbox; `false` when full.
@@ -128,13 +142,13 @@ impl Slot {
 
     /// A message was appended outside the send path (timer, re-drive): count it, deliver it.
     pub(crate) fn appended_external(self: &Arc<Self>, seq: Seq) {
-        self.last_appended.fetch_max(seq, Ordering::AcqRel);
+        self.seen(seq);
         self.deliver(seq, None);
     }
 
     /// The writer made `seq` durable: count it and hand it to the live instance, or start one.
     pub(crate) fn appended(self: &Arc<Self>, seq: Seq, payload: bytes::Bytes) {
-        self.last_appended.fetch_max(seq, Ordering::AcqRel);
+        self.seen(seq);
         self.queued.fetch_sub(1, Ordering::AcqRel);
         self.deliver(seq, Some(payload));
     }

@@ -618,3 +618,29 @@ async fn timers_of_a_registry_not_started_do_not_starve_others() {
         .unwrap();
     assert_eq!(reg.state("k").await.unwrap().ids, vec![5]);
 }
+
+#[tokio::test]
+async fn a_reactivated_key_does_not_count_its_history_as_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir).await;
+    let (counter, mut events) = Counter::with_events();
+    let mut opts = options("counter");
+    opts.max_in_flight = 3;
+    opts.when_full = WhenFull::Reject;
+    opts.passivate_after_ms = Some(20);
+    let reg = rt.registry(counter, opts).await.unwrap();
+    for id in 1..=10 {
+        let seq = reg.send("k", &Msg::Add(id)).await.unwrap();
+        reg.wait_handled("k", seq).await.unwrap();
+    }
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Activated("k".into(), 0)
+    );
+    assert_eq!(next_event(&mut events).await, Event::Stopped("k".into()));
+    // The key was dropped from memory; ten messages of history must not fill its mailbox.
+    let (a, b) = tokio::join!(reg.send("k", &Msg::Add(11)), reg.send("k", &Msg::Add(12)));
+    let last = a.unwrap().max(b.unwrap());
+    reg.wait_handled("k", last).await.unwrap();
+    assert_eq!(reg.state("k").await.unwrap().count, 12);
+}

@@ -222,6 +222,11 @@ impl Inbox {
                     }
                 };
                 let (key, applied_seq, queue) = &mut recovered[slot];
+                // A moved message's source is removed after its append: finish that even if
+                // the message was handled since (removing a removed source is harmless).
+                if record.origin != Origin::Send {
+                    unfinished.push((Arc::clone(key), record.origin));
+                }
                 if record.seq <= *applied_seq {
                     return Ok(());
                 }
@@ -233,9 +238,6 @@ impl Inbox {
                             record.key, record.seq
                         ),
                     });
-                }
-                if record.origin != Origin::Send {
-                    unfinished.push((Arc::clone(key), record.origin));
                 }
                 queue.push_back(Pending {
                     seq: record.seq,
@@ -290,7 +292,13 @@ impl Inbox {
             .filter(|(_, _, q)| !q.is_empty())
             .map(|(k, _, q)| (k, q))
             .collect();
-        let active_id = newest.map_or(1, |n| n + 1);
+        let active_id = match newest {
+            None => 1,
+            Some(n) => n.checked_add(1).ok_or_else(|| Error::Corrupt {
+                path: segment_path(dir, n),
+                detail: "segment number out of range".into(),
+            })?,
+        };
         let path = segment_path(dir, active_id);
         let active = create_segment(dir, &path)?;
         live.insert(active_id, 0);
@@ -370,7 +378,10 @@ impl Inbox {
     fn roll(&self, st: &mut State) -> Result<()> {
         let old = st.active_id;
         st.active.sync_data().map_err(|e| self.io(old, e))?;
-        let id = old + 1;
+        let id = old.checked_add(1).ok_or_else(|| Error::Corrupt {
+            path: segment_path(&self.dir, old),
+            detail: "segment number out of range".into(),
+        })?;
         st.active = create_segment(&self.dir, &segment_path(&self.dir, id))?;
         st.active_id = id;
         st.active_len = 0;
@@ -507,21 +518,26 @@ impl Inbox {
     }
 
     /// Deletes emptied segments.
-    pub(crate) fn delete(&self, ids: Vec<u64>) -> Result<()> {
+    pub(crate) fn delete(&self, ids: &[u64]) -> Result<()> {
         let mut st = self.state();
-        for id in ids {
+        for &id in ids {
             if st.live.get(&id) == Some(&0) && id != st.active_id {
-                st.live.remove(&id);
-                st.files.remove(&id);
                 let path = segment_path(&self.dir, id);
                 match std::fs::remove_file(&path) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => return Err(self.io(id, e)),
                 }
+                st.live.remove(&id);
+                st.files.remove(&id);
             }
         }
         Ok(())
+    }
+
+    /// Gives back emptied segments whose deletion did not happen (a failed flush).
+    pub(crate) fn restore_emptied(&self, ids: Vec<u64>) {
+        self.state().emptied.extend(ids);
     }
 
     /// Messages held in memory (unacknowledged), for tests and metrics.
@@ -580,6 +596,7 @@ fn scan_segment(
     mut on_record: impl FnMut(u64, u64, Record<'_>) -> Result<()>,
 ) -> Result<Option<u64>, ScanError> {
     let mut reader = file;
+    let file_len = file.metadata().map_err(ScanError::Io)?.len();
     let mut base = 0u64; // file offset of buf[0]
     let mut filled = 0usize;
     let mut at = 0usize;
@@ -588,6 +605,10 @@ fn scan_segment(
         while filled - at >= HEADER {
             let len = u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
             if len > MAX_RECORD {
+                return Ok(Some(base + at as u64));
+            }
+            if base + (at + HEADER + len) as u64 > file_len {
+                // The record claims more than the file holds: torn (or a damaged length).
                 return Ok(Some(base + at as u64));
             }
             if filled - at < HEADER + len {
@@ -702,7 +723,7 @@ mod tests {
         let (inbox, _) = Inbox::open(dir.path(), None, |_| Ok(2)).unwrap();
         assert_eq!(inbox.len(), 0);
         let emptied = inbox.take_emptied();
-        inbox.delete(emptied).unwrap();
+        inbox.delete(&emptied).unwrap();
         assert_eq!(inbox.segments(), 1, "only the new active segment remains");
     }
 
@@ -724,7 +745,7 @@ mod tests {
             2,
             "not deleted before the acks are durable"
         );
-        inbox.delete(emptied).unwrap();
+        inbox.delete(&emptied).unwrap();
         assert_eq!(inbox.segments(), 1);
     }
 

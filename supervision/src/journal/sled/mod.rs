@@ -411,37 +411,42 @@ impl Inner {
         extra: impl FnOnce(&mut HashMap<Arc<str>, StagedCommit>, &mut sled::Batch) -> Result<()>,
     ) -> Result<()> {
         let _serial = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut staged = std::mem::take(&mut *self.staged());
+        // The staged lock is held until the batch is in the state store: a reader never sees
+        // a commit neither staged nor written (it would read an older state and skip).
+        let mut current = self.staged();
+        let mut taken = std::mem::take(&mut *current);
         let mut write = sled::Batch::default();
-        if let Err(e) = extra(&mut staged, &mut write) {
-            // Nothing written: put back what was taken, unless newer commits arrived.
-            let mut current = self.staged();
-            for (k, c) in staged {
-                current.entry(k).or_insert(c);
+        let written = extra(&mut taken, &mut write).and_then(|()| {
+            for (key, c) in &taken {
+                write.insert(
+                    key_prefix(STATE, key),
+                    state_record(c.applied, c.state.as_deref()),
+                );
             }
+            self.db.apply_batch(write).map_err(|e| self.engine(e))
+        });
+        if let Err(e) = written {
+            // Nothing written: put back what was taken (no newer commit can have arrived:
+            // the lock was held).
+            *current = taken;
             return Err(e);
         }
-        for (key, c) in &staged {
-            write.insert(
-                key_prefix(STATE, key),
-                state_record(c.applied, c.state.as_deref()),
-            );
-        }
-        self.db.apply_batch(write).map_err(|e| self.engine(e))?;
-        for (key, c) in staged {
+        drop(current);
+        for (key, c) in taken {
             self.inbox.ack(&key, c.applied);
         }
         Ok(())
     }
 
-    /// The committed state of `key`, seen from inside [`Inner::write_staged`].
+    /// The committed state of `key`, seen from inside [`Inner::write_staged`] (which holds
+    /// the staged lock: everything staged is in `taken`).
     fn snapshot_in(&self, taken: &HashMap<Arc<str>, StagedCommit>, key: &str) -> Result<Snapshot> {
         match taken.get(key) {
             Some(c) => Ok(Snapshot {
                 applied: c.applied,
                 state: c.state.clone(),
             }),
-            None => self.snapshot(key),
+            None => read_snapshot(&self.db, &self.path, key),
         }
     }
 
@@ -451,6 +456,15 @@ impl Inner {
         let _serial = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.write_staged(|_, _| Ok(()))?;
         let emptied = self.inbox.take_emptied();
+        let result = self.flush_then_delete(&emptied);
+        if result.is_err() {
+            // Deleted later, after a flush that works.
+            self.inbox.restore_emptied(emptied);
+        }
+        result
+    }
+
+    fn flush_then_delete(&self, emptied: &[u64]) -> Result<()> {
         let next = self.epoch.load(Ordering::Acquire) + 1;
         self.db
             .insert(EPOCH_KEY, &next.to_be_bytes())
