@@ -1,4 +1,14 @@
 //! The outside world behind traits: vector and episodic memory, event streams and tool
 //! adapters, each with an embedded default and a server backend.
 //!
-//! Not built yet: this crate holds no code until its issue comes.
+//! Built so far: episodic memory ([`EpisodicMemory`]) with its embedded sled backend
+//! ([`SledEpisodic`]) and its contract suite. Not implemented yet: the Redis episodic backend,
+//! vector memory, event streams, tool adapters.
+
+mod episodic;
+mod error;
+
+#[cfg(any(test, feature = "test-util"))]
+pub use episodic::contract as episodic_contract;
+pub use episodic::{Entry, EpisodicMemory, Scope, SledEpisodic, Stored};
+pub use error::{Error, Result};

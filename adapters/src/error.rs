@@ -1,0 +1,36 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong in `soma-adapters`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tenant, session or other identifier was rejected.
+    #[error("invalid {what} {value:?}: {reason}")]
+    Invalid {
+        /// What was invalid (`tenant`, `session`, `limit`, ...).
+        what: &'static str,
+        /// The value as given (shortened).
+        value: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// The embedded store failed.
+    #[error("store at {path} failed: {source}")]
+    Store {
+        /// The store's directory.
+        path: PathBuf,
+        /// The engine's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A stored record could not be read back.
+    #[error("store at {path} holds a damaged record: {detail}")]
+    Corrupt {
+        /// The store's directory.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
