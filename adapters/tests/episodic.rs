@@ -44,3 +44,16 @@ async fn history_and_erasure_survive_a_reopen() {
     assert_eq!(m.last(&keep, 10).await.unwrap()[0].entry.content, "kept");
     assert!(m.last(&gone, 10).await.unwrap().is_empty());
 }
+
+#[test]
+fn a_damaged_store_is_an_error_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("episodic");
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("conf"), b"garbage that is not a sled config").unwrap();
+    std::fs::write(path.join("db"), vec![0xa5u8; 4096]).unwrap();
+    match SledEpisodic::open(&path) {
+        Ok(_) => panic!("a damaged store opened"),
+        Err(e) => assert!(e.to_string().contains(&path.display().to_string()), "{e}"),
+    }
+}

@@ -66,15 +66,33 @@ fn tail(history: &[u8]) -> Option<(u64, u64)> {
 
 impl SledEpisodic {
     /// Opens (or creates) the store in `path`.
+    /// A damaged store is an error naming the path, never a panic (the engine's panics on
+    /// damaged files are caught).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let db = sled::Config::new()
-            .path(&path)
-            .open()
-            .map_err(|e| Error::Store {
-                path: path.clone(),
-                source: Box::new(e),
-            })?;
+        let config = sled::Config::new().path(&path);
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(sled::Error::Corruption { at, .. })) => {
+                return Err(Error::Corrupt {
+                    path,
+                    detail: format!("storage engine reports corruption at {at:?}"),
+                });
+            }
+            Ok(Err(e)) => {
+                return Err(Error::Store {
+                    path,
+                    source: Box::new(e),
+                });
+            }
+            Err(_) => {
+                return Err(Error::Corrupt {
+                    path,
+                    detail: "storage engine failed to open it".into(),
+                });
+            }
+        };
         Ok(Self {
             inner: Arc::new(Inner { db, path }),
         })
@@ -219,5 +237,37 @@ impl EpisodicMemory for SledEpisodic {
         let prefix = tenant_prefix(tenant);
         self.blocking(move |inner| inner.erase_prefix(&prefix))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn scope_strategy() -> impl Strategy<Value = Scope> {
+        ("[a-z0-9/]{1,12}", "[a-z0-9/]{1,12}").prop_map(|(t, s)| Scope::new(t, s).unwrap())
+    }
+
+    proptest! {
+        /// A history key of one scope never falls under another scope's or tenant's prefix.
+        #[test]
+        fn keys_of_different_scopes_never_share_a_prefix(
+            a in scope_strategy(),
+            b in scope_strategy(),
+            at in any::<u64>(),
+            id in any::<u64>(),
+        ) {
+            let key = history_key(&a, at, id);
+            prop_assert_eq!(tail(&key), Some((at, id)));
+            if a != b {
+                prop_assert!(!key.starts_with(&scope_prefix(&b)));
+            }
+            if a.tenant() != b.tenant() {
+                prop_assert!(!key.starts_with(&tenant_prefix(b.tenant())));
+            }
+            let index = index_key(&key, at);
+            prop_assert_eq!(&index[9..], key.as_slice());
+        }
     }
 }
