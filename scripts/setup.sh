@@ -16,3 +16,16 @@ if ! rustup run "$want" rustc --version >/dev/null 2>&1; then
     fi
 fi
 rustc --version
+
+# Servers the tests start on 127.0.0.1 (Debian packages).
+if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq redis-server >/dev/null
+    else
+        echo "redis-server is missing: sudo apt-get install redis-server" >&2
+        exit 1
+    fi
+fi
+redis-server --version

@@ -22,6 +22,16 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A server backend failed or is unreachable (the address never includes credentials).
+    #[error("{server} at {address} failed: {detail}")]
+    Server {
+        /// Which kind of server (`redis`, ...).
+        server: &'static str,
+        /// Host and port.
+        address: String,
+        /// The client's words.
+        detail: String,
+    },
     /// A stored record could not be read back.
     #[error("store at {path} holds a damaged record: {detail}")]
     Corrupt {

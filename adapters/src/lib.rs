@@ -2,12 +2,14 @@
 //! adapters, each with an embedded default and a server backend.
 //!
 //! Built so far: episodic memory ([`EpisodicMemory`]) with its embedded sled backend
-//! ([`SledEpisodic`]) and its contract suite. Not implemented yet: the Redis episodic backend,
-//! vector memory, event streams, tool adapters.
+//! ([`SledEpisodic`]), a Redis backend (`RedisEpisodic`, feature `redis`) and its contract
+//! suite. Not implemented yet: vector memory, event streams, tool adapters.
 
 mod episodic;
 mod error;
 
+#[cfg(feature = "redis")]
+pub use episodic::RedisEpisodic;
 #[cfg(any(test, feature = "test-util"))]
 pub use episodic::contract as episodic_contract;
 pub use episodic::{Entry, EpisodicMemory, Scope, SledEpisodic, Stored};

@@ -6,6 +6,8 @@
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod contract;
+#[cfg(feature = "redis")]
+mod redis;
 mod sled;
 
 use async_trait::async_trait;
@@ -13,6 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+#[cfg(feature = "redis")]
+pub use self::redis::RedisEpisodic;
 pub use self::sled::SledEpisodic;
 
 const MAX_ID_LEN: usize = 256;
