@@ -24,8 +24,9 @@ if ! command -v redis-server >/dev/null 2>&1; then
         apt-get update -qq
         apt-get install -y -qq redis-server >/dev/null
     else
-        echo "redis-server is missing: sudo apt-get install redis-server" >&2
-        exit 1
+        echo "warning: redis-server is missing (the adapters tests need it): sudo apt-get install redis-server" >&2
     fi
 fi
-redis-server --version
+if command -v redis-server >/dev/null 2>&1; then
+    redis-server --version
+fi
