@@ -154,12 +154,10 @@ impl Slot {
     }
 
     fn deliver(self: &Arc<Self>, seq: Seq, payload: Option<bytes::Bytes>) {
-        let mut life = self.life();
+        let life = self.life();
         if self.retired.load(Ordering::Acquire) {
             drop(life);
-            if let Some(owner) = self.owner.upgrade() {
-                owner.reroute(&self.key, Some(seq));
-            }
+            self.reroute(Some(seq));
             return;
         }
         match &*life {
@@ -172,46 +170,46 @@ impl Slot {
                 // or reactivates it, and the new instance reads this message from the journal.
                 let _ = cell.cast(msg);
             }
-            Life::Passive | Life::Parked => {
-                let generation = self.next_generation();
-                *life = Life::Starting(generation);
-                drop(life);
-                self.start(generation);
-            }
+            Life::Passive | Life::Parked => self.begin_start(life),
             Life::Starting(_) | Life::Restarting => {}
         }
     }
 
-    fn next_generation(&self) -> u64 {
-        self.generations.fetch_add(1, Ordering::AcqRel) + 1
-    }
-
     /// Starts an instance if none is live or scheduled.
     pub(crate) fn wake(self: &Arc<Self>) {
-        let mut life = self.life();
+        let life = self.life();
         if self.retired.load(Ordering::Acquire) {
             drop(life);
-            if let Some(owner) = self.owner.upgrade() {
-                owner.reroute(&self.key, None);
-            }
+            self.reroute(None);
             return;
         }
         if matches!(&*life, Life::Passive | Life::Parked) {
-            let generation = self.next_generation();
-            *life = Life::Starting(generation);
-            drop(life);
-            self.start(generation);
+            self.begin_start(life);
         }
     }
 
     /// Moves a failed key from `Restarting` to a new start (after its backoff).
     pub(crate) fn restart(self: &Arc<Self>) {
-        let mut life = self.life();
+        let life = self.life();
         if matches!(&*life, Life::Restarting) {
-            let generation = self.next_generation();
-            *life = Life::Starting(generation);
-            drop(life);
-            self.start(generation);
+            self.begin_start(life);
+        }
+    }
+
+    /// The one transition into `Starting`: a new generation, then a spawn outside the lock.
+    fn begin_start(self: &Arc<Self>, mut life: MutexGuard<'_, Life>) {
+        let generation = self.generations.fetch_add(1, Ordering::AcqRel) + 1;
+        *life = Life::Starting(generation);
+        drop(life);
+        if let Some(owner) = self.owner.upgrade() {
+            owner.activate(self.clone(), generation);
+        }
+    }
+
+    /// This slot was retired: hand the event to the key's current slot.
+    fn reroute(&self, appended: Option<Seq>) {
+        if let Some(owner) = self.owner.upgrade() {
+            owner.reroute(&self.key, appended);
         }
     }
 
@@ -224,13 +222,6 @@ impl Slot {
             true
         } else {
             false
-        }
-    }
-
-    /// Spawns an instance; the caller has moved the life to `Starting(generation)`.
-    fn start(self: &Arc<Self>, generation: u64) {
-        if let Some(owner) = self.owner.upgrade() {
-            owner.activate(self.clone(), generation);
         }
     }
 }

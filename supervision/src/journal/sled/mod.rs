@@ -201,7 +201,7 @@ impl SledJournal {
         inner.finish_moves(&unfinished)?;
         // The marker must name the new active segment before anything can be deleted.
         inner.flush()?;
-        inner.mark_now()?;
+        inner.mark()?;
         tracing::info!(
             path = %inner.path.display(),
             durability = ?options.durability,
@@ -499,16 +499,6 @@ impl Inner {
             write_marker(&self.path, now)?;
             *marked = now;
         }
-        Ok(())
-    }
-
-    fn mark_now(&self) -> Result<()> {
-        let now = Marker {
-            epoch: self.epoch.load(Ordering::Acquire),
-            log: Some(self.inbox.durable_position()),
-        };
-        write_marker(&self.path, now)?;
-        *self.marked.lock().unwrap_or_else(|p| p.into_inner()) = now;
         Ok(())
     }
 
