@@ -30,3 +30,15 @@ fi
 if command -v redis-server >/dev/null 2>&1; then
     redis-server --version
 fi
+
+# A Kafka-protocol broker for the event-stream tests: tansu, from crates.io (no Kafka broker
+# is packaged for Debian, and the closed network reaches no Apache download). Built once
+# into .tools/ (debug build: ~6 minutes on 2 cores; the tests need a correct broker, not a
+# fast one; benchmarks use the same binary unless SOMA_TANSU points elsewhere).
+tansu_version=0.6.0
+if [ ! -x .tools/bin/tansu ] || ! .tools/bin/tansu --version 2>/dev/null | grep -q "$tansu_version"; then
+    echo "building tansu $tansu_version into .tools/ (once per checkout)" >&2
+    cargo install tansu --version "$tansu_version" --features dynostore,libsql --debug \
+        --root .tools --quiet
+fi
+.tools/bin/tansu --version

@@ -32,6 +32,18 @@ pub enum Error {
         /// The client's words.
         detail: String,
     },
+    /// An event's payload is not in the schema its reader expects.
+    #[error("event {id} has schema {found}, expected {expected}: {detail}")]
+    Schema {
+        /// The event's id.
+        id: String,
+        /// The schema the event names.
+        found: String,
+        /// The schema the reader decodes.
+        expected: String,
+        /// What is wrong.
+        detail: String,
+    },
     /// A stored record could not be read back.
     #[error("store at {path} holds a damaged record: {detail}")]
     Corrupt {

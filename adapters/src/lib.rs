@@ -7,6 +7,7 @@
 
 mod episodic;
 mod error;
+mod events;
 
 #[cfg(feature = "redis")]
 pub use episodic::RedisEpisodic;
@@ -14,3 +15,12 @@ pub use episodic::RedisEpisodic;
 pub use episodic::contract as episodic_contract;
 pub use episodic::{Entry, EpisodicMemory, Scope, SledEpisodic, Stored};
 pub use error::{Error, Result};
+#[cfg(any(test, feature = "test-util"))]
+pub use events::contract as events_contract;
+pub use events::{
+    AuditEvent, ConversationEvent, Dedup, Envelope, EventStream, GroupConsumer, Outbox,
+    OutboxOptions, Outcome, PolicyDecision, Receipt, Record, SledLog, SlmRequest, Topic,
+    TopicEvent, TrainingAudit,
+};
+#[cfg(feature = "kafka")]
+pub use events::{KafkaConfig, KafkaStream};

@@ -164,6 +164,8 @@ impl EpisodicMemory for SledEpisodic {
         batch.insert(index_key(&key, entry.at_ms), &[][..]);
         batch.insert(key, value);
         inner.db.apply_batch(batch).map_err(|e| inner.engine(e))?;
+        // Acknowledged means durable: an appended entry survives a crash.
+        inner.db.flush_async().await.map_err(|e| inner.engine(e))?;
         Ok(id)
     }
 

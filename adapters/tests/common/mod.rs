@@ -93,3 +93,92 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// The `tansu` binary: `SOMA_TANSU`, else `.tools/bin/tansu` (built by `scripts/setup.sh`),
+/// else `tansu` on the PATH.
+fn tansu_binary() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("SOMA_TANSU") {
+        return p.into();
+    }
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/tansu");
+    if local.exists() {
+        return local;
+    }
+    "tansu".into()
+}
+
+/// A tansu broker (a Kafka-protocol broker) on 127.0.0.1, storing in SQLite in a temporary
+/// directory (its in-memory engine cannot fetch from the middle of a record batch).
+pub struct KafkaBroker {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn spawn_tansu(port: u16, dir: &Path) -> Child {
+    let url = format!("tcp://127.0.0.1:{port}");
+    Command::new(tansu_binary())
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "sqlite://tansu.db"])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tansu is not installed: run `bash scripts/setup.sh` (builds it into .tools/)")
+}
+
+fn wait_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} on port {port} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl KafkaBroker {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = spawn_tansu(port, dir.path());
+        wait_port(port, "tansu");
+        Self {
+            child: Some(child),
+            port,
+            dir,
+        }
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Starts again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Some(spawn_tansu(self.port, self.dir.path()));
+        wait_port(self.port, "tansu");
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
