@@ -32,6 +32,14 @@ pub enum Error {
         /// The client's words.
         detail: String,
     },
+    /// A vector does not have the memory's dimension.
+    #[error("vector has {found} values, the memory's dimension is {expected}")]
+    Dimension {
+        /// The memory's dimension.
+        expected: usize,
+        /// The vector's length.
+        found: usize,
+    },
     /// An event's payload is not in the schema its reader expects.
     #[error("event {id} has schema {found}, expected {expected}: {detail}")]
     Schema {

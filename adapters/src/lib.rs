@@ -1,13 +1,20 @@
 //! The outside world behind traits: vector and episodic memory, event streams and tool
 //! adapters, each with an embedded default and a server backend.
 //!
-//! Built so far: episodic memory ([`EpisodicMemory`]) with its embedded sled backend
-//! ([`SledEpisodic`]), a Redis backend (`RedisEpisodic`, feature `redis`) and its contract
-//! suite. Not implemented yet: vector memory, event streams, tool adapters.
+//! - Vector memory ([`VectorMemory`]): [`EdgeVectors`] (qdrant-edge, in-process, default),
+//!   `QdrantVectors` (feature `qdrant`).
+//! - Episodic memory ([`EpisodicMemory`]): [`SledEpisodic`] (default), `RedisEpisodic`
+//!   (feature `redis`).
+//! - Event streams ([`EventStream`]): [`SledLog`] (default), `KafkaStream` (feature `kafka`),
+//!   and [`Outbox`] in front of a server backend.
+//!
+//! Each trait has a contract suite (feature `test-util`) that every backend passes.
+//! Tool adapters are not implemented yet.
 
 mod episodic;
 mod error;
 mod events;
+mod vector;
 
 #[cfg(feature = "redis")]
 pub use episodic::RedisEpisodic;
@@ -24,3 +31,8 @@ pub use events::{
 };
 #[cfg(feature = "kafka")]
 pub use events::{KafkaConfig, KafkaStream};
+#[cfg(any(test, feature = "test-util"))]
+pub use vector::contract as vector_contract;
+pub use vector::{Condition, EdgeVectors, Filter, Hit, MAX_K, MatchValue, Point, VectorMemory};
+#[cfg(feature = "qdrant")]
+pub use vector::{QdrantConfig, QdrantVectors};

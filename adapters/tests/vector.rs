@@ -1,0 +1,173 @@
+//! The embedded vector memory (qdrant-edge): the contract, restarts, SIGKILL mid-upsert.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use soma_adapters::{EdgeVectors, Error, Point, VectorMemory, vector_contract};
+
+#[tokio::test]
+async fn edge_vectors_pass_the_contract() {
+    let root = tempfile::tempdir().unwrap();
+    let n = std::sync::atomic::AtomicU32::new(0);
+    vector_contract::run(|| {
+        let dir = root.path().join(
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                .to_string(),
+        );
+        async move {
+            Arc::new(EdgeVectors::open(dir, vector_contract::DIM).await.unwrap())
+                as Arc<dyn VectorMemory>
+        }
+    })
+    .await;
+}
+
+fn point(i: usize) -> Point {
+    let serde_json::Value::Object(payload) = json!({"i": i}) else {
+        unreachable!()
+    };
+    Point {
+        id: format!("p{i}"),
+        vector: vector_contract::axis(i, 0.5),
+        payload,
+    }
+}
+
+#[tokio::test]
+async fn points_survive_a_restart_and_indexes_build() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let m = EdgeVectors::open(dir.path(), vector_contract::DIM)
+            .await
+            .unwrap();
+        m.upsert("acme", (0..50).map(point).collect())
+            .await
+            .unwrap();
+        m.optimize().await.unwrap();
+        m.upsert("acme", (50..60).map(point).collect())
+            .await
+            .unwrap();
+        assert_eq!(m.delete("acme", &["p3".into()]).await.unwrap(), 1);
+    }
+    let m = EdgeVectors::open(dir.path(), vector_contract::DIM)
+        .await
+        .unwrap();
+    assert_eq!(m.count("acme", None).await.unwrap(), 59);
+    let hits = m
+        .search("acme", &vector_contract::axis(1, 0.5), 1, None)
+        .await
+        .unwrap();
+    assert_eq!(hits[0].payload["i"].as_u64().unwrap() % 8, 1);
+    // Open twice at once: refused, saying so.
+    let err = EdgeVectors::open(dir.path(), vector_contract::DIM)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("open elsewhere"), "{err}");
+    drop(m);
+    // Another dimension on the same store is refused, naming both.
+    let err = EdgeVectors::open(dir.path(), 16).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Invalid {
+                what: "dimension",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("Some(8)"), "{err}");
+}
+
+const CHILD_ENV: &str = "SOMA_VECTOR_CHILD_DIR";
+
+/// The child side of the SIGKILL test: upserts numbered points in small batches and prints
+/// each batch's ids once acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_upserter() {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return; // Only meaningful as the child of the test below.
+    };
+    let round: usize = std::env::var("SOMA_VECTOR_ROUND").unwrap().parse().unwrap();
+    let m = EdgeVectors::open(dir, vector_contract::DIM).await.unwrap();
+    let mut out = std::io::stdout().lock();
+    for batch in 0.. {
+        let points: Vec<Point> = (0..5)
+            .map(|j| {
+                let mut p = point(batch * 5 + j);
+                p.id = format!("r{round}-{}", batch * 5 + j);
+                p
+            })
+            .collect();
+        let ids: Vec<String> = points.iter().map(|p| p.id.clone()).collect();
+        m.upsert("acme", points).await.unwrap();
+        for id in ids {
+            writeln!(out, "{id}").unwrap();
+        }
+        out.flush().unwrap();
+    }
+}
+
+#[test]
+fn sigkill_mid_upsert_loses_no_acknowledged_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut acked = Vec::new();
+    for round in 0..4 {
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "child_upserter",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, dir.path())
+            .env("SOMA_VECTOR_ROUND", round.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .filter(|l| l.starts_with('r') && !l.contains(' '))
+                .collect::<Vec<_>>()
+        });
+        std::thread::sleep(Duration::from_millis(700 + fastrand::u64(0..600)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        acked.extend(reader.join().unwrap());
+    }
+    assert!(
+        acked.len() >= 20,
+        "the child upserted too little: {}",
+        acked.len()
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (stored, count) = rt.block_on(async {
+        let m = EdgeVectors::open(dir.path(), vector_contract::DIM)
+            .await
+            .unwrap();
+        let got = m.get("acme", &acked).await.unwrap();
+        let count = m.count("acme", None).await.unwrap();
+        (got, count)
+    });
+    let have: HashSet<&str> = stored.iter().map(|p| p.id.as_str()).collect();
+    let lost: Vec<_> = acked
+        .iter()
+        .filter(|id| !have.contains(id.as_str()))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    assert!(count >= acked.len() as u64);
+    println!(
+        "4 SIGKILLs: {} points acknowledged, {count} stored, 0 lost",
+        acked.len()
+    );
+}
