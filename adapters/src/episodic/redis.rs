@@ -117,9 +117,8 @@ fn server(address: &str, e: redis::RedisError) -> Error {
     }
 }
 
-#[async_trait]
-impl EpisodicMemory for RedisEpisodic {
-    async fn append(&self, scope: &Scope, entry: Entry) -> Result<u64> {
+impl RedisEpisodic {
+    async fn append_inner(&self, scope: &Scope, entry: Entry) -> Result<u64> {
         let mut conn = self.conn.clone();
         let json = serde_json::to_string(&entry).map_err(|e| Error::Corrupt {
             path: format!("redis://{}", self.address).into(),
@@ -151,6 +150,20 @@ impl EpisodicMemory for RedisEpisodic {
             .query_async::<()>(&mut conn)
             .await
             .map_err(|e| self.err(e))?;
+        Ok(id)
+    }
+}
+
+#[async_trait]
+impl EpisodicMemory for RedisEpisodic {
+    #[tracing::instrument(level = "debug", skip(self, entry), fields(backend = "redis", tenant = scope.tenant()))]
+    async fn append(&self, scope: &Scope, entry: Entry) -> Result<u64> {
+        let started = std::time::Instant::now();
+        let id = self.append_inner(scope, entry).await?;
+        metrics::counter!("soma_adapters_episodic_appended_total", "backend" => "redis")
+            .increment(1);
+        metrics::histogram!("soma_adapters_episodic_append_seconds", "backend" => "redis")
+            .record(started.elapsed().as_secs_f64());
         Ok(id)
     }
 

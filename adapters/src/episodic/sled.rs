@@ -150,9 +150,8 @@ impl Inner {
     }
 }
 
-#[async_trait]
-impl EpisodicMemory for SledEpisodic {
-    async fn append(&self, scope: &Scope, entry: Entry) -> Result<u64> {
+impl SledEpisodic {
+    async fn append_inner(&self, scope: &Scope, entry: Entry) -> Result<u64> {
         let inner = &self.inner;
         let id = inner.db.generate_id().map_err(|e| inner.engine(e))?;
         let key = history_key(scope, entry.at_ms, id);
@@ -166,6 +165,20 @@ impl EpisodicMemory for SledEpisodic {
         inner.db.apply_batch(batch).map_err(|e| inner.engine(e))?;
         // Acknowledged means durable: an appended entry survives a crash.
         inner.db.flush_async().await.map_err(|e| inner.engine(e))?;
+        Ok(id)
+    }
+}
+
+#[async_trait]
+impl EpisodicMemory for SledEpisodic {
+    #[tracing::instrument(level = "debug", skip(self, entry), fields(backend = "sled", tenant = scope.tenant()))]
+    async fn append(&self, scope: &Scope, entry: Entry) -> Result<u64> {
+        let started = std::time::Instant::now();
+        let id = self.append_inner(scope, entry).await?;
+        metrics::counter!("soma_adapters_episodic_appended_total", "backend" => "sled")
+            .increment(1);
+        metrics::histogram!("soma_adapters_episodic_append_seconds", "backend" => "sled")
+            .record(started.elapsed().as_secs_f64());
         Ok(id)
     }
 

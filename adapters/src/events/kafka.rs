@@ -1,6 +1,7 @@
 //! Event streams on Kafka (any Kafka-protocol broker) through rdkafka: an idempotent producer
 //! with `acks=all` and batching, consumer groups with explicit commits.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,10 +75,18 @@ pub struct KafkaStream {
     inner: Arc<Inner>,
 }
 
+type SharedReader = Arc<Mutex<Reader>>;
+
+struct Reader {
+    consumer: StreamConsumer,
+    next: Option<u64>,
+}
+
 struct Inner {
     config: KafkaConfig,
     producer: FutureProducer,
-    reader: Mutex<StreamConsumer>,
+    /// One consumer per partition read by offset, with the offset it will deliver next.
+    readers: Mutex<HashMap<(Topic, u32), SharedReader>>,
     admin: AdminClient<DefaultClientContext>,
     topics_ready: OnceCell<()>,
 }
@@ -127,19 +136,12 @@ impl KafkaStream {
             .set("partitioner", "murmur2_random")
             .create()
             .map_err(server)?;
-        let reader: StreamConsumer = config
-            .client()
-            .set("group.id", format!("{}soma-reader", config.topic_prefix))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .create()
-            .map_err(server)?;
         let admin: AdminClient<DefaultClientContext> = config.client().create().map_err(server)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
                 producer,
-                reader: Mutex::new(reader),
+                readers: Mutex::new(HashMap::new()),
                 admin,
                 topics_ready: OnceCell::new(),
             }),
@@ -256,12 +258,14 @@ fn decode(topic: Topic, m: &impl Message) -> Result<Record> {
 }
 
 /// Collects up to `max` messages: the first within `wait`, the rest while they keep coming.
+/// Messages `keep` refuses (fetched for an earlier assignment) are dropped, not counted.
 async fn collect(
     consumer: &StreamConsumer,
     topic: Topic,
     max: usize,
     wait: Duration,
     config: &KafkaConfig,
+    keep: impl Fn(&Record) -> bool,
 ) -> Result<Vec<Record>> {
     let mut out = Vec::new();
     // librdkafka reports lost connections through the consumer and reconnects by itself:
@@ -285,7 +289,12 @@ async fn collect(
                 transient = Some(KafkaError::MessageConsumption(code));
             }
             Ok(Err(e)) => return Err(server_error(config, e)),
-            Ok(Ok(m)) => out.push(decode(topic, &m)?),
+            Ok(Ok(m)) => {
+                let record = decode(topic, &m)?;
+                if keep(&record) {
+                    out.push(record);
+                }
+            }
         }
     }
     match transient {
@@ -394,24 +403,77 @@ impl EventStream for KafkaStream {
         wait: Duration,
     ) -> Result<Vec<Record>> {
         self.check_partition(topic, partition).await?;
-        let reader = self.inner.reader.lock().await;
-        let mut tpl = TopicPartitionList::new();
         let offset = i64::try_from(from).map_err(|_| Error::Invalid {
             what: "offset",
             value: from.to_string(),
             reason: "is beyond Kafka's offsets",
         })?;
-        tpl.add_partition_offset(
-            &self.topic_name(topic),
-            partition as i32,
-            Offset::Offset(offset),
+        let slot = {
+            let mut readers = self.inner.readers.lock().await;
+            match readers.get(&(topic, partition)) {
+                Some(r) => r.clone(),
+                None => {
+                    let config = &self.inner.config;
+                    let consumer: StreamConsumer = config
+                        .client()
+                        .set("group.id", format!("{}soma-reader", config.topic_prefix))
+                        // An offset the broker calls out of range must not jump to the end.
+                        .set("auto.offset.reset", "earliest")
+                        .set("enable.auto.commit", "false")
+                        .set("enable.auto.offset.store", "false")
+                        .create()
+                        .map_err(|e| self.error(e))?;
+                    let r = Arc::new(Mutex::new(Reader {
+                        consumer,
+                        next: None,
+                    }));
+                    readers.insert((topic, partition), r.clone());
+                    r
+                }
+            }
+        };
+        let mut reader = slot.lock().await;
+        // A read that continues where the last one ended keeps fetching; any other
+        // position re-assigns the partition there.
+        if reader.next != Some(from) {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(
+                &self.topic_name(topic),
+                partition as i32,
+                Offset::Offset(offset),
+            )
+            .map_err(|e| self.error(e))?;
+            reader.consumer.assign(&tpl).map_err(|e| self.error(e))?;
+            reader.next = Some(from);
+        }
+        let expected = std::sync::atomic::AtomicU64::new(from);
+        // Offsets only move forward: anything before the position (fetched for an earlier
+        // one) is dropped.
+        let records = collect(
+            &reader.consumer,
+            topic,
+            max,
+            wait,
+            &self.inner.config,
+            |r| {
+                let keep = r.partition == partition
+                    && r.offset >= expected.load(std::sync::atomic::Ordering::Relaxed);
+                if keep {
+                    expected.store(r.offset + 1, std::sync::atomic::Ordering::Relaxed);
+                }
+                keep
+            },
         )
-        .map_err(|e| self.error(e))?;
-        reader.assign(&tpl).map_err(|e| self.error(e))?;
-        let mut records = collect(&reader, topic, max, wait, &self.inner.config).await?;
-        // Anything fetched for an earlier assignment is not part of this answer.
-        records.retain(|r| r.partition == partition && r.offset >= from);
-        Ok(records)
+        .await;
+        match &records {
+            Ok(rs) => {
+                if let Some(last) = rs.last() {
+                    reader.next = Some(last.offset + 1);
+                }
+            }
+            Err(_) => reader.next = None,
+        }
+        records
     }
 
     async fn consumer(&self, group: &str, topic: Topic) -> Result<Box<dyn GroupConsumer>> {
@@ -456,7 +518,10 @@ impl std::fmt::Debug for KafkaConsumer {
 #[async_trait]
 impl GroupConsumer for KafkaConsumer {
     async fn poll(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>> {
-        collect(&self.consumer, self.topic, max, wait, &self.config).await
+        collect(&self.consumer, self.topic, max, wait, &self.config, |_| {
+            true
+        })
+        .await
     }
 
     async fn commit(&mut self, records: &[Record]) -> Result<()> {

@@ -178,33 +178,49 @@ impl SledLog {
         .map_err(|e| self.inner.store(e))
     }
 
-    fn publish_now(&self, topic: Topic, envelope: &Envelope, value: Vec<u8>) -> Result<Receipt> {
+    /// Writes encoded events in order as one atomic batch; an id already held (or repeated
+    /// within the batch) is not written again and its receipt says so.
+    fn publish_now(&self, topic: Topic, events: Vec<(&Envelope, Vec<u8>)>) -> Result<Vec<Receipt>> {
         let inner = &self.inner;
         let log = inner.topic(topic);
         let mut next = log.next.lock().unwrap_or_else(PoisonError::into_inner);
-        let id_key = key(ID, topic, envelope.id.as_bytes());
-        if let Some(existing) = inner.db.get(&id_key).map_err(|e| inner.store(e))? {
-            let offset = offset_of(&existing).ok_or_else(|| Error::Corrupt {
-                path: inner.path.clone(),
-                detail: format!("idempotency entry of {topic} has a bad offset"),
-            })?;
-            return Ok(Receipt {
+        let mut batch = sled::Batch::default();
+        let mut fresh: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        let mut receipts = Vec::with_capacity(events.len());
+        let mut offset = *next;
+        for (envelope, value) in events {
+            let id_key = key(ID, topic, envelope.id.as_bytes());
+            let held = match fresh.get(envelope.id.as_str()) {
+                Some(o) => Some(*o),
+                None => match inner.db.get(&id_key).map_err(|e| inner.store(e))? {
+                    Some(v) => Some(offset_of(&v).ok_or_else(|| Error::Corrupt {
+                        path: inner.path.clone(),
+                        detail: format!("idempotency entry of {topic} has a bad offset"),
+                    })?),
+                    None => None,
+                },
+            };
+            if let Some(existing) = held {
+                receipts.push(Receipt {
+                    partition: 0,
+                    offset: existing,
+                    duplicate: true,
+                });
+                continue;
+            }
+            batch.insert(key(RECORD, topic, &offset.to_be_bytes()), value);
+            batch.insert(id_key, &offset.to_be_bytes());
+            fresh.insert(envelope.id.as_str(), offset);
+            receipts.push(Receipt {
                 partition: 0,
                 offset,
-                duplicate: true,
+                duplicate: false,
             });
+            offset += 1;
         }
-        let offset = *next;
-        let mut batch = sled::Batch::default();
-        batch.insert(key(RECORD, topic, &offset.to_be_bytes()), value);
-        batch.insert(id_key, &offset.to_be_bytes());
         inner.db.apply_batch(batch).map_err(|e| inner.store(e))?;
-        *next += 1;
-        Ok(Receipt {
-            partition: 0,
-            offset,
-            duplicate: false,
-        })
+        *next = offset;
+        Ok(receipts)
     }
 
     /// Marks offsets up to `end` durable (after a flush that covered them).
@@ -309,7 +325,13 @@ impl EventStream for SledLog {
     #[tracing::instrument(level = "debug", skip(self, envelope), fields(backend = "sled", id = %envelope.id))]
     async fn publish(&self, topic: Topic, key: &str, envelope: &Envelope) -> Result<Receipt> {
         let value = self.encode(topic, key, envelope)?;
-        let receipt = self.publish_now(topic, envelope, value)?;
+        let receipt = self
+            .publish_now(topic, vec![(envelope, value)])?
+            .pop()
+            .ok_or_else(|| Error::Corrupt {
+                path: self.inner.path.clone(),
+                detail: "no receipt for a published event".into(),
+            })?;
         // A duplicate is acknowledged only once its first copy is durable too.
         self.flush().await?;
         self.made_durable(topic, receipt.offset + 1);
@@ -333,11 +355,8 @@ impl EventStream for SledLog {
             .iter()
             .map(|(k, e)| self.encode(topic, k, e))
             .collect::<Result<Vec<_>>>()?;
-        let receipts = events
-            .iter()
-            .zip(values)
-            .map(|((_, e), v)| self.publish_now(topic, e, v))
-            .collect::<Result<Vec<_>>>()?;
+        let receipts =
+            self.publish_now(topic, events.iter().map(|(_, e)| e).zip(values).collect())?;
         self.flush().await?;
         if let Some(end) = receipts.iter().map(|r| r.offset + 1).max() {
             self.made_durable(topic, end);

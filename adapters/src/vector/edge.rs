@@ -7,7 +7,7 @@
 //! built by `optimize`, which runs in the background after `optimize_after` changed points.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -17,7 +17,8 @@ use qdrant_edge::{
     EdgeShard, EdgeVectorParams, FieldCondition, FieldIndexOperations, Filter as QFilter,
     KeywordIndexParams, Match, NamedQuery, PayloadFieldSchema, PayloadSchemaParams, PointId,
     PointInsertOperations, PointOperations, PointStructPersisted, QueryEnum, QueryRequest, Range,
-    ScoringQuery, UpdateOperation, VectorStructInternal, WithPayloadInterface, WithVector,
+    ScoringQuery, SearchParams, UpdateOperation, VectorStructInternal, WithPayloadInterface,
+    WithVector,
 };
 
 use super::{
@@ -26,6 +27,9 @@ use super::{
 };
 use crate::episodic::check_id;
 use crate::error::{Error, Result};
+
+/// The default HNSW beam width of searches.
+const DEFAULT_EF: usize = 128;
 
 /// [`VectorMemory`] in-process, on qdrant-edge, cosine similarity, one shard per directory.
 #[derive(Debug, Clone)]
@@ -42,6 +46,8 @@ struct Inner {
     changed: AtomicU64,
     optimize_after: u64,
     optimizing: AtomicBool,
+    /// HNSW beam width of searches (0: the engine's default); `usize::MAX`: exact.
+    search_ef: AtomicUsize,
 }
 
 impl std::fmt::Debug for Inner {
@@ -114,6 +120,14 @@ impl EdgeVectors {
         Ok(Self {
             inner: Arc::new(inner),
         })
+    }
+
+    /// Sets the HNSW beam width of searches (higher: better recall, slower); `None` makes
+    /// searches exact (a full scan of the tenant's points).
+    pub fn set_search_ef(&self, ef: Option<usize>) {
+        self.inner
+            .search_ef
+            .store(ef.map_or(usize::MAX, |e| e.max(1)), Ordering::Relaxed);
     }
 
     /// Builds HNSW indexes and merges segments now (blocking writes, not searches, while it
@@ -192,6 +206,7 @@ impl Inner {
             changed: AtomicU64::new(0),
             optimize_after,
             optimizing: AtomicBool::new(false),
+            search_ef: AtomicUsize::new(DEFAULT_EF),
         };
         // The tenant index (also after a load: a fresh appendable segment has none).
         let index =
@@ -265,6 +280,19 @@ impl Inner {
             must: Some(must),
             ..Default::default()
         })
+    }
+
+    fn search_params(&self) -> SearchParams {
+        match self.search_ef.load(Ordering::Relaxed) {
+            usize::MAX => SearchParams {
+                exact: true,
+                ..Default::default()
+            },
+            ef => SearchParams {
+                hnsw_ef: Some(ef),
+                ..Default::default()
+            },
+        }
     }
 
     fn count(&self, filter: QFilter) -> Result<u64> {
@@ -349,7 +377,7 @@ impl VectorMemory for EdgeVectors {
                         score_threshold: None,
                         limit: k,
                         offset: 0,
-                        params: None,
+                        params: Some(inner.search_params()),
                         with_vector: WithVector::Bool(false),
                         with_payload: WithPayloadInterface::Bool(true),
                     })

@@ -117,6 +117,9 @@ pub struct KafkaBroker {
 
 fn spawn_tansu(port: u16, dir: &Path) -> Child {
     let url = format!("tcp://127.0.0.1:{port}");
+    // SOMA_TANSU_STORAGE=memory://tansu/ for benchmarks that only produce.
+    let storage =
+        std::env::var("SOMA_TANSU_STORAGE").unwrap_or_else(|_| "sqlite://tansu.db".into());
     Command::new(tansu_binary())
         .args([
             "broker",
@@ -125,7 +128,7 @@ fn spawn_tansu(port: u16, dir: &Path) -> Child {
             "--advertised-listener-url",
             &url,
         ])
-        .args(["--storage-engine", "sqlite://tansu.db"])
+        .args(["--storage-engine", &storage])
         .current_dir(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
