@@ -25,8 +25,8 @@ pub use error::{Error, Result};
 #[cfg(any(test, feature = "test-util"))]
 pub use events::contract as events_contract;
 pub use events::{
-    AuditEvent, ConversationEvent, Dedup, Envelope, EventStream, GroupConsumer, Outbox,
-    OutboxOptions, Outcome, PolicyDecision, Receipt, Record, SledLog, SlmRequest, Topic,
+    AuditEvent, ConversationEvent, Dedup, Envelope, EventStream, GroupConsumer, MAX_PAYLOAD_BYTES,
+    Outbox, OutboxOptions, Outcome, PolicyDecision, Receipt, Record, SledLog, SlmRequest, Topic,
     TopicEvent, TrainingAudit,
 };
 #[cfg(feature = "kafka")]

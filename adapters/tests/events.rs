@@ -75,9 +75,20 @@ async fn a_reopened_log_keeps_events_offsets_groups_and_ids() {
         .await
         .unwrap();
     assert_eq!(left.first().map(|r| r.offset), Some(8));
+    // A trim never goes back, nor past the durable end.
+    assert_eq!(log.trim_before(Topic::AgentAudit, 2).await.unwrap(), 0);
+    assert_eq!(log.trim_before(Topic::AgentAudit, 1_000).await.unwrap(), 3);
     drop(log);
     let log = reopen(dir.path());
     assert_eq!(log.end_offset(Topic::AgentAudit), 11);
+    let e = events_contract::audit("r-11", "acme", 11);
+    assert_eq!(
+        log.publish(Topic::AgentAudit, "k", &e)
+            .await
+            .unwrap()
+            .offset,
+        11
+    );
 }
 
 const CHILD_ENV: &str = "SOMA_EVENTS_CHILD_DIR";
@@ -160,7 +171,7 @@ fn sigkill_mid_publish_loses_nothing_acknowledged() {
     let mut dedup = Dedup::new(records.len() + 1);
     let twice: Vec<_> = records
         .iter()
-        .filter(|r| !dedup.first_time(&r.envelope.id))
+        .filter(|r| !dedup.first_time(&r.envelope))
         .collect();
     assert!(twice.is_empty(), "stored twice: {twice:?}");
     let offsets: Vec<u64> = records.iter().map(|r| r.offset).collect();

@@ -104,7 +104,7 @@ async fn outbox_forwards_everything_acknowledged_across_a_broker_outage() {
     let mut per_partition: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
     for r in &records {
         per_partition.entry(r.partition).or_default().push(r.offset);
-        if dedup.first_time(&r.envelope.id) {
+        if dedup.first_time(&r.envelope) {
             seen.insert(r.envelope.id.clone());
             let n = events_contract::number(r);
             per_key.entry(r.key.clone()).or_default().push(n);

@@ -231,11 +231,15 @@ impl EpisodicMemory for SledEpisodic {
             let mut n = 0;
             for item in inner.db.range(vec![BY_TIME]..end) {
                 let (k, _) = item.map_err(|e| inner.engine(e))?;
-                batch.remove(&k[9..]);
+                if let Some(history) = k.get(9..) {
+                    batch.remove(history);
+                }
                 batch.remove(k);
                 n += 1;
             }
             inner.db.apply_batch(batch).map_err(|e| inner.engine(e))?;
+            // Expired entries may be personal data: they must not come back after a crash.
+            inner.db.flush().map_err(|e| inner.engine(e))?;
             Ok(n)
         })
         .await

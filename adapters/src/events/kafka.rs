@@ -271,7 +271,7 @@ async fn collect(
     // librdkafka reports lost connections through the consumer and reconnects by itself:
     // keep waiting, and report the error only if nothing arrived in time.
     let mut transient = None;
-    let deadline = tokio::time::Instant::now() + wait;
+    let deadline = super::deadline(wait);
     while out.len() < max {
         let until = if out.is_empty() {
             deadline
@@ -288,13 +288,27 @@ async fn collect(
                 tracing::debug!(%code, "kafka consumer reports a transient error");
                 transient = Some(KafkaError::MessageConsumption(code));
             }
-            Ok(Err(e)) => return Err(server_error(config, e)),
-            Ok(Ok(m)) => {
-                let record = decode(topic, &m)?;
-                if keep(&record) {
-                    out.push(record);
-                }
+            // What was already received is returned; the error comes back on the next call
+            // if it persists.
+            Ok(Err(e)) if !out.is_empty() => {
+                tracing::debug!(error = %e, "kafka consumer error after records; returning them");
+                break;
             }
+            Ok(Err(e)) => return Err(server_error(config, e)),
+            Ok(Ok(m)) => match decode(topic, &m) {
+                Ok(record) => {
+                    if keep(&record) {
+                        out.push(record);
+                    }
+                }
+                // Not one of ours (another producer wrote to the topic): skipped, counted and
+                // logged with its position, never allowed to block the records after it.
+                Err(e) => {
+                    metrics::counter!("soma_adapters_events_undecodable_total", "topic" => topic.name())
+                        .increment(1);
+                    tracing::warn!(%topic, partition = m.partition(), offset = m.offset(), error = %e, "skipping a message that is not an event envelope");
+                }
+            },
         }
     }
     match transient {
@@ -433,9 +447,12 @@ impl EventStream for KafkaStream {
             }
         };
         let mut reader = slot.lock().await;
+        // Unknown until this read completes: a read cancelled half-way must make the next one
+        // re-assign rather than continue from wherever the consumer got to.
+        let continuing = reader.next.take() == Some(from);
         // A read that continues where the last one ended keeps fetching; any other
         // position re-assigns the partition there.
-        if reader.next != Some(from) {
+        if !continuing {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(
                 &self.topic_name(topic),
@@ -444,7 +461,6 @@ impl EventStream for KafkaStream {
             )
             .map_err(|e| self.error(e))?;
             reader.consumer.assign(&tpl).map_err(|e| self.error(e))?;
-            reader.next = Some(from);
         }
         let expected = std::sync::atomic::AtomicU64::new(from);
         // Offsets only move forward: anything before the position (fetched for an earlier
@@ -465,13 +481,8 @@ impl EventStream for KafkaStream {
             },
         )
         .await;
-        match &records {
-            Ok(rs) => {
-                if let Some(last) = rs.last() {
-                    reader.next = Some(last.offset + 1);
-                }
-            }
-            Err(_) => reader.next = None,
+        if let Ok(rs) = &records {
+            reader.next = Some(rs.last().map_or(from, |last| last.offset + 1));
         }
         records
     }

@@ -90,19 +90,26 @@ impl SledLog {
                 source: Box::new(e),
             };
             let last = db.scan_prefix(key(RECORD, topic, &[])).next_back();
-            let next = match last {
+            let after_last = match last {
                 Some(item) => {
                     let (k, _) = item.map_err(store)?;
-                    offset_of(&k[2..]).ok_or_else(|| Error::Corrupt {
-                        path: path.clone(),
-                        detail: format!("record key of {topic} has a bad offset"),
-                    })? + 1
+                    k.get(2..)
+                        .and_then(offset_of)
+                        .ok_or_else(|| Error::Corrupt {
+                            path: path.clone(),
+                            detail: format!("record key of {topic} has a bad offset"),
+                        })?
+                        + 1
                 }
-                None => match db.get(key(HEAD, topic, &[])).map_err(store)? {
-                    Some(v) => offset_of(&v).unwrap_or(0),
-                    None => 0,
-                },
+                None => 0,
             };
+            // Offsets never go back: not below the trimmed head nor the forwarding cursor.
+            let mut next = after_last;
+            for marker in [HEAD, CURSOR] {
+                if let Some(v) = db.get(key(marker, topic, &[])).map_err(store)? {
+                    next = next.max(offset_of(&v).unwrap_or(0));
+                }
+            }
             topics.push(TopicLog {
                 next: Mutex::new(next),
                 durable: watch::Sender::new(next),
@@ -185,12 +192,13 @@ impl SledLog {
         let log = inner.topic(topic);
         let mut next = log.next.lock().unwrap_or_else(PoisonError::into_inner);
         let mut batch = sled::Batch::default();
-        let mut fresh: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        let mut fresh: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
         let mut receipts = Vec::with_capacity(events.len());
         let mut offset = *next;
         for (envelope, value) in events {
-            let id_key = key(ID, topic, envelope.id.as_bytes());
-            let held = match fresh.get(envelope.id.as_str()) {
+            let dedup = envelope.dedup_key();
+            let id_key = key(ID, topic, dedup.as_bytes());
+            let held = match fresh.get(&dedup) {
                 Some(o) => Some(*o),
                 None => match inner.db.get(&id_key).map_err(|e| inner.store(e))? {
                     Some(v) => Some(offset_of(&v).ok_or_else(|| Error::Corrupt {
@@ -210,7 +218,7 @@ impl SledLog {
             }
             batch.insert(key(RECORD, topic, &offset.to_be_bytes()), value);
             batch.insert(id_key, &offset.to_be_bytes());
-            fresh.insert(envelope.id.as_str(), offset);
+            fresh.insert(dedup, offset);
             receipts.push(Receipt {
                 partition: 0,
                 offset,
@@ -246,7 +254,7 @@ impl SledLog {
             .take(max)
             .map(|item| {
                 let (k, v) = item.map_err(|e| inner.store(e))?;
-                let offset = offset_of(&k[2..]);
+                let offset = k.get(2..).and_then(offset_of);
                 let stored: Option<Stored> = serde_json::from_slice(&v).ok();
                 match (offset, stored) {
                     (Some(offset), Some(s)) => Ok(Record {
@@ -273,7 +281,7 @@ impl SledLog {
         wait: Duration,
     ) -> Result<Vec<Record>> {
         let mut durable = self.subscribe(topic);
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = super::deadline(wait);
         loop {
             // Mark the current end as seen before reading, so an event made durable after
             // the read wakes the wait below.
@@ -302,14 +310,32 @@ impl Inner {
         }
     }
 
+    /// Removes records before `offset`, never past the durable end nor (when an outbox
+    /// forwards this log) past what was forwarded; the head only moves forward.
     fn trim(&self, topic: Topic, offset: u64) -> Result<u64> {
+        let mut offset = offset.min(*self.topic(topic).durable.borrow());
+        if let Some(c) = self
+            .db
+            .get(key(CURSOR, topic, &[]))
+            .map_err(|e| self.store(e))?
+        {
+            offset = offset.min(offset_of(&c).unwrap_or(0));
+        }
+        let head = self
+            .db
+            .get(key(HEAD, topic, &[]))
+            .map_err(|e| self.store(e))?;
+        let offset = offset.max(head.and_then(|h| offset_of(&h)).unwrap_or(0));
         let range = key(RECORD, topic, &[])..key(RECORD, topic, &offset.to_be_bytes());
         let mut batch = sled::Batch::default();
         let mut n = 0;
         for item in self.db.range(range) {
             let (k, v) = item.map_err(|e| self.store(e))?;
-            if let Ok(s) = serde_json::from_slice::<Stored>(&v) {
-                batch.remove(key(ID, topic, s.envelope.id.as_bytes()));
+            match serde_json::from_slice::<Stored>(&v) {
+                Ok(s) => batch.remove(key(ID, topic, s.envelope.dedup_key().as_bytes())),
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), %topic, error = %e, "trimming an undecodable record; its id entry stays")
+                }
             }
             batch.remove(k);
             n += 1;

@@ -31,6 +31,16 @@ pub use self::schema::{
     AuditEvent, ConversationEvent, Outcome, PolicyDecision, SlmRequest, TopicEvent, TrainingAudit,
 };
 
+/// The largest payload an event may carry, in encoded bytes.
+pub const MAX_PAYLOAD_BYTES: usize = 900_000;
+
+/// A deadline `wait` from now; an unrepresentable one (`Duration::MAX`) is a year away.
+pub(crate) fn deadline(wait: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
 /// The topics of the runtime. Each has one documented, versioned payload schema
 /// (`docs/events.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -140,11 +150,25 @@ impl Envelope {
         schema::topic_of(&self.schema)
     }
 
-    /// Checks ids and the schema name; backends call it before accepting an event.
+    /// Checks ids, the schema name and the size; backends call it before accepting an event.
     pub fn validate(&self) -> Result<()> {
         check_id("event id", &self.id)?;
         check_id("tenant", &self.tenant)?;
-        schema::topic_of(&self.schema).map(|_| ())
+        schema::topic_of(&self.schema)?;
+        let size = serde_json::to_vec(&self.payload).map_or(usize::MAX, |v| v.len());
+        if size > MAX_PAYLOAD_BYTES {
+            return Err(Error::Invalid {
+                what: "event payload",
+                value: format!("{size} bytes"),
+                reason: "is larger than 900,000 bytes (Kafka's default message limit is 1 MB)",
+            });
+        }
+        Ok(())
+    }
+
+    /// The idempotency key scoped to the tenant: two tenants' events never collide.
+    pub fn dedup_key(&self) -> String {
+        format!("{}:{}:{}", self.tenant.len(), self.tenant, self.id)
     }
 }
 
@@ -229,7 +253,7 @@ pub trait GroupConsumer: Send + fmt::Debug {
     async fn commit(&mut self, records: &[Record]) -> Result<()>;
 }
 
-/// Remembers the last `capacity` event ids seen, to drop duplicates on the consumer side.
+/// Remembers the last `capacity` events (tenant and id) seen, to drop duplicates on the consumer side.
 #[derive(Debug)]
 pub struct Dedup {
     seen: HashSet<String>,
@@ -247,9 +271,11 @@ impl Dedup {
         }
     }
 
-    /// True the first time an id is seen within the window, false for a duplicate.
-    pub fn first_time(&mut self, id: &str) -> bool {
-        if self.seen.contains(id) {
+    /// True the first time an event (its tenant and id) is seen within the window, false
+    /// for a duplicate.
+    pub fn first_time(&mut self, envelope: &Envelope) -> bool {
+        let id = envelope.dedup_key();
+        if self.seen.contains(&id) {
             return false;
         }
         if self.order.len() == self.capacity
@@ -257,8 +283,8 @@ impl Dedup {
         {
             self.seen.remove(&old);
         }
-        self.seen.insert(id.to_owned());
-        self.order.push_back(id.to_owned());
+        self.seen.insert(id.clone());
+        self.order.push_back(id);
         true
     }
 }

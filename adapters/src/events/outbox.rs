@@ -87,7 +87,7 @@ impl Outbox {
 
     /// Waits until every accepted event was forwarded; false if `timeout` passed first.
     pub async fn drained(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = super::deadline(timeout);
         loop {
             if Topic::ALL.iter().all(|t| self.pending(*t) == 0) {
                 return true;
