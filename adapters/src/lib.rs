@@ -14,6 +14,7 @@
 mod episodic;
 mod error;
 mod events;
+mod store;
 mod vector;
 
 #[cfg(feature = "redis")]

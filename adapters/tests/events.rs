@@ -1,9 +1,10 @@
 //! The embedded event log: the contract, restarts, and SIGKILL mid-publish.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,16 +92,14 @@ async fn a_reopened_log_keeps_events_offsets_groups_and_ids() {
     );
 }
 
-const CHILD_ENV: &str = "SOMA_EVENTS_CHILD_DIR";
-
 /// The child side of the SIGKILL test: publishes numbered events as fast as it can (several
 /// tasks at once) and prints each id once it is acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_publisher() {
-    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+    let Some(dir) = std::env::var_os(common::CHILD_DIR) else {
         return; // Only meaningful as the child of the test below.
     };
-    let round: u64 = std::env::var("SOMA_EVENTS_ROUND").unwrap().parse().unwrap();
+    let round: u64 = std::env::var(common::CHILD_ROUND).unwrap().parse().unwrap();
     let log = SledLog::open(dir).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     for task in 0..4u64 {
@@ -127,35 +126,7 @@ async fn child_publisher() {
 #[test]
 fn sigkill_mid_publish_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let mut acked = Vec::new();
-    for round in 0..6u64 {
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "child_publisher",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, dir.path())
-            .env("SOMA_EVENTS_ROUND", round.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .filter(|l| l.contains('-') && !l.contains(' '))
-                .collect::<Vec<_>>()
-        });
-        std::thread::sleep(Duration::from_millis(300 + fastrand::u64(0..400)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        acked.extend(reader.join().unwrap());
-    }
+    let acked = common::sigkill_rounds("child_publisher", dir.path(), 6, 300, 400);
     assert!(
         acked.len() > 100,
         "the child published too little: {}",

@@ -1,11 +1,11 @@
 //! The embedded vector memory (qdrant-edge): the contract, restarts, SIGKILL mid-upsert.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::json;
 use soma_adapters::{EdgeVectors, Error, Point, VectorMemory, vector_contract};
@@ -84,16 +84,14 @@ async fn points_survive_a_restart_and_indexes_build() {
     assert!(err.to_string().contains("Some(8)"), "{err}");
 }
 
-const CHILD_ENV: &str = "SOMA_VECTOR_CHILD_DIR";
-
 /// The child side of the SIGKILL test: upserts numbered points in small batches and prints
 /// each batch's ids once acknowledged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_upserter() {
-    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+    let Some(dir) = std::env::var_os(common::CHILD_DIR) else {
         return; // Only meaningful as the child of the test below.
     };
-    let round: usize = std::env::var("SOMA_VECTOR_ROUND").unwrap().parse().unwrap();
+    let round: usize = std::env::var(common::CHILD_ROUND).unwrap().parse().unwrap();
     let m = EdgeVectors::open(dir, vector_contract::DIM).await.unwrap();
     let mut out = std::io::stdout().lock();
     for batch in 0.. {
@@ -116,35 +114,7 @@ async fn child_upserter() {
 #[test]
 fn sigkill_mid_upsert_loses_no_acknowledged_point() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let mut acked = Vec::new();
-    for round in 0..4 {
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "child_upserter",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, dir.path())
-            .env("SOMA_VECTOR_ROUND", round.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-                .filter(|l| l.starts_with('r') && !l.contains(' '))
-                .collect::<Vec<_>>()
-        });
-        std::thread::sleep(Duration::from_millis(700 + fastrand::u64(0..600)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        acked.extend(reader.join().unwrap());
-    }
+    let acked = common::sigkill_rounds("child_upserter", dir.path(), 4, 700, 600);
     assert!(
         acked.len() >= 20,
         "the child upserted too little: {}",

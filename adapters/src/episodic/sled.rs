@@ -70,29 +70,7 @@ impl SledEpisodic {
     /// damaged files are caught).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let config = sled::Config::new().path(&path);
-        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
-        let db = match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(sled::Error::Corruption { at, .. })) => {
-                return Err(Error::Corrupt {
-                    path,
-                    detail: format!("storage engine reports corruption at {at:?}"),
-                });
-            }
-            Ok(Err(e)) => {
-                return Err(Error::Store {
-                    path,
-                    source: Box::new(e),
-                });
-            }
-            Err(_) => {
-                return Err(Error::Corrupt {
-                    path,
-                    detail: "storage engine failed to open it".into(),
-                });
-            }
-        };
+        let db = crate::store::open_sled(&path)?;
         Ok(Self {
             inner: Arc::new(Inner { db, path }),
         })

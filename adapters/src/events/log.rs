@@ -65,24 +65,7 @@ impl SledLog {
     /// Opens (or creates) the log in directory `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            sled::Config::new().path(&path).open()
-        }));
-        let db = match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(e)) => {
-                return Err(Error::Store {
-                    path,
-                    source: Box::new(e),
-                });
-            }
-            Err(_) => {
-                return Err(Error::Corrupt {
-                    path,
-                    detail: "storage engine failed to open it".into(),
-                });
-            }
-        };
+        let db = crate::store::open_sled(&path)?;
         let mut topics = Vec::new();
         for topic in Topic::ALL {
             let store = |e| Error::Store {

@@ -185,3 +185,46 @@ impl Drop for KafkaBroker {
         self.kill();
     }
 }
+
+/// Set for a child run of a test binary: the data directory, and the round number.
+pub const CHILD_DIR: &str = "SOMA_CHILD_DIR";
+pub const CHILD_ROUND: &str = "SOMA_CHILD_ROUND";
+
+/// Runs the test `child_test` of this very test binary `rounds` times on `dir`, each time
+/// SIGKILLed after `min_ms` plus up to `spread_ms`, and returns every id it printed (one per
+/// line, printed once acknowledged).
+pub fn sigkill_rounds(
+    child_test: &str,
+    dir: &Path,
+    rounds: u64,
+    min_ms: u64,
+    spread_ms: u64,
+) -> Vec<String> {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().unwrap();
+    let mut acked = Vec::new();
+    for round in 0..rounds {
+        let mut child = Command::new(&exe)
+            .args(["--exact", child_test, "--nocapture", "--test-threads=1"])
+            .env(CHILD_DIR, dir)
+            .env(CHILD_ROUND, round.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            // libtest's own lines have spaces; ids do not.
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .filter(|l| !l.is_empty() && !l.contains(' '))
+                .collect::<Vec<_>>()
+        });
+        std::thread::sleep(Duration::from_millis(min_ms + fastrand::u64(0..spread_ms)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        acked.extend(reader.join().unwrap());
+    }
+    acked
+}
