@@ -133,7 +133,7 @@ impl Envelope {
             payload: serde_json::to_value(event).map_err(|e| Error::Invalid {
                 what: "event",
                 value: E::TOPIC.name().into(),
-                reason: leak_reason(e),
+                reason: unserializable(e),
             })?,
         };
         envelope.validate()?;
@@ -172,7 +172,8 @@ impl Envelope {
     }
 }
 
-fn leak_reason(e: serde_json::Error) -> &'static str {
+/// Logs why an event does not serialize; the error itself carries a fixed reason.
+fn unserializable(e: serde_json::Error) -> &'static str {
     tracing::debug!(error = %e, "event does not serialize");
     "does not serialize to JSON"
 }

@@ -52,18 +52,26 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Starts forwarding `local` to `server` (one task per topic, on the current runtime).
+    /// Starts forwarding `local` to `server` (one task per topic, on the current tokio
+    /// runtime; outside one this is an error).
     pub fn start(
         local: SledLog,
         server: Arc<dyn EventStream>,
         options: OutboxOptions,
     ) -> Result<Self> {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Err(crate::error::Error::Invalid {
+                what: "runtime",
+                value: "none".into(),
+                reason: "Outbox::start must be called inside a tokio runtime",
+            });
+        };
         let cursors: Arc<[AtomicU64; 5]> = Arc::new(Default::default());
         let mut tasks = Vec::new();
         for topic in Topic::ALL {
             let cursor = local.cursor(topic)?;
             cursors[usize::from(topic.index())].store(cursor, Ordering::SeqCst);
-            tasks.push(tokio::spawn(forward(
+            tasks.push(runtime.spawn(forward(
                 local.clone(),
                 server.clone(),
                 topic,
