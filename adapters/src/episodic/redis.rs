@@ -246,22 +246,30 @@ impl EpisodicMemory for RedisEpisodic {
         check_id("tenant", tenant)?;
         let mut conn = self.conn.clone();
         let tenant_key = self.tenant_key(tenant);
-        let keys: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(&tenant_key)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.err(e))?;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for key in &keys {
-            pipe.cmd("ZCARD").arg(key);
+        let mut erased = 0;
+        // Each pass removes exactly the sessions it read from the tenant's set, so a session
+        // created by an append racing the erasure stays listed and the next pass takes it.
+        loop {
+            let keys: Vec<String> = redis::cmd("SMEMBERS")
+                .arg(&tenant_key)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.err(e))?;
+            if keys.is_empty() {
+                return Ok(erased);
+            }
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for key in &keys {
+                pipe.cmd("ZCARD").arg(key);
+            }
+            for key in &keys {
+                pipe.cmd("DEL").arg(key).ignore();
+                pipe.cmd("SREM").arg(self.scopes_key()).arg(key).ignore();
+                pipe.cmd("SREM").arg(&tenant_key).arg(key).ignore();
+            }
+            let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(|e| self.err(e))?;
+            erased += counts.iter().sum::<u64>();
         }
-        for key in &keys {
-            pipe.cmd("DEL").arg(key).ignore();
-            pipe.cmd("SREM").arg(self.scopes_key()).arg(key).ignore();
-        }
-        pipe.cmd("DEL").arg(&tenant_key).ignore();
-        let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(|e| self.err(e))?;
-        Ok(counts.iter().sum())
     }
 }
