@@ -63,7 +63,11 @@ async fn publishing_to_a_dead_broker_fails_naming_it() {
 async fn outbox_forwards_everything_acknowledged_across_a_broker_outage() {
     let mut broker = KafkaBroker::start();
     let dir = tempfile::tempdir().unwrap();
-    let server = Arc::new(KafkaStream::new(config(&broker, "outage.")).unwrap());
+    // The stream behind an outbox never gives up a delivery: order per key holds across
+    // the outage.
+    let mut c = config(&broker, "outage.");
+    c.delivery_timeout = Duration::ZERO;
+    let server = Arc::new(KafkaStream::new(c).unwrap());
     let options = OutboxOptions {
         batch: 50,
         min_backoff: Duration::from_millis(20),

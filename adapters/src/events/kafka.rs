@@ -29,7 +29,9 @@ pub struct KafkaConfig {
     pub topic_prefix: String,
     /// Partitions of the topics this client creates when they are missing.
     pub partitions: i32,
-    /// How long a publish may wait for the broker before it fails.
+    /// How long a publish may wait for the broker before it fails. Zero: never give up
+    /// (the producer retries in order until the broker is back), which is what the stream
+    /// behind an `Outbox` should use to keep per-key order across an outage.
     pub delivery_timeout: Duration,
     /// Further librdkafka settings (`security.protocol`, `sasl.*`, ...). Never logged.
     pub settings: Vec<(String, String)>,
@@ -56,6 +58,16 @@ impl KafkaConfig {
             partitions: 3,
             delivery_timeout: Duration::from_secs(30),
             settings: Vec::new(),
+        }
+    }
+
+    /// The limit of one admin or metadata request: the delivery timeout, or 30 s when
+    /// deliveries never time out.
+    fn request_timeout(&self) -> Duration {
+        if self.delivery_timeout.is_zero() {
+            Duration::from_secs(30)
+        } else {
+            self.delivery_timeout
         }
     }
 
@@ -124,7 +136,8 @@ impl KafkaStream {
             });
         }
         let server = |e: KafkaError| server_error(&config, e);
-        let timeout_ms = config.delivery_timeout.as_millis().max(1).to_string();
+        // librdkafka reads 0 as "no limit".
+        let timeout_ms = config.delivery_timeout.as_millis().to_string();
         let producer: FutureProducer = config
             .client()
             .set("enable.idempotence", "true")
@@ -166,8 +179,8 @@ impl KafkaStream {
             .map(|n| NewTopic::new(n, config.partitions, TopicReplication::Fixed(1)))
             .collect();
         let options = AdminOptions::new()
-            .operation_timeout(Some(config.delivery_timeout))
-            .request_timeout(Some(config.delivery_timeout));
+            .operation_timeout(Some(config.request_timeout()))
+            .request_timeout(Some(config.request_timeout()));
         let results = self
             .inner
             .admin
@@ -393,7 +406,7 @@ impl EventStream for KafkaStream {
         self.ensure_topics().await?;
         let name = self.topic_name(topic);
         let inner = self.inner.clone();
-        let timeout = self.inner.config.delivery_timeout;
+        let timeout = self.inner.config.request_timeout();
         let meta = tokio::task::spawn_blocking(move || {
             inner.producer.client().fetch_metadata(Some(&name), timeout)
         })
