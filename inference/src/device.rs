@@ -1,0 +1,68 @@
+//! Device choice: CPU by default, CUDA behind the `cuda` feature.
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Where models run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    /// The CPU (pure-Rust kernels).
+    #[default]
+    Cpu,
+    /// CUDA device `n` (needs the `cuda` feature and a GPU).
+    Cuda(usize),
+    /// CUDA device 0 when the `cuda` feature is built and a GPU is present, else the CPU.
+    Auto,
+}
+
+impl DeviceChoice {
+    /// The candle device; CUDA without the feature or without a GPU is an error naming why.
+    pub fn device(self) -> Result<Device> {
+        match self {
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda(n) => cuda(n),
+            DeviceChoice::Auto => Ok(cuda(0).unwrap_or(Device::Cpu)),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(n: usize) -> Result<Device> {
+    Device::new_cuda(n).map_err(|e| Error::Config(format!("CUDA device {n}: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_n: usize) -> Result<Device> {
+    Err(Error::NotImplemented(
+        "CUDA: this build has no `cuda` feature (build soma-inference with --features cuda)",
+    ))
+}
+
+/// Threads the CPU kernels use. candle sizes its process-wide compute pools once, from
+/// `CANDLE_NUM_THREADS` (else `RAYON_NUM_THREADS`, else the physical cores), so the count is
+/// set in the environment before the first model runs.
+pub fn cpu_threads() -> usize {
+    let var = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+    };
+    var("CANDLE_NUM_THREADS")
+        .or_else(|| var("RAYON_NUM_THREADS"))
+        .unwrap_or_else(candle_core::utils::get_num_threads)
+}
+
+/// Checks a configured thread count against the one in effect.
+pub(crate) fn check_threads(wanted: Option<usize>) -> Result<()> {
+    match wanted {
+        Some(n) if n != cpu_threads() => Err(Error::Config(format!(
+            "{n} CPU threads asked for but {} are in effect: the count is process-wide; set CANDLE_NUM_THREADS={n} and RAYON_NUM_THREADS={n} before starting",
+            cpu_threads()
+        ))),
+        _ => Ok(()),
+    }
+}

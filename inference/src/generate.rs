@@ -1,0 +1,464 @@
+//! The generation model: a quantized llama-family GGUF, its tokenizer and chat template, and
+//! the decode loop (sampling, stop sequences, streaming text, structured output).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::gguf::{self, Quantization, TextTokenizer};
+use crate::sample::{Sampler, SamplingParams};
+use crate::schema::JsonSchema;
+
+/// How to load a generation model.
+#[derive(Debug, Clone, Default)]
+pub struct GeneratorOptions {
+    /// What to do with Q4_1 weights at load (default: re-quantize to Q8_0).
+    pub quantization: Quantization,
+    /// A `tokenizer.json` to use instead of the GGUF's own tokenizer metadata, with the id
+    /// of its end-of-sequence token.
+    pub tokenizer: Option<(PathBuf, u32)>,
+}
+
+/// One message of a chat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with `role` and `content`.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// What to continue: raw text, or a chat rendered with the model's own template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prompt {
+    /// Text continued as is.
+    Text(String),
+    /// Messages rendered by the model's chat template, with the assistant turn opened.
+    Chat(Vec<ChatMessage>),
+}
+
+/// A generation request.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Sampling and stopping.
+    pub params: SamplingParams,
+    /// When set, the output is constrained to JSON valid against this schema.
+    pub schema: Option<serde_json::Value>,
+}
+
+impl GenerateRequest {
+    /// A request with default parameters.
+    pub fn new(prompt: Prompt) -> Self {
+        Self {
+            prompt,
+            params: SamplingParams::default(),
+            schema: None,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model ended its output (or the structured value was complete).
+    Stop,
+    /// A stop sequence was reached.
+    StopSequence,
+    /// `max_tokens` was reached.
+    Length,
+    /// The requester went away.
+    Cancelled,
+}
+
+/// Token counts of a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens of the prompt (after the chat template).
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+}
+
+/// The end of a generation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    /// The whole output text (stop sequence excluded).
+    pub text: String,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Token counts.
+    pub usage: Usage,
+    /// For structured output: the parsed value (valid against the schema).
+    pub json: Option<serde_json::Value>,
+}
+
+/// What a generation stream yields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GenerationEvent {
+    /// A generated token and the text it completes (may be empty while a multi-byte
+    /// character or a possible stop sequence is held back).
+    Token {
+        /// Token id.
+        id: u32,
+        /// New text.
+        text: String,
+    },
+    /// Text released at the end that earlier tokens held back.
+    Text {
+        /// The text.
+        text: String,
+    },
+    /// The last event.
+    Done(Completion),
+}
+
+/// A request checked against the model, ready to run.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) params: SamplingParams,
+    pub(crate) schema: Option<JsonSchema>,
+}
+
+/// A loaded generation model. Cloning is cheap (weights are shared); each clone has its own
+/// key-value cache.
+#[derive(Clone)]
+pub struct GenerationModel {
+    weights: ModelWeights,
+    tokenizer: Arc<TextTokenizer>,
+    template: Option<String>,
+    context_length: usize,
+    path: PathBuf,
+    device: Device,
+}
+
+impl std::fmt::Debug for GenerationModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerationModel")
+            .field("path", &self.path)
+            .field("context_length", &self.context_length)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GenerationModel {
+    /// Loads a llama-family GGUF file.
+    pub fn load(path: impl AsRef<Path>, device: &Device, options: &GeneratorOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let span = tracing::info_span!("inference.load_generator", path = %path.display());
+        let _enter = span.enter();
+        let started = std::time::Instant::now();
+        let gguf::Loaded {
+            content,
+            mut bytes,
+            context_length,
+            requantized,
+        } = gguf::load(path, options.quantization)?;
+        let tokenizer = match &options.tokenizer {
+            Some((file, eos)) => TextTokenizer::from_file(file, *eos)?,
+            None => TextTokenizer::from_gguf(&content, path)?,
+        };
+        let template = content
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok().cloned());
+        let vocab = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims()[0])
+            .unwrap_or(0);
+        if vocab != tokenizer.vocab_size() {
+            return Err(Error::model(
+                path,
+                format!(
+                    "the embedding has {vocab} rows but the tokenizer has {} tokens",
+                    tokenizer.vocab_size()
+                ),
+            ));
+        }
+        let weights = ModelWeights::from_gguf(content, &mut bytes, device)
+            .map_err(|e| Error::model(path, format!("not a usable llama model: {e}")))?;
+        tracing::info!(
+            path = %path.display(),
+            requantized,
+            context = context_length,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "generator model loaded"
+        );
+        Ok(Self {
+            weights,
+            tokenizer: Arc::new(tokenizer),
+            template,
+            context_length,
+            path: path.to_path_buf(),
+            device: device.clone(),
+        })
+    }
+
+    /// The model's context length in tokens.
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// The file the model came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The prompt text a chat renders to, by the model's own template.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
+        let template = self.template.as_deref().ok_or_else(|| {
+            Error::InvalidRequest("the model has no chat template: send a text prompt".into())
+        })?;
+        if messages.is_empty() {
+            return Err(Error::InvalidRequest("a chat needs at least one message".into()));
+        }
+        let mut env = minijinja::Environment::new();
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| Error::model(&self.path, format!("chat template: {e}")))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| Error::model(&self.path, format!("chat template: {e}")))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => true,
+        })
+        .map_err(|e| Error::InvalidRequest(format!("chat template refused the messages: {e}")))
+    }
+
+    /// Checks a request and tokenizes its prompt.
+    pub(crate) fn prepare(&self, req: GenerateRequest) -> Result<Prepared> {
+        req.params.validate()?;
+        let text = match &req.prompt {
+            Prompt::Text(t) if t.is_empty() => {
+                return Err(Error::InvalidRequest("the prompt is empty".into()));
+            }
+            Prompt::Text(t) => t.clone(),
+            Prompt::Chat(m) => self.render_chat(m)?,
+        };
+        let schema = req.schema.as_ref().map(JsonSchema::compile).transpose()?;
+        if schema.is_some() && !req.params.stop.is_empty() {
+            return Err(Error::InvalidRequest(
+                "stop sequences cannot be combined with a schema".into(),
+            ));
+        }
+        let tokens = self.tokenizer.encode(&text)?;
+        if tokens.is_empty() {
+            return Err(Error::InvalidRequest("the prompt has no tokens".into()));
+        }
+        if tokens.len() + req.params.max_tokens > self.context_length {
+            return Err(Error::InvalidRequest(format!(
+                "prompt ({} tokens) plus max_tokens ({}) exceeds the context of {} tokens",
+                tokens.len(),
+                req.params.max_tokens,
+                self.context_length
+            )));
+        }
+        Ok(Prepared {
+            tokens,
+            params: req.params,
+            schema,
+        })
+    }
+
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
+        let input = Tensor::new(tokens, &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(Error::compute)?;
+        let logits = self.weights.forward(&input, pos).map_err(Error::compute)?;
+        logits
+            .squeeze(0)
+            .and_then(|l| l.to_dtype(candle_core::DType::F32))
+            .and_then(|l| l.to_vec1::<f32>())
+            .map_err(Error::compute)
+    }
+
+    /// Runs a prepared request. `emit` gets every token; when it returns false (the
+    /// requester is gone) generation stops as cancelled. `stopped` is checked between tokens
+    /// (the replica is being shut down).
+    pub(crate) fn run(
+        &mut self,
+        req: &Prepared,
+        stopped: &AtomicBool,
+        emit: &mut dyn FnMut(GenerationEvent) -> bool,
+    ) -> Result<Completion> {
+        self.weights.clear_kv_cache();
+        let tok = self.tokenizer.clone();
+        let params = &req.params;
+        let mut sampler = Sampler::new(params);
+        let mut matcher = req.schema.as_ref().map(JsonSchema::matcher);
+        let mut out: Vec<u8> = Vec::new();
+        let mut emitted = 0usize;
+        let mut generated = 0usize;
+        let max_stop = params.stop.iter().map(String::len).max().unwrap_or(0);
+        let mut logits = self.forward(&req.tokens, 0)?;
+        let mut pos = req.tokens.len();
+        let finish = loop {
+            if generated >= params.max_tokens {
+                break FinishReason::Length;
+            }
+            if stopped.load(Ordering::Relaxed) {
+                return Err(Error::Compute("the replica is stopping".into()));
+            }
+            logits.truncate(tok.vocab_size());
+            let next = match matcher.as_ref() {
+                None => sampler.pick(&logits, None),
+                Some(m) => {
+                    let mut ok = |t: u32| match &tok.bytes[t as usize] {
+                        None => tok.control[t as usize] && m.can_end(),
+                        Some(b) => m.accepts(b),
+                    };
+                    sampler.pick(&logits, Some(&mut ok))
+                }
+            }
+            .ok_or_else(|| Error::Compute("no token can continue the output".into()))?;
+            generated += 1;
+            let Some(bytes) = tok.bytes[next as usize].as_ref() else {
+                // A control token (end of text or of the turn) ends the output.
+                if !emit(GenerationEvent::Token {
+                    id: next,
+                    text: String::new(),
+                }) {
+                    break FinishReason::Cancelled;
+                }
+                break FinishReason::Stop;
+            };
+            if let Some(m) = matcher.as_mut() {
+                m.feed_all(bytes);
+            }
+            out.extend_from_slice(bytes);
+            let valid = match std::str::from_utf8(&out) {
+                Ok(s) => s.len(),
+                Err(e) => e.valid_up_to(),
+            };
+            let text = String::from_utf8_lossy(&out[..valid]);
+            let hit = params
+                .stop
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min();
+            let safe = match hit {
+                Some(at) => at,
+                None => valid - held_back(&text, &params.stop, max_stop),
+            };
+            let delta = if safe > emitted {
+                text[emitted..safe].to_string()
+            } else {
+                String::new()
+            };
+            emitted = emitted.max(safe);
+            if !emit(GenerationEvent::Token {
+                id: next,
+                text: delta,
+            }) {
+                break FinishReason::Cancelled;
+            }
+            if let Some(at) = hit {
+                out.truncate(at);
+                break FinishReason::StopSequence;
+            }
+            if matcher.as_ref().is_some_and(|m| m.is_done()) {
+                break FinishReason::Stop;
+            }
+            logits = self.forward(&[next], pos)?;
+            pos += 1;
+        };
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if finish != FinishReason::Cancelled && emitted < text.len() {
+            let rest = text.get(emitted..).unwrap_or_default().to_string();
+            if !rest.is_empty() && !emit_tail(emit, rest) {
+                return Ok(self.done(text, FinishReason::Cancelled, req, generated, None));
+            }
+        }
+        let json = match (&matcher, finish) {
+            (Some(m), FinishReason::Stop) if m.can_end() => Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| Error::Compute(format!("structured output did not parse: {e}")))?,
+            ),
+            (Some(_), FinishReason::Length) => return Err(Error::IncompleteStructured(generated)),
+            _ => None,
+        };
+        Ok(self.done(text, finish, req, generated, json))
+    }
+
+    fn done(
+        &self,
+        text: String,
+        finish: FinishReason,
+        req: &Prepared,
+        generated: usize,
+        json: Option<serde_json::Value>,
+    ) -> Completion {
+        Completion {
+            text,
+            finish,
+            usage: Usage {
+                prompt_tokens: req.tokens.len(),
+                completion_tokens: generated,
+            },
+            json,
+        }
+    }
+}
+
+/// Text held back until the end (a partial character or a possible stop sequence).
+fn emit_tail(emit: &mut dyn FnMut(GenerationEvent) -> bool, text: String) -> bool {
+    emit(GenerationEvent::Text { text })
+}
+
+/// Bytes at the end of `text` that could be the start of a stop sequence.
+fn held_back(text: &str, stops: &[String], max_stop: usize) -> usize {
+    if max_stop == 0 {
+        return 0;
+    }
+    let start = text.len().saturating_sub(max_stop - 1);
+    for (i, _) in text.char_indices().filter(|(i, _)| *i >= start) {
+        let suffix = &text[i..];
+        if stops.iter().any(|s| s.starts_with(suffix)) {
+            return text.len() - i;
+        }
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::held_back;
+
+    #[test]
+    fn possible_stop_prefixes_are_held_back() {
+        let stops = vec!["\nUser:".to_string()];
+        assert_eq!(held_back("hello\nUs", &stops, 6), 3);
+        assert_eq!(held_back("hello", &stops, 6), 0);
+        assert_eq!(held_back("h\u{e9}", &stops, 6), 0);
+    }
+}

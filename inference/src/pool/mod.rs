@@ -1,0 +1,219 @@
+//! Replica pools: N supervised replica actors per model, each registering itself in a slot;
+//! requests go to the live replica with the fewest in flight.
+
+mod embedder;
+mod generator;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::{ActorRef, ActorStatus};
+use soma_supervision::{Backoff, ChildSpec, Intensity, Policy, Strategy, Supervisor, SupervisorMsg};
+
+use crate::error::{Error, Result};
+
+pub use embedder::{EmbedderConfig, EmbedderPool};
+pub use generator::{GenerationStream, GeneratorConfig, GeneratorPool};
+
+/// How long a request waits for a restarting replica before failing with
+/// [`Error::Unavailable`].
+const REPLICA_WAIT: Duration = Duration::from_secs(10);
+
+/// A snapshot of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Replicas configured.
+    pub replicas: usize,
+    /// Replicas running now.
+    pub live: usize,
+    /// Requests (generation) or batches (embeddings) in flight per replica, queued included.
+    pub in_flight: Vec<usize>,
+    /// Replica starts so far, restarts included.
+    pub starts: usize,
+}
+
+/// Where a replica actor registers itself.
+#[derive(Debug)]
+pub(crate) struct Slot<M: Send + 'static> {
+    pub(crate) index: usize,
+    actor: Mutex<Option<ActorRef<M>>>,
+    load: AtomicUsize,
+}
+
+impl<M: Send + 'static> Slot<M> {
+    pub(crate) fn register(&self, actor: ActorRef<M>) {
+        if let Ok(mut a) = self.actor.lock() {
+            *a = Some(actor);
+        }
+    }
+
+    pub(crate) fn unregister(&self, actor: &ActorRef<M>) {
+        if let Ok(mut a) = self.actor.lock()
+            && a.as_ref().is_some_and(|x| x.get_id() == actor.get_id())
+        {
+            *a = None;
+        }
+    }
+
+    fn live(&self) -> Option<ActorRef<M>> {
+        let a = self.actor.lock().ok()?.clone()?;
+        (a.get_status() == ActorStatus::Running).then_some(a)
+    }
+}
+
+/// Counts one request against a slot until dropped.
+#[derive(Debug)]
+pub(crate) struct LoadGuard<M: Send + 'static>(Arc<Slot<M>>);
+
+impl<M: Send + 'static> Drop for LoadGuard<M> {
+    fn drop(&mut self) {
+        self.0.load.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The replicas of one pool and their supervisor.
+#[derive(Debug)]
+pub(crate) struct Replicas<M: Send + 'static> {
+    pub(crate) name: &'static str,
+    pub(crate) slots: Vec<Arc<Slot<M>>>,
+    supervisor: Option<ActorRef<SupervisorMsg>>,
+    starts: Arc<AtomicUsize>,
+}
+
+impl<M: ractor::Message> Replicas<M> {
+    pub(crate) fn new(name: &'static str, n: usize) -> Self {
+        Self {
+            name,
+            slots: (0..n)
+                .map(|index| {
+                    Arc::new(Slot {
+                        index,
+                        actor: Mutex::new(None),
+                        load: AtomicUsize::new(0),
+                    })
+                })
+                .collect(),
+            supervisor: None,
+            starts: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    pub(crate) fn starts_counter(&self) -> Arc<AtomicUsize> {
+        self.starts.clone()
+    }
+
+    /// Starts the supervisor with one child per slot, made by `make(slot)`.
+    pub(crate) async fn start<A, F>(&mut self, make: F) -> Result<()>
+    where
+        A: ractor::Actor<Msg = M>,
+        F: Fn(Arc<Slot<M>>) -> (A, A::Arguments) + Send + Sync + Clone + 'static,
+    {
+        let children = self
+            .slots
+            .iter()
+            .map(|slot| {
+                let slot = slot.clone();
+                let make = make.clone();
+                ChildSpec::new(
+                    format!("{}-{}", self.name, slot.index),
+                    soma_supervision::Restart::Transient,
+                    move || make(slot.clone()),
+                )
+            })
+            .collect();
+        let policy = Policy {
+            strategy: Strategy::OneForOne,
+            intensity: Intensity {
+                max_restarts: 20,
+                window_ms: 60_000,
+            },
+            backoff: Backoff {
+                initial_ms: 10,
+                max_ms: 2_000,
+                ..Backoff::default()
+            },
+        };
+        let sup = Supervisor::start(format!("inference-{}", self.name), policy, children, None)
+            .await
+            .map_err(|e| Error::Config(format!("starting the {} pool: {e}", self.name)))?;
+        self.supervisor = Some(sup);
+        Ok(())
+    }
+
+    /// The live replica with the fewest requests, counted against until the guard drops.
+    /// Waits for a restarting replica up to [`REPLICA_WAIT`].
+    pub(crate) async fn pick(&self) -> Result<(ActorRef<M>, LoadGuard<M>)> {
+        let deadline = tokio::time::Instant::now() + REPLICA_WAIT;
+        loop {
+            let best = self
+                .slots
+                .iter()
+                .filter_map(|s| s.live().map(|a| (s, a)))
+                .min_by_key(|(s, _)| s.load.load(Ordering::Acquire));
+            if let Some((slot, actor)) = best {
+                slot.load.fetch_add(1, Ordering::AcqRel);
+                return Ok((actor, LoadGuard(slot.clone())));
+            }
+            if self.supervisor.is_none() || tokio::time::Instant::now() >= deadline {
+                return Err(Error::Unavailable(self.name));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub(crate) fn total_load(&self) -> usize {
+        self.slots.iter().map(|s| s.load.load(Ordering::Acquire)).sum()
+    }
+
+    pub(crate) fn stats(&self) -> PoolStats {
+        PoolStats {
+            replicas: self.slots.len(),
+            live: self.slots.iter().filter(|s| s.live().is_some()).count(),
+            in_flight: self
+                .slots
+                .iter()
+                .map(|s| s.load.load(Ordering::Acquire))
+                .collect(),
+            starts: self.starts.load(Ordering::Acquire),
+        }
+    }
+
+    /// Kills replica `i` at once (what a crash does): its in-flight requests fail and the
+    /// supervisor starts it again. For chaos tests and operators.
+    pub(crate) fn kill(&self, i: usize) -> Result<()> {
+        let slot = self
+            .slots
+            .get(i)
+            .ok_or_else(|| Error::Config(format!("the {} pool has no replica {i}", self.name)))?;
+        let actor = slot.live().ok_or(Error::Unavailable(self.name))?;
+        tracing::warn!(pool = self.name, replica = i, "killing replica");
+        actor.kill();
+        Ok(())
+    }
+
+    /// Waits until every replica is running again.
+    pub(crate) async fn wait_all_live(&self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.slots.iter().any(|s| s.live().is_none()) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Unavailable(self.name));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+}
+
+impl<M: Send + 'static> Drop for Replicas<M> {
+    fn drop(&mut self) {
+        for slot in &self.slots {
+            if let Some(a) = slot.actor.lock().ok().and_then(|mut a| a.take()) {
+                a.stop(None);
+            }
+        }
+        if let Some(sup) = self.supervisor.take() {
+            sup.stop(None);
+        }
+    }
+}

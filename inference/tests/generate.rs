@@ -1,0 +1,166 @@
+//! Generation with the real SmolLM2-135M-Instruct GGUF.
+
+mod common;
+
+use std::time::Duration;
+
+use soma_inference::{
+    ChatMessage, Error, FinishReason, GenerateRequest, GenerationEvent, GeneratorConfig,
+    GeneratorPool, Prompt, SamplingParams,
+};
+
+fn text(prompt: &str, params: SamplingParams) -> GenerateRequest {
+    GenerateRequest {
+        prompt: Prompt::Text(prompt.into()),
+        params,
+        schema: None,
+    }
+}
+
+async fn pool(replicas: usize) -> GeneratorPool {
+    GeneratorPool::start(
+        common::generator(),
+        GeneratorConfig {
+            replicas,
+            ..GeneratorConfig::default()
+        },
+    )
+    .await
+    .expect("pool")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_capital_of_france_is_paris() {
+    let pool = pool(1).await;
+    let c = pool
+        .complete(text("The capital of France is", SamplingParams::greedy(8)))
+        .await
+        .expect("generate");
+    println!("{c:?}");
+    assert!(c.text.contains("Paris"), "got {:?}", c.text);
+    assert!(c.usage.prompt_tokens >= 5);
+    assert!(c.usage.completion_tokens >= 1 && c.usage.completion_tokens <= 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_and_seeded_generation_repeat() {
+    let pool = pool(2).await;
+    let chat = |params| GenerateRequest {
+        prompt: Prompt::Chat(vec![ChatMessage::new("user", "Name three colours.")]),
+        params,
+        schema: None,
+    };
+    let greedy = SamplingParams::greedy(24);
+    let a = pool.complete(chat(greedy.clone())).await.expect("a");
+    let b = pool.complete(chat(greedy)).await.expect("b");
+    assert_eq!(a.text, b.text);
+    assert!(!a.text.is_empty());
+    let sampled = SamplingParams {
+        temperature: 0.9,
+        top_p: Some(0.95),
+        top_k: Some(40),
+        seed: 42,
+        max_tokens: 24,
+        stop: Vec::new(),
+    };
+    let c = pool.complete(chat(sampled.clone())).await.expect("c");
+    let d = pool.complete(chat(sampled)).await.expect("d");
+    assert_eq!(c.text, d.text, "same seed, same text");
+    assert_eq!(c.usage, d.usage);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_stream_and_stop_sequences_cut_the_output() {
+    let pool = pool(1).await;
+    let mut params = SamplingParams::greedy(40);
+    params.stop = vec!["Paris".into()];
+    let mut stream = pool
+        .generate(text("The capital of France is", params))
+        .await
+        .expect("stream");
+    let mut streamed = String::new();
+    let mut tokens = 0;
+    let done = loop {
+        match stream.next().await.expect("an event").expect("no error") {
+            GenerationEvent::Token { text, .. } => {
+                tokens += 1;
+                streamed.push_str(&text);
+            }
+            GenerationEvent::Text { text } => streamed.push_str(&text),
+            GenerationEvent::Done(c) => break c,
+        }
+    };
+    assert!(stream.next().await.is_none());
+    assert_eq!(done.finish, FinishReason::StopSequence);
+    assert_eq!(streamed, done.text, "streamed text is the completion");
+    assert!(!done.text.contains("Paris"));
+    assert_eq!(done.usage.completion_tokens, tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_stream_stops_generation() {
+    let pool = pool(1).await;
+    let mut stream = pool
+        .generate(text("Once upon a time", SamplingParams::greedy(2000)))
+        .await
+        .expect("stream");
+    for _ in 0..3 {
+        stream.next().await.expect("event").expect("token");
+    }
+    drop(stream);
+    // The replica is free again long before 2000 tokens could have been generated.
+    let started = std::time::Instant::now();
+    while pool.stats().in_flight[0] != 0 {
+        assert!(started.elapsed() < Duration::from_secs(20), "generation did not stop");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let c = pool
+        .complete(text("The capital of France is", SamplingParams::greedy(4)))
+        .await
+        .expect("next request served");
+    assert_eq!(c.usage.completion_tokens.min(4), c.usage.completion_tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_fails_its_stream_and_restarts() {
+    let pool = pool(1).await;
+    let mut stream = pool
+        .generate(text("Once upon a time", SamplingParams::greedy(2000)))
+        .await
+        .expect("stream");
+    stream.next().await.expect("event").expect("token");
+    pool.kill_replica(0).expect("kill");
+    let mut last = None;
+    while let Some(event) = stream.next().await {
+        last = Some(event);
+    }
+    assert!(
+        matches!(last, Some(Err(Error::ReplicaFailed { .. }))),
+        "the stream must end with an error, got {last:?}"
+    );
+    pool.wait_ready(Duration::from_secs(10)).await.expect("restarted");
+    assert_eq!(pool.stats().starts, 2);
+    let c = pool
+        .complete(text("The capital of France is", SamplingParams::greedy(8)))
+        .await
+        .expect("served after restart");
+    assert!(c.text.contains("Paris"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_refused_with_what_is_wrong() {
+    let pool = pool(1).await;
+    let err = |r: soma_inference::Result<_>| match r {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("accepted a bad request"),
+    };
+    let mut p = SamplingParams::greedy(10);
+    p.temperature = -1.0;
+    assert!(err(pool.generate(text("x", p)).await).contains("temperature"));
+    assert!(err(pool.generate(text("", SamplingParams::greedy(4))).await).contains("empty"));
+    assert!(
+        err(pool.generate(text("x", SamplingParams::greedy(100_000))).await).contains("context")
+    );
+    let chat = GenerateRequest::new(Prompt::Chat(Vec::new()));
+    assert!(err(pool.generate(chat).await).contains("message"));
+}
