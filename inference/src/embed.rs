@@ -46,9 +46,8 @@ impl EmbeddingModel {
         let span = tracing::info_span!("inference.load_embedder", dir = %dir.display());
         let _enter = span.enter();
         let config_path = dir.join("config.json");
-        let config: Config = serde_json::from_value(read_json(&config_path)?).map_err(|e| {
-            Error::model(&config_path, format!("not a BERT configuration: {e}"))
-        })?;
+        let config: Config = serde_json::from_value(read_json(&config_path)?)
+            .map_err(|e| Error::model(&config_path, format!("not a BERT configuration: {e}")))?;
         let max_tokens = match read_json(&dir.join("sentence_bert_config.json")) {
             Ok(v) => v
                 .get("max_seq_length")
@@ -67,10 +66,11 @@ impl EmbeddingModel {
         let model = BertModel::load(vb, &config)
             .map_err(|e| Error::model(&weights_path, format!("does not fit config.json: {e}")))?;
         let tokenizer_path = dir.join("tokenizer.json");
-        let mut tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Tokenizer {
-            origin: tokenizer_path.display().to_string(),
-            detail: e.to_string(),
-        })?;
+        let mut tokenizer =
+            Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Tokenizer {
+                origin: tokenizer_path.display().to_string(),
+                detail: e.to_string(),
+            })?;
         // The file pads and truncates to a fixed length; pad to the longest in the batch and
         // truncate at the model's maximum instead.
         let pad_id = config.pad_token_id as u32;
@@ -114,10 +114,13 @@ impl EmbeddingModel {
 
     /// Token ids of `text` as the model sees it (special tokens included, truncated).
     pub fn token_ids(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, true).map_err(|e| Error::Tokenizer {
-            origin: self.dir.join("tokenizer.json").display().to_string(),
-            detail: e.to_string(),
-        })?;
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer {
+                origin: self.dir.join("tokenizer.json").display().to_string(),
+                detail: e.to_string(),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 

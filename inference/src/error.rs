@@ -32,7 +32,9 @@ pub enum Error {
         detail: String,
     },
     /// Structured output had not produced a complete value when `max_tokens` ran out.
-    #[error("structured output incomplete after {0} tokens (raise max_tokens or bound the schema with maxLength/maxItems)")]
+    #[error(
+        "structured output incomplete after {0} tokens (raise max_tokens or bound the schema with maxLength/maxItems)"
+    )]
     IncompleteStructured(usize),
     /// The model computation failed.
     #[error("inference failed: {0}")]

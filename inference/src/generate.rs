@@ -163,7 +163,11 @@ impl std::fmt::Debug for GenerationModel {
 
 impl GenerationModel {
     /// Loads a llama-family GGUF file.
-    pub fn load(path: impl AsRef<Path>, device: &Device, options: &GeneratorOptions) -> Result<Self> {
+    pub fn load(
+        path: impl AsRef<Path>,
+        device: &Device,
+        options: &GeneratorOptions,
+    ) -> Result<Self> {
         let path = path.as_ref();
         let span = tracing::info_span!("inference.load_generator", path = %path.display());
         let _enter = span.enter();
@@ -231,7 +235,9 @@ impl GenerationModel {
             Error::InvalidRequest("the model has no chat template: send a text prompt".into())
         })?;
         if messages.is_empty() {
-            return Err(Error::InvalidRequest("a chat needs at least one message".into()));
+            return Err(Error::InvalidRequest(
+                "a chat needs at least one message".into(),
+            ));
         }
         let mut env = minijinja::Environment::new();
         env.add_function(

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::io::Cursor;
 use std::path::Path;
 
-use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::Device;
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use serde::{Deserialize, Serialize};
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -183,9 +183,11 @@ impl TextTokenizer {
             detail,
         };
         let get = |key: &str| {
-            ct.metadata
-                .get(key)
-                .ok_or_else(|| err(format!("`{key}` is missing (pass a tokenizer.json instead)")))
+            ct.metadata.get(key).ok_or_else(|| {
+                err(format!(
+                    "`{key}` is missing (pass a tokenizer.json instead)"
+                ))
+            })
         };
         let model = get("tokenizer.ggml.model")?
             .to_string()
@@ -200,7 +202,11 @@ impl TextTokenizer {
                 .to_vec()
                 .map_err(|e| err(format!("`{key}`: {e}")))?
                 .iter()
-                .map(|v| v.to_string().cloned().map_err(|e| err(format!("`{key}`: {e}"))))
+                .map(|v| {
+                    v.to_string()
+                        .cloned()
+                        .map_err(|e| err(format!("`{key}`: {e}")))
+                })
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
@@ -270,7 +276,9 @@ impl TextTokenizer {
             .filter(|(_, c)| **c)
             .map(|(t, _)| AddedToken::from(t.clone(), true))
             .collect();
-        inner.add_special_tokens(specials).map_err(|e| err(e.to_string()))?;
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| err(e.to_string()))?;
         let table = byte_to_char();
         let inverse: HashMap<char, u8> = (0..=255u8).map(|b| (table[b as usize], b)).collect();
         let bytes = tokens

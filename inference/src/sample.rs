@@ -68,7 +68,9 @@ impl SamplingParams {
             return Err(Error::InvalidRequest("top_k must be at least 1".into()));
         }
         if self.max_tokens == 0 {
-            return Err(Error::InvalidRequest("max_tokens must be at least 1".into()));
+            return Err(Error::InvalidRequest(
+                "max_tokens must be at least 1".into(),
+            ));
         }
         if self.stop.len() > MAX_STOP_SEQUENCES || self.stop.iter().any(String::is_empty) {
             return Err(Error::InvalidRequest(format!(

@@ -111,11 +111,7 @@ fn int_field(obj: &serde_json::Map<String, Value>, key: &str, at: &str) -> Resul
     }
 }
 
-fn check_keys(
-    obj: &serde_json::Map<String, Value>,
-    allowed: &[&str],
-    at: &str,
-) -> Result<()> {
+fn check_keys(obj: &serde_json::Map<String, Value>, allowed: &[&str], at: &str) -> Result<()> {
     for key in obj.keys() {
         if ANNOTATIONS.contains(&key.as_str()) || allowed.contains(&key.as_str()) {
             continue;
@@ -134,9 +130,8 @@ fn compile_node(schema: &Value, at: &str, nodes: &mut Vec<Node>) -> Result<usize
         .ok_or_else(|| Error::schema(at, "a schema must be a JSON object"))?;
     let index = nodes.len();
     nodes.push(Node::Literals(Vec::new())); // placeholder, replaced below
-    let literal = |v: &Value| -> Result<Vec<u8>> {
-        serde_json::to_vec(v).map_err(|e| Error::schema(at, e))
-    };
+    let literal =
+        |v: &Value| -> Result<Vec<u8>> { serde_json::to_vec(v).map_err(|e| Error::schema(at, e)) };
     let node = if let Some(values) = obj.get("enum") {
         check_keys(obj, &["enum", "type"], at)?;
         let values = values
@@ -186,7 +181,9 @@ fn compile_node(schema: &Value, at: &str, nodes: &mut Vec<Node>) -> Result<usize
                         {
                             return Err(Error::schema(
                                 &format!("{at}/properties"),
-                                format!("property name {name:?} must be non-empty and need no escaping"),
+                                format!(
+                                    "property name {name:?} must be non-empty and need no escaping"
+                                ),
                             ));
                         }
                         names.push(name.clone());
@@ -220,9 +217,9 @@ fn compile_node(schema: &Value, at: &str, nodes: &mut Vec<Node>) -> Result<usize
             }
             "array" => {
                 check_keys(obj, &["type", "items", "minItems", "maxItems"], at)?;
-                let items = obj.get("items").ok_or_else(|| {
-                    Error::schema(at, "an array needs an `items` schema")
-                })?;
+                let items = obj
+                    .get("items")
+                    .ok_or_else(|| Error::schema(at, "an array needs an `items` schema"))?;
                 let min = int_field(obj, "minItems", at)?.unwrap_or(0);
                 let max = int_field(obj, "maxItems", at)?.unwrap_or(usize::MAX);
                 if min > max {
@@ -329,13 +326,40 @@ impl Num {
 
 #[derive(Debug, Clone)]
 enum Frame {
-    Value { node: usize, space_ok: bool },
-    Obj { node: usize, next: usize, stage: ObjStage },
-    Key { node: usize, cands: Vec<usize>, pos: usize },
-    Arr { node: usize, count: usize, stage: ArrStage },
-    Str { node: usize, chars: usize, esc: Esc, pending: u8 },
-    Num { integer: bool, state: Num },
-    Lit { node: usize, alive: Vec<usize>, pos: usize },
+    Value {
+        node: usize,
+        space_ok: bool,
+    },
+    Obj {
+        node: usize,
+        next: usize,
+        stage: ObjStage,
+    },
+    Key {
+        node: usize,
+        cands: Vec<usize>,
+        pos: usize,
+    },
+    Arr {
+        node: usize,
+        count: usize,
+        stage: ArrStage,
+    },
+    Str {
+        node: usize,
+        chars: usize,
+        esc: Esc,
+        pending: u8,
+    },
+    Num {
+        integer: bool,
+        state: Num,
+    },
+    Lit {
+        node: usize,
+        alive: Vec<usize>,
+        pos: usize,
+    },
 }
 
 /// The state of a partially generated value. Cheap to clone (one small stack).
@@ -367,21 +391,23 @@ impl Matcher<'_> {
         match self.stack.as_slice() {
             [] => true,
             [Frame::Num { state, .. }] => state.accepting(),
-            [Frame::Lit { node, alive, pos }] => alive
-                .iter()
-                .any(|&i| self.schema.literals(*node).get(i).is_some_and(|l| l.len() == *pos)),
+            [Frame::Lit { node, alive, pos }] => alive.iter().any(|&i| {
+                self.schema
+                    .literals(*node)
+                    .get(i)
+                    .is_some_and(|l| l.len() == *pos)
+            }),
             _ => false,
         }
     }
-
 
     /// Keys that may come next in an object whose next declared property is `next`: the
     /// following properties up to and including the first required one.
     fn allowed_keys(props: usize, required: &[bool], next: usize) -> Vec<usize> {
         let mut out = Vec::new();
-        for i in next..props {
+        for (i, &req) in required.iter().enumerate().take(props).skip(next) {
             out.push(i);
-            if required[i] {
+            if req {
                 break;
             }
         }
@@ -609,9 +635,15 @@ impl Matcher<'_> {
                             b'u' => Some((chars, Esc::Unicode(4), 0)),
                             _ => None,
                         },
-                        Esc::Unicode(n) if b.is_ascii_hexdigit() => {
-                            Some((chars, if n == 1 { Esc::None } else { Esc::Unicode(n - 1) }, 0))
-                        }
+                        Esc::Unicode(n) if b.is_ascii_hexdigit() => Some((
+                            chars,
+                            if n == 1 {
+                                Esc::None
+                            } else {
+                                Esc::Unicode(n - 1)
+                            },
+                            0,
+                        )),
                         Esc::Unicode(_) => None,
                         Esc::None if pending > 0 => {
                             (b & 0xC0 == 0x80).then_some((chars, Esc::None, pending - 1))
@@ -717,8 +749,14 @@ mod tests {
         assert!(!accepts(&s, r#"{"age":3,"name":"Ann","tags":[]}"#), "order");
         assert!(!accepts(&s, r#"{"name":"Ann"}"#), "required tags");
         assert!(!accepts(&s, r#"{"name":"Annabel","tags":[]}"#), "maxLength");
-        assert!(!accepts(&s, r#"{"name":"A","tags":["a","a","a"]}"#), "maxItems");
-        assert!(!accepts(&s, r#"{"name":"A","age":1.5,"tags":[]}"#), "integer");
+        assert!(
+            !accepts(&s, r#"{"name":"A","tags":["a","a","a"]}"#),
+            "maxItems"
+        );
+        assert!(
+            !accepts(&s, r#"{"name":"A","age":1.5,"tags":[]}"#),
+            "integer"
+        );
         assert!(!accepts(&s, r#"{"name":"A","tags":["b"]}"#), "enum");
         assert!(!accepts(&s, r#"{"name":"A","tags":[],"x":1}"#), "extra key");
     }
@@ -752,7 +790,10 @@ mod tests {
         let sch = JsonSchema::compile(&s).unwrap();
         let mut m = sch.matcher();
         assert!(m.feed_all(&[b'"', 0xC3]));
-        assert!(!m.clone().feed(b'"'), "no quote inside a multi-byte character");
+        assert!(
+            !m.clone().feed(b'"'),
+            "no quote inside a multi-byte character"
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
 //! Embeddings from the real all-MiniLM-L6-v2 against an independent reference.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -45,7 +46,11 @@ fn embeddings_match_the_reference_to_1e_4() {
     let batch = model.embed(&texts).expect("embed");
     let mut worst = 0f32;
     for ((text, ids, want), got) in cases.iter().zip(&batch) {
-        assert_eq!(&model.token_ids(text).expect("tokens"), ids, "tokens of {text:?}");
+        assert_eq!(
+            &model.token_ids(text).expect("tokens"),
+            ids,
+            "tokens of {text:?}"
+        );
         assert_eq!(got.len(), 384);
         let norm: f32 = got.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5, "unit length, got {norm}");
@@ -55,7 +60,10 @@ fn embeddings_match_the_reference_to_1e_4() {
         // Alone, unpadded: the same vector.
         let single = model.embed(std::slice::from_ref(text)).expect("embed one");
         for (a, b) in single[0].iter().zip(got) {
-            assert!((a - b).abs() < 1e-5, "batching changed the vector of {text:?}");
+            assert!(
+                (a - b).abs() < 1e-5,
+                "batching changed the vector of {text:?}"
+            );
         }
     }
     println!("largest difference from the reference: {worst:e}");
@@ -112,7 +120,10 @@ async fn concurrent_requests_are_batched_and_each_gets_its_own_vector() {
         let (i, got) = t.await.expect("task");
         let got = got.expect("embedding");
         let sim = cosine(&got, &expected[i]);
-        assert!(sim > 0.99999, "caller {i} got another vector (cosine {sim})");
+        assert!(
+            sim > 0.99999,
+            "caller {i} got another vector (cosine {sim})"
+        );
     }
     assert_eq!(pool.stats().in_flight, vec![0, 0]);
     assert!(matches!(
@@ -127,7 +138,12 @@ async fn a_killed_replica_fails_its_batch_and_comes_back() {
         .await
         .expect("pool");
     let long: Vec<String> = (0..200)
-        .map(|i| format!("{i} {}", "a fairly long sentence about many things ".repeat(8)))
+        .map(|i| {
+            format!(
+                "{i} {}",
+                "a fairly long sentence about many things ".repeat(8)
+            )
+        })
         .collect();
     let pool = std::sync::Arc::new(pool);
     let p = pool.clone();

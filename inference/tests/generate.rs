@@ -1,4 +1,5 @@
 //! Generation with the real SmolLM2-135M-Instruct GGUF.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -111,7 +112,10 @@ async fn dropping_the_stream_stops_generation() {
     // The replica is free again long before 2000 tokens could have been generated.
     let started = std::time::Instant::now();
     while pool.stats().in_flight[0] != 0 {
-        assert!(started.elapsed() < Duration::from_secs(20), "generation did not stop");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "generation did not stop"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let c = pool
@@ -138,7 +142,9 @@ async fn a_killed_replica_fails_its_stream_and_restarts() {
         matches!(last, Some(Err(Error::ReplicaFailed { .. }))),
         "the stream must end with an error, got {last:?}"
     );
-    pool.wait_ready(Duration::from_secs(10)).await.expect("restarted");
+    pool.wait_ready(Duration::from_secs(10))
+        .await
+        .expect("restarted");
     assert_eq!(pool.stats().starts, 2);
     let c = pool
         .complete(text("The capital of France is", SamplingParams::greedy(8)))
@@ -159,7 +165,10 @@ async fn bad_requests_are_refused_with_what_is_wrong() {
     assert!(err(pool.generate(text("x", p)).await).contains("temperature"));
     assert!(err(pool.generate(text("", SamplingParams::greedy(4))).await).contains("empty"));
     assert!(
-        err(pool.generate(text("x", SamplingParams::greedy(100_000))).await).contains("context")
+        err(pool
+            .generate(text("x", SamplingParams::greedy(100_000)))
+            .await)
+        .contains("context")
     );
     let chat = GenerateRequest::new(Prompt::Chat(Vec::new()));
     assert!(err(pool.generate(chat).await).contains("message"));

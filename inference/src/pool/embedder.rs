@@ -78,11 +78,7 @@ impl Actor for Replica {
     type State = ();
     type Arguments = ();
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Batch>,
-        _: (),
-    ) -> Result<(), ActorProcessingErr> {
+    async fn pre_start(&self, myself: ActorRef<Batch>, _: ()) -> Result<(), ActorProcessingErr> {
         self.slot.register(myself);
         self.starts.fetch_add(1, Ordering::AcqRel);
         metrics::counter!(m::REPLICA_STARTS, "pool" => POOL).increment(1);
@@ -108,7 +104,12 @@ impl Actor for Replica {
         let texts: Vec<String> = batch.jobs.iter().flat_map(|j| j.texts.clone()).collect();
         let size = texts.len();
         metrics::histogram!(m::BATCH_SIZE).record(size as f64);
-        let span = tracing::debug_span!("inference.embed_batch", replica = self.slot.index, size, requests = batch.jobs.len());
+        let span = tracing::debug_span!(
+            "inference.embed_batch",
+            replica = self.slot.index,
+            size,
+            requests = batch.jobs.len()
+        );
         let _enter = span.enter();
         let model = self.model.clone();
         let result = tokio::task::spawn_blocking(move || model.embed(&texts))
@@ -137,7 +138,8 @@ impl Actor for Replica {
 
 fn finish(accepted: Instant, outcome: &'static str) {
     metrics::counter!(m::REQUESTS, "pool" => POOL, "outcome" => outcome).increment(1);
-    metrics::histogram!(m::REQUEST_SECONDS, "pool" => POOL).record(accepted.elapsed().as_secs_f64());
+    metrics::histogram!(m::REQUEST_SECONDS, "pool" => POOL)
+        .record(accepted.elapsed().as_secs_f64());
 }
 
 /// A pool of embedding replicas behind a dynamic batcher.
@@ -153,7 +155,10 @@ pub struct EmbedderPool {
 impl EmbedderPool {
     /// Starts `config.replicas` replicas sharing `model`'s weights, and the batcher.
     pub async fn start(model: EmbeddingModel, config: EmbedderConfig) -> Result<Self> {
-        if config.replicas == 0 || config.max_batch == 0 || config.queue == 0 || config.max_texts == 0
+        if config.replicas == 0
+            || config.max_batch == 0
+            || config.queue == 0
+            || config.max_texts == 0
         {
             return Err(Error::Config(
                 "replicas, max_batch, queue and max_texts must be at least 1".into(),
@@ -196,7 +201,8 @@ impl EmbedderPool {
     /// The vector of one text.
     pub async fn embed(&self, text: impl Into<String>) -> Result<Vec<f32>> {
         let mut v = self.embed_many(vec![text.into()]).await?;
-        v.pop().ok_or_else(|| Error::Compute("no vector returned".into()))
+        v.pop()
+            .ok_or_else(|| Error::Compute("no vector returned".into()))
     }
 
     /// One vector per text, in order.
@@ -254,7 +260,11 @@ impl Drop for EmbedderPool {
     }
 }
 
-async fn batcher(mut rx: mpsc::Receiver<Job>, replicas: Arc<Replicas<Batch>>, config: EmbedderConfig) {
+async fn batcher(
+    mut rx: mpsc::Receiver<Job>,
+    replicas: Arc<Replicas<Batch>>,
+    config: EmbedderConfig,
+) {
     let free = Arc::new(Semaphore::new(config.replicas));
     while let Some(first) = rx.recv().await {
         let Ok(permit) = free.clone().acquire_owned().await else {
@@ -266,7 +276,10 @@ async fn batcher(mut rx: mpsc::Receiver<Job>, replicas: Arc<Replicas<Batch>>, co
         while size < config.max_batch {
             let next = match rx.try_recv() {
                 Ok(job) => Some(job),
-                Err(_) => tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten(),
+                Err(_) => tokio::time::timeout_at(deadline, rx.recv())
+                    .await
+                    .ok()
+                    .flatten(),
             };
             let Some(job) = next else { break };
             size += job.texts.len();

@@ -139,9 +139,7 @@ impl Actor for Replica {
             metrics::counter!(m::REQUESTS, "pool" => POOL, "outcome" => "cancelled").increment(1);
             return Ok(());
         }
-        let mut model = state
-            .take()
-            .unwrap_or_else(|| (*self.base).clone());
+        let mut model = state.take().unwrap_or_else(|| (*self.base).clone());
         let stop = Arc::new(AtomicBool::new(false));
         let _stop_on_drop = StopOnDrop(stop.clone());
         let replica = self.slot.index;
@@ -159,8 +157,7 @@ impl Actor for Replica {
             let result = model.run(&prepared, &stop, &mut |event| {
                 if first.is_none() {
                     first = Some(Instant::now());
-                    metrics::histogram!(m::TTFT_SECONDS)
-                        .record(accepted.elapsed().as_secs_f64());
+                    metrics::histogram!(m::TTFT_SECONDS).record(accepted.elapsed().as_secs_f64());
                 }
                 events.blocking_send(Ok(event)).is_ok()
             });
@@ -274,7 +271,9 @@ impl GeneratorPool {
     /// Starts `config.replicas` replicas sharing `model`'s weights.
     pub async fn start(model: GenerationModel, config: GeneratorConfig) -> Result<Self> {
         if config.replicas == 0 || config.queue == 0 {
-            return Err(Error::Config("replicas and queue must be at least 1".into()));
+            return Err(Error::Config(
+                "replicas and queue must be at least 1".into(),
+            ));
         }
         check_threads(config.threads)?;
         let base = Arc::new(model);

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ractor::{ActorRef, ActorStatus};
-use soma_supervision::{Backoff, ChildSpec, Intensity, Policy, Strategy, Supervisor, SupervisorMsg};
+use soma_supervision::{
+    Backoff, ChildSpec, Intensity, Policy, Strategy, Supervisor, SupervisorMsg,
+};
 
 use crate::error::{Error, Result};
 
@@ -163,7 +165,10 @@ impl<M: ractor::Message> Replicas<M> {
     }
 
     pub(crate) fn total_load(&self) -> usize {
-        self.slots.iter().map(|s| s.load.load(Ordering::Acquire)).sum()
+        self.slots
+            .iter()
+            .map(|s| s.load.load(Ordering::Acquire))
+            .sum()
     }
 
     pub(crate) fn stats(&self) -> PoolStats {

@@ -1,5 +1,5 @@
 //! Shared helpers: where the real models are, loaded once per test binary.
-
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use std::path::PathBuf;
