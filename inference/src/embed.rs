@@ -124,6 +124,23 @@ impl EmbeddingModel {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// One vector per text, in order, for any number of texts: sorted by length and run in
+    /// forward passes of `batch` texts, so that texts of like length are padded together
+    /// (what sentence-transformers' `encode` does).
+    pub fn embed_all(&self, texts: &[String], batch: usize) -> Result<Vec<Vec<f32>>> {
+        let batch = batch.max(1);
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
+        let mut out = vec![Vec::new(); texts.len()];
+        for chunk in order.chunks(batch) {
+            let group: Vec<String> = chunk.iter().map(|&i| texts[i].clone()).collect();
+            for (&i, v) in chunk.iter().zip(self.embed(&group)?) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+
     /// One unit-length vector per text, in order; one forward pass for the whole batch.
     pub fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
         if texts.is_empty() {

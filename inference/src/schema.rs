@@ -19,7 +19,8 @@ use crate::error::{Error, Result};
 
 /// Longest integer part of a generated number, in digits.
 const MAX_INT_DIGITS: u8 = 15;
-/// Longest fraction or exponent part of a generated number, in digits.
+/// Longest fraction part of a generated number, in digits (exponents take at most two, so
+/// every number fits an f64).
 const MAX_FRAC_DIGITS: u8 = 8;
 
 /// A compiled JSON schema, ready to constrain generation.
@@ -318,7 +319,7 @@ impl Num {
             (Num::Frac(n), _) if digit && n < MAX_FRAC_DIGITS => Num::Frac(n + 1),
             (Num::E, b'+' | b'-') => Num::ESign,
             (Num::E | Num::ESign, _) if digit => Num::Exp(1),
-            (Num::Exp(n), _) if digit && n < 3 => Num::Exp(n + 1),
+            (Num::Exp(n), _) if digit && n < 2 => Num::Exp(n + 1),
             _ => return None,
         })
     }

@@ -1,0 +1,161 @@
+//! P9: MiniLM embeddings, batch 32, CPU, against sentence-transformers (PyTorch) on the same
+//! texts and thread count; vectors compared too.
+//!
+//! `CANDLE_NUM_THREADS=2 RAYON_NUM_THREADS=2 cargo bench -p soma-inference --bench p9_embeddings`
+//! (peer: `bash benches/peers/install.sh`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use soma_inference::{EmbedderConfig, EmbedderPool, EmbeddingModel};
+
+const BATCH: usize = 32;
+
+fn texts(n: usize) -> Vec<String> {
+    let subjects = [
+        "The cat",
+        "A developer",
+        "Our team",
+        "The market",
+        "My neighbour",
+        "This model",
+    ];
+    let verbs = [
+        "quietly watches",
+        "rewrote",
+        "will review",
+        "celebrated",
+        "cannot explain",
+        "measured",
+    ];
+    let objects = [
+        "the sunset over the harbour",
+        "a distributed actor runtime with persistent mailboxes",
+        "the quarterly report",
+        "an old bicycle with a squeaky chain and flat tyres",
+        "the results of yesterday's benchmark on two cores",
+        "dinner",
+    ];
+    (0..n)
+        .map(|i| {
+            let extra = if i % 3 == 0 {
+                " and then went home early because it was raining"
+            } else {
+                ""
+            };
+            format!(
+                "{} {} {}{extra} (note {i}).",
+                subjects[i % 6],
+                verbs[(i / 6) % 6],
+                objects[(i / 36) % 6]
+            )
+        })
+        .collect()
+}
+
+fn main() {
+    let threads = soma_inference::cpu_threads();
+    let n = 512;
+    let texts = texts(n);
+    let dir = common::models().join("all-MiniLM-L6-v2");
+    let model = EmbeddingModel::load(&dir, &candle_core::Device::Cpu).expect("load MiniLM");
+    model.embed(&texts[..BATCH]).expect("warm-up");
+    let mut unsorted = Duration::MAX;
+    for _ in 0..2 {
+        let t = Instant::now();
+        for c in texts.chunks(BATCH) {
+            model.embed(c).expect("embed");
+        }
+        unsorted = unsorted.min(t.elapsed());
+    }
+    let mut best = Duration::MAX;
+    let mut ours = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        ours = model.embed_all(&texts, BATCH).expect("embed");
+        best = best.min(t.elapsed());
+    }
+    let our_rate = n as f64 / best.as_secs_f64();
+    println!("P9 embeddings: {n} texts, batch {BATCH}, {threads} thread(s)");
+    println!(
+        "  soma-inference (candle)      {our_rate:>8.1} sentences/s (embed_all: sorted by length, batches of {BATCH})"
+    );
+    println!(
+        "  same, batches in given order {:>8.1} sentences/s",
+        n as f64 / unsorted.as_secs_f64()
+    );
+
+    // Through the pool: every text its own request, batched dynamically.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let pool_rate = rt.block_on(async {
+        let pool = Arc::new(
+            EmbedderPool::start(
+                model,
+                EmbedderConfig {
+                    max_batch: BATCH,
+                    ..EmbedderConfig::default()
+                },
+            )
+            .await
+            .unwrap(),
+        );
+        let t = Instant::now();
+        let tasks: Vec<_> = texts
+            .iter()
+            .cloned()
+            .map(|s| {
+                let p = pool.clone();
+                tokio::spawn(async move { p.embed(s).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        n as f64 / t.elapsed().as_secs_f64()
+    });
+    println!("  EmbedderPool, 1 text/request {pool_rate:>8.1} sentences/s");
+
+    let dir_t = tempfile::tempdir().unwrap();
+    let texts_file = dir_t.path().join("texts.json");
+    let out_file = dir_t.path().join("vectors.json");
+    std::fs::write(&texts_file, serde_json::to_vec(&texts).unwrap()).unwrap();
+    let peer = common::run_peer(
+        "p9_sentence_transformers.py",
+        &[
+            dir.display().to_string(),
+            texts_file.display().to_string(),
+            threads.to_string(),
+            BATCH.to_string(),
+            out_file.display().to_string(),
+        ],
+    );
+    match peer {
+        Ok(p) => {
+            let theirs: Vec<Vec<f32>> =
+                serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
+            let worst = ours
+                .iter()
+                .zip(&theirs)
+                .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+                .fold(0f32, f32::max);
+            let peer_rate = p["per_s"].as_f64().unwrap();
+            println!(
+                "  {:<28} {peer_rate:>8.1} sentences/s",
+                p["peer"].as_str().unwrap_or("peer")
+            );
+            println!("  largest vector difference: {worst:.2e} (target 1e-4)");
+            println!(
+                "ratio (candle / sentence-transformers): {:.2}x (target >= 1.0x)",
+                our_rate / peer_rate
+            );
+        }
+        Err(why) => println!("peer not run: {why}\nratio: unavailable"),
+    }
+}
