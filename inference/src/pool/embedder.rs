@@ -68,6 +68,7 @@ impl std::fmt::Debug for Batch {
 }
 
 struct Replica {
+    compute: Arc<rayon::ThreadPool>,
     model: Arc<EmbeddingModel>,
     slot: Arc<Slot<Batch>>,
     starts: Arc<std::sync::atomic::AtomicUsize>,
@@ -112,7 +113,8 @@ impl Actor for Replica {
         );
         let _enter = span.enter();
         let model = self.model.clone();
-        let result = tokio::task::spawn_blocking(move || model.embed(&texts))
+        let compute = self.compute.clone();
+        let result = tokio::task::spawn_blocking(move || compute.install(|| model.embed(&texts)))
             .await
             .map_err(|e| format!("embedding replica {} panicked: {e}", self.slot.index))?;
         match result {
@@ -169,10 +171,14 @@ impl EmbedderPool {
         let model = Arc::new(model);
         let mut replicas = Replicas::new(POOL, config.replicas);
         let starts = replicas.starts_counter();
+        let computes = (0..config.replicas)
+            .map(|i| crate::device::replica_pool(POOL, i).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
         replicas
             .start(move |slot| {
                 (
                     Replica {
+                        compute: computes[slot.index].clone(),
                         model: model.clone(),
                         slot,
                         starts: starts.clone(),

@@ -80,6 +80,7 @@ impl std::fmt::Debug for Job {
 }
 
 struct Replica {
+    compute: Arc<rayon::ThreadPool>,
     base: Arc<GenerationModel>,
     slot: Arc<Slot<Job>>,
     starts: Arc<AtomicUsize>,
@@ -151,15 +152,19 @@ impl Actor for Replica {
             max_tokens = prepared.params.max_tokens,
             structured = prepared.schema.is_some()
         );
+        let compute = self.compute.clone();
         let task = tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
             let mut first: Option<Instant> = None;
-            let result = model.run(&prepared, &stop, &mut |event| {
-                if first.is_none() {
-                    first = Some(Instant::now());
-                    metrics::histogram!(m::TTFT_SECONDS).record(accepted.elapsed().as_secs_f64());
-                }
-                events.blocking_send(Ok(event)).is_ok()
+            let result = compute.install(|| {
+                model.run(&prepared, &stop, &mut |event| {
+                    if first.is_none() {
+                        first = Some(Instant::now());
+                        metrics::histogram!(m::TTFT_SECONDS)
+                            .record(accepted.elapsed().as_secs_f64());
+                    }
+                    events.blocking_send(Ok(event)).is_ok()
+                })
             });
             (model, result, first)
         });
@@ -280,10 +285,14 @@ impl GeneratorPool {
         let mut replicas = Replicas::new(POOL, config.replicas);
         let starts = replicas.starts_counter();
         let model = base.clone();
+        let computes = (0..config.replicas)
+            .map(|i| crate::device::replica_pool(POOL, i).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
         replicas
             .start(move |slot| {
                 (
                     Replica {
+                        compute: computes[slot.index].clone(),
                         base: model.clone(),
                         slot,
                         starts: starts.clone(),
