@@ -3,13 +3,12 @@
 //! which runs one forward pass and answers each request with its own vectors.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
-use super::{LoadGuard, PoolStats, Replicas, Slot};
+use super::{LoadGuard, PoolStats, ReplicaCtx, Replicas};
 use crate::device::check_threads;
 use crate::embed::EmbeddingModel;
 use crate::error::{Error, Result};
@@ -68,10 +67,8 @@ impl std::fmt::Debug for Batch {
 }
 
 struct Replica {
-    compute: Arc<rayon::ThreadPool>,
     model: Arc<EmbeddingModel>,
-    slot: Arc<Slot<Batch>>,
-    starts: Arc<std::sync::atomic::AtomicUsize>,
+    ctx: ReplicaCtx<Batch>,
 }
 
 impl Actor for Replica {
@@ -80,10 +77,7 @@ impl Actor for Replica {
     type Arguments = ();
 
     async fn pre_start(&self, myself: ActorRef<Batch>, _: ()) -> Result<(), ActorProcessingErr> {
-        self.slot.register(myself);
-        self.starts.fetch_add(1, Ordering::AcqRel);
-        metrics::counter!(m::REPLICA_STARTS, "pool" => POOL).increment(1);
-        tracing::info!(pool = POOL, replica = self.slot.index, "replica started");
+        self.ctx.started(myself);
         Ok(())
     }
 
@@ -92,7 +86,7 @@ impl Actor for Replica {
         myself: ActorRef<Batch>,
         _: &mut (),
     ) -> Result<(), ActorProcessingErr> {
-        self.slot.unregister(&myself);
+        self.ctx.slot.unregister(&myself);
         Ok(())
     }
 
@@ -107,16 +101,16 @@ impl Actor for Replica {
         metrics::histogram!(m::BATCH_SIZE).record(size as f64);
         let span = tracing::debug_span!(
             "inference.embed_batch",
-            replica = self.slot.index,
+            replica = self.ctx.index(),
             size,
             requests = batch.jobs.len()
         );
         let _enter = span.enter();
         let model = self.model.clone();
-        let compute = self.compute.clone();
+        let compute = self.ctx.compute.clone();
         let result = tokio::task::spawn_blocking(move || compute.install(|| model.embed(&texts)))
             .await
-            .map_err(|e| format!("embedding replica {} panicked: {e}", self.slot.index))?;
+            .map_err(|e| format!("embedding replica {} panicked: {e}", self.ctx.index()))?;
         match result {
             Ok(vectors) => {
                 let mut vectors = vectors.into_iter();
@@ -127,7 +121,7 @@ impl Actor for Replica {
                 }
             }
             Err(e) => {
-                tracing::warn!(replica = self.slot.index, error = %e, "embedding batch failed");
+                tracing::warn!(replica = self.ctx.index(), error = %e, "embedding batch failed");
                 for job in batch.jobs {
                     finish(job.accepted, "error");
                     let _ = job.reply.send(Err(Error::Compute(e.to_string())));
@@ -170,18 +164,12 @@ impl EmbedderPool {
         let dimension = model.dimension();
         let model = Arc::new(model);
         let mut replicas = Replicas::new(POOL, config.replicas);
-        let starts = replicas.starts_counter();
-        let computes = (0..config.replicas)
-            .map(|i| crate::device::replica_pool(POOL, i).map(Arc::new))
-            .collect::<Result<Vec<_>>>()?;
         replicas
-            .start(move |slot| {
+            .start(move |ctx| {
                 (
                     Replica {
-                        compute: computes[slot.index].clone(),
                         model: model.clone(),
-                        slot,
-                        starts: starts.clone(),
+                        ctx,
                     },
                     (),
                 )

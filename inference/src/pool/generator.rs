@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use futures_util::Stream;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 
-use super::{LoadGuard, PoolStats, Replicas, Slot};
+use super::{LoadGuard, PoolStats, ReplicaCtx, Replicas};
 use crate::device::check_threads;
 use crate::error::{Error, Result};
 use crate::generate::{
@@ -80,10 +80,8 @@ impl std::fmt::Debug for Job {
 }
 
 struct Replica {
-    compute: Arc<rayon::ThreadPool>,
     base: Arc<GenerationModel>,
-    slot: Arc<Slot<Job>>,
-    starts: Arc<AtomicUsize>,
+    ctx: ReplicaCtx<Job>,
 }
 
 /// Sets the flag when the handler future is dropped (the actor was killed mid-request), so
@@ -106,10 +104,7 @@ impl Actor for Replica {
         myself: ActorRef<Job>,
         _: (),
     ) -> Result<Self::State, ActorProcessingErr> {
-        self.slot.register(myself);
-        self.starts.fetch_add(1, Ordering::AcqRel);
-        metrics::counter!(m::REPLICA_STARTS, "pool" => POOL).increment(1);
-        tracing::info!(pool = POOL, replica = self.slot.index, "replica started");
+        self.ctx.started(myself);
         Ok(Some((*self.base).clone()))
     }
 
@@ -118,7 +113,7 @@ impl Actor for Replica {
         myself: ActorRef<Job>,
         _: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        self.slot.unregister(&myself);
+        self.ctx.slot.unregister(&myself);
         Ok(())
     }
 
@@ -143,7 +138,7 @@ impl Actor for Replica {
         let mut model = state.take().unwrap_or_else(|| (*self.base).clone());
         let stop = Arc::new(AtomicBool::new(false));
         let _stop_on_drop = StopOnDrop(stop.clone());
-        let replica = self.slot.index;
+        let replica = self.ctx.index();
         let events = tx.clone();
         let span = tracing::info_span!(
             "inference.generate",
@@ -152,7 +147,7 @@ impl Actor for Replica {
             max_tokens = prepared.params.max_tokens,
             structured = prepared.schema.is_some()
         );
-        let compute = self.compute.clone();
+        let compute = self.ctx.compute.clone();
         let task = tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
             let mut first: Option<Instant> = None;
@@ -283,19 +278,13 @@ impl GeneratorPool {
         check_threads(config.threads)?;
         let base = Arc::new(model);
         let mut replicas = Replicas::new(POOL, config.replicas);
-        let starts = replicas.starts_counter();
         let model = base.clone();
-        let computes = (0..config.replicas)
-            .map(|i| crate::device::replica_pool(POOL, i).map(Arc::new))
-            .collect::<Result<Vec<_>>>()?;
         replicas
-            .start(move |slot| {
+            .start(move |ctx| {
                 (
                     Replica {
-                        compute: computes[slot.index].clone(),
                         base: model.clone(),
-                        slot,
-                        starts: starts.clone(),
+                        ctx,
                     },
                     (),
                 )

@@ -44,7 +44,7 @@ pub(crate) struct Slot<M: Send + 'static> {
 }
 
 impl<M: Send + 'static> Slot<M> {
-    pub(crate) fn register(&self, actor: ActorRef<M>) {
+    fn register(&self, actor: ActorRef<M>) {
         if let Ok(mut a) = self.actor.lock() {
             *a = Some(actor);
         }
@@ -61,6 +61,32 @@ impl<M: Send + 'static> Slot<M> {
     fn live(&self) -> Option<ActorRef<M>> {
         let a = self.actor.lock().ok()?.clone()?;
         (a.get_status() == ActorStatus::Running).then_some(a)
+    }
+}
+
+/// What a replica actor gets from its pool: its slot, its compute threads, the start count.
+pub(crate) struct ReplicaCtx<M: Send + 'static> {
+    pub(crate) slot: Arc<Slot<M>>,
+    pub(crate) compute: Arc<rayon::ThreadPool>,
+    starts: Arc<AtomicUsize>,
+    pool: &'static str,
+}
+
+impl<M: Send + 'static> ReplicaCtx<M> {
+    pub(crate) fn index(&self) -> usize {
+        self.slot.index
+    }
+
+    /// Registers a (re)started replica so requests reach it; counts and logs the start.
+    pub(crate) fn started(&self, myself: ActorRef<M>) {
+        self.slot.register(myself);
+        self.starts.fetch_add(1, Ordering::AcqRel);
+        metrics::counter!(crate::metrics::REPLICA_STARTS, "pool" => self.pool).increment(1);
+        tracing::info!(
+            pool = self.pool,
+            replica = self.slot.index,
+            "replica started"
+        );
     }
 }
 
@@ -101,29 +127,31 @@ impl<M: ractor::Message> Replicas<M> {
         }
     }
 
-    pub(crate) fn starts_counter(&self) -> Arc<AtomicUsize> {
-        self.starts.clone()
-    }
-
-    /// Starts the supervisor with one child per slot, made by `make(slot)`.
+    /// Starts the supervisor with one child per slot, made by `make` from the replica's
+    /// context (each replica gets its own compute threads, kept across restarts).
     pub(crate) async fn start<A, F>(&mut self, make: F) -> Result<()>
     where
         A: ractor::Actor<Msg = M>,
-        F: Fn(Arc<Slot<M>>) -> (A, A::Arguments) + Send + Sync + Clone + 'static,
+        F: Fn(ReplicaCtx<M>) -> (A, A::Arguments) + Send + Sync + Clone + 'static,
     {
-        let children = self
-            .slots
-            .iter()
-            .map(|slot| {
-                let slot = slot.clone();
-                let make = make.clone();
-                ChildSpec::new(
-                    format!("{}-{}", self.name, slot.index),
-                    soma_supervision::Restart::Transient,
-                    move || make(slot.clone()),
-                )
-            })
-            .collect();
+        let mut children = Vec::with_capacity(self.slots.len());
+        for slot in &self.slots {
+            let compute = Arc::new(crate::device::replica_pool(self.name, slot.index)?);
+            let (slot, make, starts, pool) =
+                (slot.clone(), make.clone(), self.starts.clone(), self.name);
+            children.push(ChildSpec::new(
+                format!("{}-{}", self.name, slot.index),
+                soma_supervision::Restart::Transient,
+                move || {
+                    make(ReplicaCtx {
+                        slot: slot.clone(),
+                        compute: compute.clone(),
+                        starts: starts.clone(),
+                        pool,
+                    })
+                },
+            ));
+        }
         let policy = Policy {
             strategy: Strategy::OneForOne,
             intensity: Intensity {
