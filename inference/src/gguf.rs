@@ -20,11 +20,14 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Quantization {
+    /// As stored for the native engine (its 4-bit kernels read Q4_1 directly); Q8_0 for
+    /// candle's engine. The default.
+    #[default]
+    Auto,
     /// Use the weights as stored.
     AsStored,
     /// Re-quantize Q4_1 tensors to Q8_0 (candle's Q4_1 CPU kernel is slow; Q8_0 is faster
-    /// and closer to the original weights). The default.
-    #[default]
+    /// there).
     Q8_0,
     /// Re-quantize Q4_1 tensors to Q4_0 (smallest, fast, a little less accurate).
     Q4_0,
@@ -33,7 +36,7 @@ pub enum Quantization {
 impl Quantization {
     fn target(self) -> Option<GgmlDType> {
         match self {
-            Quantization::AsStored => None,
+            Quantization::Auto | Quantization::AsStored => None,
             Quantization::Q8_0 => Some(GgmlDType::Q8_0),
             Quantization::Q4_0 => Some(GgmlDType::Q4_0),
         }

@@ -16,6 +16,7 @@ mod error;
 mod generate;
 mod gguf;
 mod metrics;
+mod native;
 mod pool;
 mod sample;
 mod schema;
@@ -24,8 +25,8 @@ pub use device::{DeviceChoice, cpu_threads};
 pub use embed::EmbeddingModel;
 pub use error::{Error, Result};
 pub use generate::{
-    ChatMessage, Completion, FinishReason, GenerateRequest, GenerationEvent, GenerationModel,
-    GeneratorOptions, Prompt, Usage,
+    ChatMessage, Completion, Engine, FinishReason, GenerateRequest, GenerationEvent,
+    GenerationModel, GeneratorOptions, Prompt, Usage,
 };
 pub use gguf::Quantization;
 pub use pool::{

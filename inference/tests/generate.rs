@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use soma_inference::{
-    ChatMessage, Error, FinishReason, GenerateRequest, GenerationEvent, GeneratorConfig,
-    GeneratorPool, Prompt, SamplingParams,
+    ChatMessage, Engine, Error, FinishReason, GenerateRequest, GenerationEvent, GenerationModel,
+    GeneratorConfig, GeneratorOptions, GeneratorPool, Prompt, Quantization, SamplingParams,
 };
 
 fn text(prompt: &str, params: SamplingParams) -> GenerateRequest {
@@ -172,4 +172,97 @@ async fn bad_requests_are_refused_with_what_is_wrong() {
     );
     let chat = GenerateRequest::new(Prompt::Chat(Vec::new()));
     assert!(err(pool.generate(chat).await).contains("message"));
+}
+
+/// The native engine computes the GGUF as its reference implementation does: fed
+/// llama.cpp's greedy continuations token by token (fixture written by
+/// scripts/reference/smollm_llama_cpp_reference.py), it ranks llama.cpp's choice first at
+/// nearly every step, and where it does not, the two scores are a near tie.
+#[test]
+fn native_engine_follows_llama_cpp_greedy_choices() {
+    let mut model = common::generator();
+    assert_eq!(model.engine(), Engine::Native, "the default on the CPU");
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/smollm_llama_cpp_greedy.json"))
+            .expect("fixture");
+    let cases = fixture["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 4);
+    let (mut steps, mut same) = (0, 0);
+    for case in cases {
+        let prompt = case["prompt"].as_str().expect("prompt");
+        let reference = case["text"].as_str().expect("text");
+        let start = model.encode(prompt).expect("encode").len();
+        let tokens = model
+            .encode(&format!("{prompt}{reference}"))
+            .expect("encode");
+        for i in start..tokens.len() {
+            let logits = model.next_token_logits(&tokens[..i]).expect("logits");
+            let best = logits.iter().fold(f32::MIN, |m, v| m.max(*v));
+            let chosen = logits[tokens[i] as usize];
+            assert!(
+                best - chosen < 0.3,
+                "{prompt:?} step {}: llama.cpp's token scores {chosen}, ours {best}",
+                i - start
+            );
+            steps += 1;
+            same += usize::from(chosen == best);
+        }
+    }
+    println!("llama.cpp's greedy token ranked first at {same} of {steps} steps");
+    assert!(steps >= 80 && same * 100 >= steps * 90, "{same} of {steps}");
+}
+
+/// candle's engine computes the same model (its float operations in another order): on the
+/// file's own Q4_1 weights the next-token scores of both engines agree closely and their top
+/// tokens are the same.
+#[test]
+fn native_and_candle_engines_agree_on_next_token_scores() {
+    let load = |engine| {
+        let options = GeneratorOptions {
+            engine,
+            quantization: Quantization::AsStored,
+            ..GeneratorOptions::default()
+        };
+        GenerationModel::load(common::smollm_path(), &candle_core::Device::Cpu, &options)
+            .expect("load")
+    };
+    let (mut native, mut candle) = (load(Engine::Native), load(Engine::Candle));
+    assert_eq!(
+        (native.engine(), candle.engine()),
+        (Engine::Native, Engine::Candle)
+    );
+    let top = |l: &[f32], k: usize| {
+        let mut ids: Vec<usize> = (0..l.len()).collect();
+        ids.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
+        ids.truncate(k);
+        ids
+    };
+    for prompt in [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n",
+        "Once upon a time, in a small village by the sea, there lived",
+    ] {
+        let tokens = native.encode(prompt).expect("encode");
+        let a = native.next_token_logits(&tokens).expect("native");
+        let b = candle.next_token_logits(&tokens).expect("candle");
+        assert_eq!(a.len(), b.len());
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let (lo, hi) = b
+            .iter()
+            .fold((f32::MAX, f32::MIN), |(lo, hi), v| (lo.min(*v), hi.max(*v)));
+        println!(
+            "{prompt:?}: largest score difference {diff} over a range of {}",
+            hi - lo
+        );
+        assert!(
+            diff < 0.03 * (hi - lo),
+            "{prompt:?}: scores differ by {diff}"
+        );
+        assert_eq!(top(&a, 1), top(&b, 1), "{prompt:?}");
+    }
 }

@@ -10,7 +10,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use serde_json::json;
 use soma_inference::{
-    EmbeddingModel, Error, FinishReason, GenerateRequest, GenerationModel, GeneratorConfig,
+    EmbeddingModel, Engine, Error, FinishReason, GenerateRequest, GenerationModel, GeneratorConfig,
     GeneratorOptions, GeneratorPool, Prompt, Quantization, SamplingParams,
 };
 
@@ -140,10 +140,19 @@ fn write_tiny_llama(path: &Path, spec: TinyLlama) {
 }
 
 fn load(path: &Path, quantization: Quantization) -> soma_inference::Result<GenerationModel> {
+    load_on(path, quantization, Engine::Auto)
+}
+
+fn load_on(
+    path: &Path,
+    quantization: Quantization,
+    engine: Engine,
+) -> soma_inference::Result<GenerationModel> {
     GenerationModel::load(
         path,
         &Device::Cpu,
         &GeneratorOptions {
+            engine,
             quantization,
             ..GeneratorOptions::default()
         },
@@ -155,12 +164,18 @@ async fn random_weights_generate_with_every_quantization() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_tiny_llama(&path, TinyLlama::default());
-    for q in [
-        Quantization::AsStored,
-        Quantization::Q8_0,
-        Quantization::Q4_0,
-    ] {
-        let pool = GeneratorPool::start(load(&path, q).unwrap(), GeneratorConfig::default())
+    let cases = [Engine::Native, Engine::Candle].into_iter().flat_map(|e| {
+        [
+            Quantization::AsStored,
+            Quantization::Q8_0,
+            Quantization::Q4_0,
+        ]
+        .map(|q| (e, q))
+    });
+    for (engine, q) in cases {
+        let model = load_on(&path, q, engine).unwrap();
+        assert_eq!(model.engine(), engine);
+        let pool = GeneratorPool::start(model, GeneratorConfig::default())
             .await
             .unwrap();
         let c = pool
