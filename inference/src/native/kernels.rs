@@ -360,6 +360,9 @@ mod avx512 {
 
     use super::{Q4Row, Q8Row, QuantActs, avx2};
 
+    /// How far ahead of the bytes in use to prefetch.
+    const PREFETCH: usize = 1024;
+
     /// `acc + m_i * s_i` lane-wise over all of `m` (f16) and `s`, 16 at a time, the last
     /// load masked.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -420,8 +423,15 @@ mod avx512 {
         };
         let mut acc0 = _mm512_setzero_ps();
         let mut acc1 = _mm512_setzero_ps();
+        // A model's rows lie one after another: ask for the bytes a few rows ahead, so that
+        // more loads are in flight than the row at hand issues (its loads stall otherwise).
+        let ahead = |p: *const u8| _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH).cast());
+        ahead(w.d.as_ptr().cast());
+        ahead(w.m.as_ptr().cast());
         let mut b = 0;
         while b + 8 <= nb {
+            ahead(w.qs.as_ptr().wrapping_add(b * 16));
+            ahead(w.qs.as_ptr().wrapping_add(b * 16 + 64));
             acc0 = four(b, acc0);
             acc1 = four(b + 4, acc1);
             b += 8;
@@ -495,8 +505,12 @@ mod avx512 {
         };
         let mut acc0 = _mm512_setzero_ps();
         let mut acc1 = _mm512_setzero_ps();
+        let ahead = |p: *const u8| _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH).cast());
+        ahead(w.d.as_ptr().cast());
         let mut p = 0;
         while p + 2 <= pairs {
+            ahead(w.qs.as_ptr().wrapping_add(p * 64).cast());
+            ahead(w.qs.as_ptr().wrapping_add(p * 64 + 64).cast());
             acc0 = pair(p, acc0);
             acc1 = pair(p + 1, acc1);
             p += 2;

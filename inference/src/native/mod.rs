@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use candle_core::quantized::gguf_file;
 
-use self::matrix::{Matrix, Scratch};
+use self::matrix::{Matrix, Scratch, matmul, pack};
 
 /// Largest number of prompt tokens run through the layers at once.
 const PREFILL_CHUNK: usize = 64;
@@ -159,6 +159,22 @@ impl Weights {
             )?),
             false => None,
         };
+        let mut output = output;
+        let mut embed = embed;
+        let mut all: Vec<&mut Matrix> = vec![&mut embed];
+        all.extend(output.iter_mut());
+        for l in &mut layers {
+            all.extend([
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ]);
+        }
+        pack(&mut all).map_err(|e| candle_core::Error::Msg(format!("weights mapping: {e}")))?;
         Ok(Self {
             embed,
             layers,
@@ -303,9 +319,13 @@ impl Model {
                 let r = t * dim..(t + 1) * dim;
                 rms_norm(&s.x[r.clone()], &layer.attn_norm, w.eps, &mut s.h[r]);
             }
-            layer.wq.matmul(&s.h, n, &mut s.q, &mut s.scratch);
-            layer.wk.matmul(&s.h, n, &mut s.k, &mut s.scratch);
-            layer.wv.matmul(&s.h, n, &mut s.v, &mut s.scratch);
+            matmul(
+                &[&layer.wq, &layer.wk, &layer.wv],
+                &s.h,
+                n,
+                &mut [&mut s.q, &mut s.k, &mut s.v],
+                &mut s.scratch,
+            );
             for t in 0..n {
                 let rot = &s.rot[t * pairs..(t + 1) * pairs];
                 rope(&mut s.q[t * dim..(t + 1) * dim], hd, rot);
@@ -339,7 +359,7 @@ impl Model {
                     }
                 }
             }
-            layer.wo.matmul(&s.att, n, &mut s.o, &mut s.scratch);
+            matmul(&[&layer.wo], &s.att, n, &mut [&mut s.o], &mut s.scratch);
             for (x, o) in s.x.iter_mut().zip(&s.o) {
                 *x += o;
             }
@@ -347,16 +367,18 @@ impl Model {
                 let r = t * dim..(t + 1) * dim;
                 rms_norm(&s.x[r.clone()], &layer.ffn_norm, w.eps, &mut s.h[r]);
             }
-            let ffn = layer.gate.rows();
-            s.g.resize(n * ffn, 0.0);
-            s.u.resize(n * ffn, 0.0);
-            layer.gate.matmul(&s.h, n, &mut s.g, &mut s.scratch);
-            layer.up.matmul(&s.h, n, &mut s.u, &mut s.scratch);
+            matmul(
+                &[&layer.gate, &layer.up],
+                &s.h,
+                n,
+                &mut [&mut s.g, &mut s.u],
+                &mut s.scratch,
+            );
             for (g, u) in s.g.iter_mut().zip(&s.u) {
                 // silu(g) * u
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
-            layer.down.matmul(&s.g, n, &mut s.o, &mut s.scratch);
+            matmul(&[&layer.down], &s.g, n, &mut [&mut s.o], &mut s.scratch);
             for (x, o) in s.x.iter_mut().zip(&s.o) {
                 *x += o;
             }
@@ -374,8 +396,8 @@ impl Model {
         s.h.resize(w.dim, 0.0);
         rms_norm(&s.x[..w.dim], &w.norm, w.eps, &mut s.h[..w.dim]);
         let out = w.output.as_ref().unwrap_or(&w.embed);
-        let mut logits = vec![0.0; w.vocab];
-        out.matmul(&s.h[..w.dim], 1, &mut logits, &mut s.scratch);
+        let mut logits = Vec::with_capacity(w.vocab);
+        matmul(&[out], &s.h[..w.dim], 1, &mut [&mut logits], &mut s.scratch);
         logits
     }
 }
