@@ -5,6 +5,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// Which implementation computes a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// The native engine on the CPU (when it supports the model), candle's on CUDA. The
+    /// default.
+    #[default]
+    Auto,
+    /// The native CPU engine: plain buffers, fused per layer, SIMD kernels chosen at run
+    /// time (AVX-512 or AVX2 on x86-64), the file's own quantized weights for generation.
+    Native,
+    /// candle's models (`quantized_llama`, `BertModel`) on the CPU or CUDA: the reference the
+    /// native engine is tested against.
+    Candle,
+}
+
 /// Where models run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

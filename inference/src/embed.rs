@@ -5,18 +5,26 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
+use candle_transformers::models::bert::{BertModel, Config, HiddenAct};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
+use crate::device::Engine;
 use crate::error::{Error, Result};
+use crate::native::bert::{self, Encoder};
 
 /// Longest input of the default model, in tokens, when the folder does not say
 /// (`sentence_bert_config.json`'s `max_seq_length`).
 const DEFAULT_MAX_TOKENS: usize = 256;
 
+enum Backend {
+    Candle(BertModel),
+    Native(Encoder),
+}
+
 /// A loaded embedding model.
 pub struct EmbeddingModel {
-    model: BertModel,
+    backend: Backend,
+    engine: Engine,
     tokenizer: Tokenizer,
     device: Device,
     dimension: usize,
@@ -40,8 +48,14 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 }
 
 impl EmbeddingModel {
-    /// Loads `config.json`, `model.safetensors` and `tokenizer.json` from `dir`.
+    /// Loads `config.json`, `model.safetensors` and `tokenizer.json` from `dir`, on the
+    /// native engine on the CPU (when it supports the model) and candle's otherwise.
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::load_on(dir, device, Engine::Auto)
+    }
+
+    /// As [`load`](Self::load), on the given engine.
+    pub fn load_on(dir: impl AsRef<Path>, device: &Device, engine: Engine) -> Result<Self> {
         let dir = dir.as_ref();
         let span = tracing::info_span!("inference.load_embedder", dir = %dir.display());
         let _enter = span.enter();
@@ -62,9 +76,44 @@ impl EmbeddingModel {
         }
         let tensors = candle_core::safetensors::load(&weights_path, device)
             .map_err(|e| Error::model(&weights_path, format!("not a safetensors file: {e}")))?;
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        let model = BertModel::load(vb, &config)
-            .map_err(|e| Error::model(&weights_path, format!("does not fit config.json: {e}")))?;
+        let native_fits = matches!(config.hidden_act, HiddenAct::Gelu);
+        let engine = match (engine, device) {
+            (Engine::Auto, Device::Cpu) if native_fits => Engine::Native,
+            (Engine::Native, Device::Cpu) if native_fits => Engine::Native,
+            (Engine::Native, Device::Cpu) => {
+                return Err(Error::NotImplemented(
+                    "the native embedding engine: activations other than exact GELU",
+                ));
+            }
+            (Engine::Native, _) => {
+                return Err(Error::Config(
+                    "the native embedding engine runs on the CPU only: use Engine::Candle".into(),
+                ));
+            }
+            _ => Engine::Candle,
+        };
+        let unfit = |e: candle_core::Error| {
+            Error::model(&weights_path, format!("does not fit config.json: {e}"))
+        };
+        let backend = match engine {
+            Engine::Native => Backend::Native(
+                Encoder::from_tensors(
+                    &tensors,
+                    bert::Shape {
+                        dim: config.hidden_size,
+                        heads: config.num_attention_heads,
+                        layers: config.num_hidden_layers,
+                        ffn: config.intermediate_size,
+                        eps: config.layer_norm_eps as f32,
+                    },
+                )
+                .map_err(unfit)?,
+            ),
+            _ => {
+                let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+                Backend::Candle(BertModel::load(vb, &config).map_err(unfit)?)
+            }
+        };
         let tokenizer_path = dir.join("tokenizer.json");
         let mut tokenizer =
             Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Tokenizer {
@@ -93,13 +142,19 @@ impl EmbeddingModel {
                 detail: e.to_string(),
             })?;
         Ok(Self {
-            model,
+            backend,
+            engine,
             tokenizer,
             device: device.clone(),
             dimension: config.hidden_size,
             max_tokens,
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// The engine the model runs on (never `Auto`).
+    pub fn engine(&self) -> Engine {
+        self.engine
     }
 
     /// Length of the vectors.
@@ -153,6 +208,20 @@ impl EmbeddingModel {
                 origin: self.dir.join("tokenizer.json").display().to_string(),
                 detail: e.to_string(),
             })?;
+        let model = match &self.backend {
+            Backend::Native(encoder) => {
+                // Right padding: the real tokens are the first `mask`-many.
+                let seqs: Vec<&[u32]> = encodings
+                    .iter()
+                    .map(|e| {
+                        let real = e.get_attention_mask().iter().filter(|&&m| m != 0).count();
+                        &e.get_ids()[..real]
+                    })
+                    .collect();
+                return encoder.embed(&seqs).map_err(Error::compute);
+            }
+            Backend::Candle(model) => model,
+        };
         let len = encodings.first().map_or(0, |e| e.len());
         let mut ids = Vec::with_capacity(texts.len() * len);
         let mut mask = Vec::with_capacity(texts.len() * len);
@@ -165,7 +234,7 @@ impl EmbeddingModel {
             let ids = Tensor::from_vec(ids, shape, &self.device)?;
             let mask = Tensor::from_vec(mask, shape, &self.device)?;
             let types = ids.zeros_like()?;
-            let hidden = self.model.forward(&ids, &types, Some(&mask))?;
+            let hidden = model.forward(&ids, &types, Some(&mask))?;
             let mask = mask.to_dtype(DType::F32)?.unsqueeze(2)?;
             let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
             let counts = mask.sum(1)?.clamp(1e-9, f64::MAX)?;

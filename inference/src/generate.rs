@@ -9,26 +9,12 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use serde::{Deserialize, Serialize};
 
+use crate::device::Engine;
 use crate::error::{Error, Result};
 use crate::gguf::{self, Quantization, TextTokenizer};
 use crate::native;
 use crate::sample::{Sampler, SamplingParams};
 use crate::schema::JsonSchema;
-
-/// Which implementation computes a generation model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Engine {
-    /// The native engine on the CPU, candle's on CUDA. The default.
-    #[default]
-    Auto,
-    /// The native CPU engine: the file's own 4-bit and 8-bit weights through SIMD dot
-    /// products (AVX2 when present), fused per layer, no allocation per token.
-    Native,
-    /// candle's `quantized_llama` (CPU or CUDA); the reference the native engine is tested
-    /// against.
-    Candle,
-}
 
 /// How to load a generation model.
 #[derive(Debug, Clone, Default)]

@@ -21,12 +21,12 @@ mod pool;
 mod sample;
 mod schema;
 
-pub use device::{DeviceChoice, cpu_threads};
+pub use device::{DeviceChoice, Engine, cpu_threads};
 pub use embed::EmbeddingModel;
 pub use error::{Error, Result};
 pub use generate::{
-    ChatMessage, Completion, Engine, FinishReason, GenerateRequest, GenerationEvent,
-    GenerationModel, GeneratorOptions, Prompt, Usage,
+    ChatMessage, Completion, FinishReason, GenerateRequest, GenerationEvent, GenerationModel,
+    GeneratorOptions, Prompt, Usage,
 };
 pub use gguf::Quantization;
 pub use pool::{

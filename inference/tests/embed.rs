@@ -4,7 +4,7 @@
 mod common;
 
 use serde_json::Value;
-use soma_inference::{EmbedderConfig, EmbedderPool, Error};
+use soma_inference::{EmbedderConfig, EmbedderPool, EmbeddingModel, Engine, Error};
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
@@ -68,6 +68,35 @@ fn embeddings_match_the_reference_to_1e_4() {
     }
     println!("largest difference from the reference: {worst:e}");
     assert!(worst < 1e-4, "largest difference {worst}");
+}
+
+/// Both engines compute the reference's vectors: the native one (the CPU default) and
+/// candle's `BertModel`, on the fixture sentences and on a long text near the 256-token cut.
+#[test]
+fn native_and_candle_engines_give_the_same_vectors() {
+    let native = common::embedder();
+    assert_eq!(native.engine(), Engine::Native, "the default on the CPU");
+    let candle = EmbeddingModel::load_on(
+        common::minilm_dir(),
+        &candle_core::Device::Cpu,
+        Engine::Candle,
+    )
+    .expect("load on candle");
+    assert_eq!(candle.engine(), Engine::Candle);
+    let mut texts: Vec<String> = fixture().into_iter().map(|c| c.0).collect();
+    texts.push("word ".repeat(300));
+    texts.push("x".into());
+    let (a, b) = (
+        native.embed(&texts).expect("native"),
+        candle.embed(&texts).expect("candle"),
+    );
+    let worst = a
+        .iter()
+        .zip(&b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max);
+    println!("largest difference between the engines: {worst:e}");
+    assert!(worst < 1e-5, "engines differ by {worst}");
 }
 
 #[test]

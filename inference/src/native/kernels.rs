@@ -194,6 +194,101 @@ fn offsets(m: &[f16], s: &[f32]) -> f32 {
     m.iter().zip(s).map(|(m, s)| m.to_f32() * s).sum()
 }
 
+/// `out[m x n] = x[m x k] * w[n x k]^T (+ bias[n] on every row)`, with the `gemm` crate's
+/// kernels (AVX-512 or AVX2 as the CPU has), on `threads` of the current rayon pool.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_t(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    threads: usize,
+) {
+    assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n);
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n);
+        for row in out.chunks_exact_mut(n) {
+            row.copy_from_slice(b);
+        }
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the lengths are checked above; `out` (m x n, row stride n), `x` (m x k, row
+    // stride k) and `w` read as its transpose (k x n: element (i, j) at j * k + i) lie within
+    // their slices, and `out` does not alias the inputs (a `&mut` next to `&`).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            bias.is_some(),
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// The Gauss error function in f32, branch-free so that loops over it vectorise: a
+/// rational approximation on [-4, 4] (outside, erf is +-1 in f32), within a few ulp of
+/// the exact value (at most 4e-7 off; test below).
+#[inline(always)]
+pub(crate) fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = -2.726_142_3e-10_f32;
+    p = p.mul_add(x2, 2.770_681_4e-8);
+    p = p.mul_add(x2, -2.101_024e-6);
+    p = p.mul_add(x2, -5.692_506_4e-5);
+    p = p.mul_add(x2, -7.349_906_3e-4);
+    p = p.mul_add(x2, -2.954_600_3e-3);
+    p = p.mul_add(x2, -1.609_603_3e-2);
+    let mut q = -1.456_607_2e-5_f32;
+    q = q.mul_add(x2, -2.133_740_6e-4);
+    q = q.mul_add(x2, -1.682_827e-3);
+    q = q.mul_add(x2, -7.373_329e-3);
+    q = q.mul_add(x2, -1.426_474e-2);
+    x * p / q
+}
+
+/// `x <- gelu(x) = x/2 (1 + erf(x / sqrt 2))` (exact GELU, as BERT uses).
+pub(crate) fn gelu(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() != Isa::Portable {
+        // SAFETY: AVX2 and FMA were detected.
+        return unsafe { avx2::gelu(x) };
+    }
+    gelu_portable(x);
+}
+
+#[inline(always)]
+fn gelu_portable(x: &mut [f32]) {
+    for v in x {
+        *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
 /// Eight partial sums, so that it vectorises.
 #[inline(always)]
 fn dot_f32_portable(w: &[f32], x: &[f32]) -> f32 {
@@ -266,6 +361,11 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
         super::dot_f32_portable(w, x)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn gelu(x: &mut [f32]) {
+        super::gelu_portable(x);
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -619,6 +719,43 @@ mod tests {
                 prop_assert!(close(out[i], x[i] + 0.5 * w[i]));
             }
         }
+    }
+
+    #[test]
+    fn erf_is_within_5e7_of_the_exact_function() {
+        // libm's erff (correctly rounded to about 1 ulp) as the reference.
+        let mut worst = 0f32;
+        for i in -60_000..=60_000 {
+            let x = i as f32 * 1e-4;
+            worst = worst.max((erf(x) - libm_erf(x)).abs());
+        }
+        assert!(worst < 5e-7, "largest error {worst}");
+        assert_eq!(erf(10.0), 1.0);
+        assert_eq!(erf(-10.0), -1.0);
+    }
+
+    fn libm_erf(x: f32) -> f32 {
+        // erf from its Maclaurin series in f64 for |x| <= 3, else from the continued
+        // fraction of erfc: an independent, slow, exact-enough reference.
+        let x = f64::from(x);
+        let v = if x.abs() <= 3.0 {
+            let mut term = x;
+            let mut sum = x;
+            for n in 1..200 {
+                term *= -x * x / n as f64;
+                sum += term / (2 * n + 1) as f64;
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        } else {
+            let z = x.abs();
+            let mut f = 0.0;
+            for n in (1..60).rev() {
+                f = n as f64 / 2.0 / (z + f);
+            }
+            let erfc = (-z * z).exp() / std::f64::consts::PI.sqrt() / (z + f);
+            (1.0 - erfc).copysign(x)
+        };
+        v as f32
     }
 
     #[test]

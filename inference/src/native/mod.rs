@@ -1,9 +1,10 @@
-//! The native CPU engine for llama-family GGUF models: the same transformer as candle's
+//! The native CPU engine. For llama-family GGUF models: the same transformer as candle's
 //! `quantized_llama`, computed on plain buffers with quantized dot products that read the
 //! file's 4-bit weights as stored (no re-quantization), fused per layer, no allocation per
-//! token. The generator uses it on the CPU; candle's model serves CUDA and is the
-//! reference the tests compare against.
+//! token. For BERT encoders: see [`bert`]. The models use it on the CPU; candle's serve CUDA
+//! and are the reference the tests compare against.
 
+pub(crate) mod bert;
 mod kernels;
 mod matrix;
 
