@@ -99,6 +99,26 @@ fn native_and_candle_engines_give_the_same_vectors() {
     assert!(worst < 1e-5, "engines differ by {worst}");
 }
 
+/// The native encoder inside a two-thread pool (matrix products and sequences split across
+/// the threads) gives the vectors it gives on one.
+#[test]
+fn native_engine_gives_the_same_vectors_on_two_threads() {
+    let model = common::embedder();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("pool");
+    let texts: Vec<String> = fixture().into_iter().map(|c| c.0).collect();
+    let a = model.embed(&texts).expect("one thread");
+    let b = pool.install(|| model.embed(&texts)).expect("two threads");
+    let worst = a
+        .iter()
+        .zip(&b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-6, "threads changed the vectors by {worst}");
+}
+
 #[test]
 fn related_sentences_rank_above_unrelated() {
     let model = common::embedder();

@@ -212,6 +212,29 @@ fn native_engine_follows_llama_cpp_greedy_choices() {
     assert!(steps >= 80 && same * 100 >= steps * 90, "{same} of {steps}");
 }
 
+/// Splitting the work across threads changes nothing: the next-token scores of a prompt
+/// and its continuation are the same, bit for bit, on one thread and inside a two-thread
+/// pool (where the other thread spins for work while a token is computed).
+#[test]
+fn native_engine_gives_the_same_scores_on_two_threads() {
+    let mut one = common::generator();
+    let mut two = common::generator();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("pool");
+    let tokens = one
+        .encode("Once upon a time, in a small village by the sea, there lived a")
+        .expect("encode");
+    for end in [tokens.len() - 3, tokens.len() - 2, tokens.len()] {
+        let a = one.next_token_logits(&tokens[..end]).expect("one thread");
+        let b = pool
+            .install(|| two.next_token_logits(&tokens[..end]))
+            .expect("two threads");
+        assert!(a == b, "scores differ after {end} tokens");
+    }
+}
+
 /// candle's engine computes the same model (its float operations in another order): on the
 /// file's own Q4_1 weights the next-token scores of both engines agree closely and their top
 /// tokens are the same.
