@@ -18,7 +18,8 @@ struct Norm {
 
 #[derive(Debug)]
 struct Layer {
-    /// Query, key and value weights stacked (`3 dim x dim`), and their biases.
+    /// Query, key and value weights side by side (`dim x 3 dim`: every weight matrix is
+    /// kept transposed, `in x out`), and their biases.
     qkv_w: Vec<f32>,
     qkv_b: Vec<f32>,
     o_w: Vec<f32>,
@@ -63,6 +64,20 @@ struct Buffers {
     ctx: Vec<f32>,
     o: Vec<f32>,
     h: Vec<f32>,
+}
+
+/// `x <- layer_norm(x + add)` row by row (`add` may be empty), rows split across threads.
+fn add_norm(x: &mut [f32], add: &[f32], n: &Norm, eps: f32) {
+    let d = n.w.len();
+    x.par_chunks_mut(d * 32).enumerate().for_each(|(c, rows)| {
+        if !add.is_empty() {
+            let add = &add[c * d * 32..c * d * 32 + rows.len()];
+            for (v, a) in rows.iter_mut().zip(add) {
+                *v += a;
+            }
+        }
+        layer_norm(rows, n, eps);
+    });
 }
 
 fn layer_norm(x: &mut [f32], n: &Norm, eps: f32) {
@@ -132,6 +147,16 @@ impl Encoder {
         } else {
             vec![0.0; dim]
         };
+        // The products read weights as `k x n` rows (transposed once here).
+        let t = |w: Vec<f32>, n: usize, k: usize| -> Vec<f32> {
+            let mut out = vec![0f32; n * k];
+            for r in 0..n {
+                for c in 0..k {
+                    out[c * n + r] = w[r * k + c];
+                }
+            }
+            out
+        };
         let mut out = Vec::with_capacity(layers);
         for i in 0..layers {
             let p = format!("encoder.layer.{i}");
@@ -145,14 +170,26 @@ impl Encoder {
             qkv_b.extend(get(&format!("{p}.attention.self.key.bias"), &[dim])?);
             qkv_b.extend(get(&format!("{p}.attention.self.value.bias"), &[dim])?);
             out.push(Layer {
-                qkv_w,
+                qkv_w: t(qkv_w, 3 * dim, dim),
                 qkv_b,
-                o_w: get(&format!("{p}.attention.output.dense.weight"), &[dim, dim])?,
+                o_w: t(
+                    get(&format!("{p}.attention.output.dense.weight"), &[dim, dim])?,
+                    dim,
+                    dim,
+                ),
                 o_b: get(&format!("{p}.attention.output.dense.bias"), &[dim])?,
                 ln1: norm(&format!("{p}.attention.output.LayerNorm"))?,
-                i_w: get(&format!("{p}.intermediate.dense.weight"), &[ffn, dim])?,
+                i_w: t(
+                    get(&format!("{p}.intermediate.dense.weight"), &[ffn, dim])?,
+                    ffn,
+                    dim,
+                ),
                 i_b: get(&format!("{p}.intermediate.dense.bias"), &[ffn])?,
-                out_w: get(&format!("{p}.output.dense.weight"), &[dim, ffn])?,
+                out_w: t(
+                    get(&format!("{p}.output.dense.weight"), &[dim, ffn])?,
+                    dim,
+                    ffn,
+                ),
                 out_b: get(&format!("{p}.output.dense.bias"), &[dim])?,
                 ln2: norm(&format!("{p}.output.LayerNorm"))?,
             });
@@ -209,7 +246,7 @@ impl Encoder {
                 }
             }
         }
-        layer_norm(&mut b.x, &self.ln, self.shape.eps);
+        add_norm(&mut b.x, &[], &self.ln, self.shape.eps);
         let hd = dim / heads;
         let scale = 1.0 / (hd as f32).sqrt();
         b.qkv.resize(rows * 3 * dim, 0.0);
@@ -217,7 +254,7 @@ impl Encoder {
         b.o.resize(rows * dim, 0.0);
         b.h.resize(rows * ffn, 0.0);
         for l in &self.layers {
-            kernels::matmul_t(
+            kernels::matmul(
                 &b.x,
                 rows,
                 dim,
@@ -262,7 +299,7 @@ impl Encoder {
                     }
                 }
             });
-            kernels::matmul_t(
+            kernels::matmul(
                 &b.ctx,
                 rows,
                 dim,
@@ -272,11 +309,8 @@ impl Encoder {
                 &mut b.o,
                 threads,
             );
-            for (x, o) in b.x.iter_mut().zip(&b.o) {
-                *x += o;
-            }
-            layer_norm(&mut b.x, &l.ln1, self.shape.eps);
-            kernels::matmul_t(
+            add_norm(&mut b.x, &b.o, &l.ln1, self.shape.eps);
+            kernels::matmul(
                 &b.x,
                 rows,
                 dim,
@@ -287,7 +321,7 @@ impl Encoder {
                 threads,
             );
             b.h.par_chunks_mut(ffn * 16).for_each(kernels::gelu);
-            kernels::matmul_t(
+            kernels::matmul(
                 &b.h,
                 rows,
                 ffn,
@@ -297,10 +331,7 @@ impl Encoder {
                 &mut b.o,
                 threads,
             );
-            for (x, o) in b.x.iter_mut().zip(&b.o) {
-                *x += o;
-            }
-            layer_norm(&mut b.x, &l.ln2, self.shape.eps);
+            add_norm(&mut b.x, &b.o, &l.ln2, self.shape.eps);
         }
         Ok(seqs
             .iter()

@@ -194,10 +194,10 @@ fn offsets(m: &[f16], s: &[f32]) -> f32 {
     m.iter().zip(s).map(|(m, s)| m.to_f32() * s).sum()
 }
 
-/// `out[m x n] = x[m x k] * w[n x k]^T (+ bias[n] on every row)`, with the `gemm` crate's
+/// `out[m x n] = x[m x k] * w[k x n] (+ bias[n] on every row)`, with the `gemm` crate's
 /// kernels (AVX-512 or AVX2 as the CPU has), on `threads` of the current rayon pool.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_t(
+pub(crate) fn matmul(
     x: &[f32],
     m: usize,
     k: usize,
@@ -217,14 +217,25 @@ pub(crate) fn matmul_t(
     if m == 0 || n == 0 {
         return;
     }
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
+    // Rows split across threads, each block a single-threaded product: for the few hundred
+    // rows of an embedding batch this balances better than the crate's own split.
+    const MIN_ROWS: usize = 64;
+    if threads > 1 && m >= 2 * MIN_ROWS {
+        use rayon::prelude::*;
+        let per = m.div_ceil(threads).max(MIN_ROWS);
+        out.par_chunks_mut(per * n)
+            .zip(x.par_chunks(per * k))
+            .for_each(|(o, xs)| gemm_rows(xs, xs.len() / k, k, w, n, bias.is_some(), o));
     } else {
-        gemm::Parallelism::None
-    };
+        gemm_rows(x, m, k, w, n, bias.is_some(), out);
+    }
+}
+
+fn gemm_rows(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, add: bool, out: &mut [f32]) {
+    assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n);
     // SAFETY: the lengths are checked above; `out` (m x n, row stride n), `x` (m x k, row
-    // stride k) and `w` read as its transpose (k x n: element (i, j) at j * k + i) lie within
-    // their slices, and `out` does not alias the inputs (a `&mut` next to `&`).
+    // stride k) and `w` (k x n, row stride n) lie within their slices, and `out` does not
+    // alias the inputs (a `&mut` next to `&`).
     unsafe {
         gemm::gemm(
             m,
@@ -233,19 +244,19 @@ pub(crate) fn matmul_t(
             out.as_mut_ptr(),
             1,
             n as isize,
-            bias.is_some(),
+            add,
             x.as_ptr(),
             1,
             k as isize,
             w.as_ptr(),
-            k as isize,
             1,
+            n as isize,
             1.0,
             1.0,
             false,
             false,
             false,
-            parallelism,
+            gemm::Parallelism::None,
         );
     }
 }
