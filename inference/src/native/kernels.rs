@@ -128,6 +128,58 @@ pub(crate) struct Q8Row<'a> {
     pub(crate) d: &'a [f16],
 }
 
+/// Sixteen 4-bit rows interleaved ("tiled", for the AVX-512 kernel): per block, four runs
+/// of 64 bytes; in run `i`, lane `l` (4 bytes) holds bytes `4i..4i+4` of row `l`'s block (low
+/// nibbles: values `4i..4i+4`, high nibbles: values `16+4i..16+4i+4`). `d` and `m`: per
+/// block, the 16 rows' scales.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Q4Tile<'a> {
+    pub(crate) qs: &'a [u8],
+    pub(crate) d: &'a [f16],
+    pub(crate) m: &'a [f16],
+}
+
+/// Rows per tile.
+pub(crate) const TILE: usize = 16;
+
+/// The sixteen dot products of a tile with `a`.
+pub(crate) fn dot_q4_tile(isa: Isa, w: Q4Tile<'_>, a: &QuantActs) -> [f32; TILE] {
+    let nb = w.d.len() / TILE;
+    assert!(
+        w.qs.len() == nb * 256
+            && w.d.len() == nb * TILE
+            && w.m.len() == nb * TILE
+            && a.d.len() == nb
+            && a.s.len() == nb
+            && a.qs.len() == nb * 32
+    );
+    match isa {
+        // SAFETY: AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C detected; lengths checked.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => unsafe { avx512::dot_q4_tile(w, a) },
+        _ => dot_q4_tile_portable(w, a),
+    }
+}
+
+fn dot_q4_tile_portable(w: Q4Tile<'_>, a: &QuantActs) -> [f32; TILE] {
+    let mut out = [0f32; TILE];
+    for b in 0..w.d.len() / TILE {
+        for (l, o) in out.iter_mut().enumerate() {
+            let mut isum = 0i32;
+            for i in 0..4 {
+                for e in 0..4 {
+                    let byte = w.qs[b * 256 + i * 64 + l * 4 + e];
+                    isum += i32::from(byte & 15) * i32::from(a.qs[b * 32 + 4 * i + e]);
+                    isum += i32::from(byte >> 4) * i32::from(a.qs[b * 32 + 16 + 4 * i + e]);
+                }
+            }
+            *o += w.d[b * TILE + l].to_f32() * a.d[b] * isum as f32
+                + w.m[b * TILE + l].to_f32() * a.s[b];
+        }
+    }
+    out
+}
+
 /// `sum_i w_i * a_i` for a 4-bit row.
 pub(crate) fn dot_q4(isa: Isa, w: Q4Row<'_>, a: &QuantActs) -> f32 {
     let nb = w.d.len();
@@ -469,7 +521,7 @@ mod avx512 {
 
     use half::f16;
 
-    use super::{Q4Row, Q8Row, QuantActs, avx2};
+    use super::{Q4Row, Q4Tile, Q8Row, QuantActs, TILE, avx2};
 
     /// How far ahead of the bytes in use to prefetch.
     const PREFETCH: usize = 1024;
@@ -588,6 +640,56 @@ mod avx512 {
 
     /// # Safety
     /// AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C must be available; the lengths
+    /// `super::dot_q4_tile` checks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4_tile(w: Q4Tile<'_>, a: &QuantActs) -> [f32; TILE] {
+        let nb = w.d.len() / TILE;
+        let mask = _mm512_set1_epi8(0x0F);
+        let mut acc0 = _mm512_setzero_ps();
+        let mut acc1 = _mm512_setzero_ps();
+        for b in 0..nb {
+            let base = w.qs.as_ptr().wrapping_add(b * 256);
+            for line in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(PREFETCH + line * 64).cast());
+            }
+            let act = &a.qs[b * 32..b * 32 + 32];
+            let four = |at: usize| {
+                _mm512_set1_epi32(i32::from_le_bytes([
+                    act[at] as u8,
+                    act[at + 1] as u8,
+                    act[at + 2] as u8,
+                    act[at + 3] as u8,
+                ]))
+            };
+            let mut lo_sum = _mm512_setzero_si512();
+            let mut hi_sum = _mm512_setzero_si512();
+            for i in 0..4 {
+                // SAFETY: b < nb: the 256 bytes of block b's runs are within `w.qs`.
+                let v = unsafe { _mm512_loadu_si512(base.add(i * 64).cast()) };
+                let lo = _mm512_and_si512(v, mask);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+                lo_sum = _mm512_dpbusd_epi32(lo_sum, lo, four(4 * i));
+                hi_sum = _mm512_dpbusd_epi32(hi_sum, hi, four(16 + 4 * i));
+            }
+            // SAFETY: b < nb: 16 scales from b * 16 are within `w.d` and `w.m`.
+            let (dw, mw) = unsafe {
+                (
+                    _mm512_cvtph_ps(_mm256_loadu_si256(w.d.as_ptr().add(b * TILE).cast())),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(w.m.as_ptr().add(b * TILE).cast())),
+                )
+            };
+            let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_sum, hi_sum));
+            acc0 = _mm512_fmadd_ps(isum, _mm512_mul_ps(dw, _mm512_set1_ps(a.d[b])), acc0);
+            acc1 = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.s[b]), acc1);
+        }
+        let mut out = [0f32; TILE];
+        // SAFETY: `out` holds 16 f32.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(acc0, acc1)) };
+        out
+    }
+
+    /// # Safety
+    /// AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C must be available; the lengths
     /// `super::dot_q8` checks.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn dot_q8(w: Q8Row<'_>, a: &QuantActs) -> f32 {
@@ -701,6 +803,34 @@ mod tests {
                 .sum();
             // Activation rounding: at most half a step (2/127) an element, summed at random.
             prop_assert!((want - exact).abs() <= 0.12 * (nb as f32).sqrt(), "{want} vs {exact}");
+        }
+
+        #[test]
+        fn tiled_rows_give_the_dots_of_the_plain_rows(nb in 1usize..20, seed in any::<u64>()) {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let rows: Vec<Vec<u8>> = (0..TILE).map(|_| (0..nb * 16).map(|_| rng.u8(..)).collect()).collect();
+            let d: Vec<Vec<f16>> = (0..TILE).map(|_| (0..nb).map(|_| f16::from_f32(rng.f32() * 0.1)).collect()).collect();
+            let m: Vec<Vec<f16>> = (0..TILE).map(|_| (0..nb).map(|_| f16::from_f32(rng.f32() * 0.2 - 0.1)).collect()).collect();
+            let x: Vec<f32> = (0..nb * 32).map(|_| rng.f32() * 4.0 - 2.0).collect();
+            let (mut tq, mut td, mut tm) = (Vec::new(), Vec::new(), Vec::new());
+            for b in 0..nb {
+                for i in 0..4 {
+                    for row in &rows {
+                        tq.extend_from_slice(&row[b * 16 + 4 * i..b * 16 + 4 * i + 4]);
+                    }
+                }
+                td.extend(d.iter().map(|r| r[b]));
+                tm.extend(m.iter().map(|r| r[b]));
+            }
+            let tile = Q4Tile { qs: &tq, d: &td, m: &tm };
+            for isa in isas() {
+                let a = acts(isa, &x);
+                let got = dot_q4_tile(isa, tile, &a);
+                for l in 0..TILE {
+                    let want = dot_q4(Isa::Portable, Q4Row { qs: &rows[l], d: &d[l], m: &m[l] }, &a);
+                    prop_assert!(close(got[l], want), "{isa:?} row {l}: {} vs {want}", got[l]);
+                }
+            }
         }
 
         #[test]

@@ -14,7 +14,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
-use super::kernels::{self, BLOCK, Isa, Q4Row, Q8Row, QuantActs};
+use super::kernels::{self, BLOCK, Isa, Q4Row, Q4Tile, Q8Row, QuantActs, TILE};
 
 /// Output rows handed to one rayon task at least (keeps the split cheap for small layers).
 const MIN_ROWS_PER_TASK: usize = 64;
@@ -34,6 +34,12 @@ pub(crate) struct Matrix {
 enum Data {
     /// 4-bit rows: `qs` 16 bytes a block; `d`, `m` one f16 per block.
     Q4 {
+        qs: Range<usize>,
+        d: Range<usize>,
+        m: Range<usize>,
+    },
+    /// 4-bit rows sixteen at a time ([`Q4Tile`]), for the AVX-512 kernel.
+    Q4Tiled {
         qs: Range<usize>,
         d: Range<usize>,
         m: Range<usize>,
@@ -93,6 +99,11 @@ pub(crate) fn pack(mats: &mut [&mut Matrix]) -> std::io::Result<()> {
                 d: shift(d, by),
                 m: shift(m, by),
             },
+            Data::Q4Tiled { qs, d, m } => Data::Q4Tiled {
+                qs: shift(qs, by),
+                d: shift(d, by),
+                m: shift(m, by),
+            },
             Data::Q8 { qs, d } => Data::Q8 {
                 qs: shift(qs, by),
                 d: shift(d, by),
@@ -139,10 +150,19 @@ impl Matrix {
                     };
                     bytes.extend_from_slice(&m.to_le_bytes());
                 }
-                Data::Q4 {
-                    qs: 0..n * 16,
-                    d: n * 16..n * 18,
-                    m: n * 18..n * 20,
+                if kernels::isa() == Isa::Avx512Vnni && rows.is_multiple_of(TILE) {
+                    bytes = tile(&bytes, rows, nb);
+                    Data::Q4Tiled {
+                        qs: 0..n * 16,
+                        d: n * 16..n * 18,
+                        m: n * 18..n * 20,
+                    }
+                } else {
+                    Data::Q4 {
+                        qs: 0..n * 16,
+                        d: n * 16..n * 18,
+                        m: n * 18..n * 20,
+                    }
                 }
             }
             GgmlDType::Q8_0 if whole_blocks => q8_from_raw(&t.data()?, n, &mut bytes)?,
@@ -167,7 +187,9 @@ impl Matrix {
     fn check(&self) -> candle_core::Result<()> {
         let nb = self.rows * (self.cols / BLOCK);
         let ok = match &self.data {
-            Data::Q4 { qs, d, m } => qs.len() == nb * 16 && d.len() == nb * 2 && m.len() == nb * 2,
+            Data::Q4 { qs, d, m } | Data::Q4Tiled { qs, d, m } => {
+                qs.len() == nb * 16 && d.len() == nb * 2 && m.len() == nb * 2
+            }
             Data::Q8 { qs, d } => qs.len() == nb * 32 && d.len() == nb * 2,
             Data::F32(w) => w.len() == self.rows * self.cols,
         };
@@ -216,6 +238,22 @@ impl Matrix {
                     }
                 }
             }
+            Data::Q4Tiled { qs, d, m } => {
+                let (qs, d, m) = (&self.bytes[qs.clone()], self.f16s(d), self.f16s(m));
+                let (t, l) = (r / TILE, r % TILE);
+                for b in 0..nb {
+                    let at = (t * nb + b) * TILE;
+                    let (d, m) = (d[at + l].to_f32(), m[at + l].to_f32());
+                    let o = &mut out[b * BLOCK..(b + 1) * BLOCK];
+                    for i in 0..4 {
+                        for e in 0..4 {
+                            let byte = qs[at * 16 + i * 64 + l * 4 + e];
+                            o[4 * i + e] = d * f32::from(byte & 15) + m;
+                            o[16 + 4 * i + e] = d * f32::from(byte >> 4) + m;
+                        }
+                    }
+                }
+            }
             Data::Q8 { qs, d } => {
                 let (qs, d): (&[i8], _) =
                     (bytemuck::cast_slice(&self.bytes[qs.clone()]), self.f16s(d));
@@ -253,14 +291,44 @@ impl Matrix {
                 },
                 a,
             ),
+            Data::Q4Tiled { .. } => self.tile_dots(isa, r / TILE, a)[r % TILE],
             Data::F32(w) => kernels::dot_f32(&w[r * self.cols..(r + 1) * self.cols], x),
         }
+    }
+
+    /// The 16 dot products of tile `t` of a tiled matrix (zeros for another layout).
+    fn tile_dots(&self, isa: Isa, t: usize, a: &QuantActs) -> [f32; TILE] {
+        let Data::Q4Tiled { qs, d, m } = &self.data else {
+            return [0.0; TILE];
+        };
+        let nb = self.cols / BLOCK;
+        let blocks = t * nb * TILE..(t + 1) * nb * TILE;
+        kernels::dot_q4_tile(
+            isa,
+            Q4Tile {
+                qs: &self.bytes[qs.start + blocks.start * 16..qs.start + blocks.end * 16],
+                d: &self.f16s(d)[blocks.clone()],
+                m: &self.f16s(m)[blocks],
+            },
+            a,
+        )
     }
 
     /// Output rows `first..first + out.len() / n` against every input: `out` is weight-row
     /// major (`out[i * n + t]` is row `first + i` for input `t`).
     fn rows_into(&self, isa: Isa, first: usize, x: &[f32], acts: &[QuantActs], out: &mut [f32]) {
         let n = acts.len();
+        if matches!(self.data, Data::Q4Tiled { .. }) && first.is_multiple_of(TILE) {
+            for (i, tile_out) in out.chunks_mut(n * TILE).enumerate() {
+                for (t, a) in acts.iter().enumerate() {
+                    let dots = self.tile_dots(isa, first / TILE + i, a);
+                    for (l, v) in dots.iter().enumerate().take(tile_out.len() / n) {
+                        tile_out[l * n + t] = *v;
+                    }
+                }
+            }
+            return;
+        }
         for (i, row_out) in out.chunks_exact_mut(n).enumerate() {
             for (t, (o, a)) in row_out.iter_mut().zip(acts).enumerate() {
                 *o = self.dot(isa, first + i, &x[t * self.cols..(t + 1) * self.cols], a);
@@ -314,7 +382,11 @@ pub(crate) fn matmul(
     let mut jobs: Vec<(&Matrix, usize, &mut [f32])> = Vec::new();
     for (m, target) in mats.iter().zip(targets.iter_mut()) {
         let per = if threads > 1 {
-            m.rows.div_ceil(threads).max(MIN_ROWS_PER_TASK)
+            // Whole tiles to each task.
+            m.rows
+                .div_ceil(threads)
+                .max(MIN_ROWS_PER_TASK)
+                .next_multiple_of(TILE)
         } else {
             m.rows
         };
@@ -347,6 +419,34 @@ pub(crate) fn matmul(
 pub(crate) struct Scratch {
     acts: Vec<QuantActs>,
     transposed: Vec<Vec<f32>>,
+}
+
+/// Rearranges 4-bit rows (`rows * nb` blocks of 16 quant bytes, then the `d` and `m` runs)
+/// into tiles of 16 rows ([`Q4Tile`]): per tile and block, four runs of 16 lanes x 4 bytes,
+/// then the 16 `d`, then the 16 `m`, each run in its own region as before.
+fn tile(bytes: &[u8], rows: usize, nb: usize) -> Vec<u8> {
+    let n = rows * nb;
+    let mut out = vec![0u8; bytes.len()];
+    let (qs, scales) = bytes.split_at(n * 16);
+    let (d, m) = scales.split_at(n * 2);
+    let (out_qs, out_scales) = out.split_at_mut(n * 16);
+    let (out_d, out_m) = out_scales.split_at_mut(n * 2);
+    for t in 0..rows / TILE {
+        for b in 0..nb {
+            let at = (t * nb + b) * TILE;
+            for l in 0..TILE {
+                let src = ((t * TILE + l) * nb + b) * 16;
+                for i in 0..4 {
+                    let dst = at * 16 + i * 64 + l * 4;
+                    out_qs[dst..dst + 4].copy_from_slice(&qs[src + 4 * i..src + 4 * i + 4]);
+                }
+                let s = ((t * TILE + l) * nb + b) * 2;
+                out_d[(at + l) * 2..(at + l) * 2 + 2].copy_from_slice(&d[s..s + 2]);
+                out_m[(at + l) * 2..(at + l) * 2 + 2].copy_from_slice(&m[s..s + 2]);
+            }
+        }
+    }
+    out
 }
 
 fn q8_from_raw(raw: &[u8], n: usize, bytes: &mut Vec<u8>) -> candle_core::Result<Data> {
