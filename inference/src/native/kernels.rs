@@ -524,7 +524,7 @@ mod avx512 {
     use super::{Q4Row, Q4Tile, Q8Row, QuantActs, TILE, avx2};
 
     /// How far ahead of the bytes in use to prefetch.
-    const PREFETCH: usize = 1024;
+    const PREFETCH: usize = 8192;
 
     /// `acc + m_i * s_i` lane-wise over all of `m` (f16) and `s`, 16 at a time, the last
     /// load masked.
