@@ -241,7 +241,9 @@ fn native_engine_gives_the_same_scores_on_two_threads() {
 
 /// candle's engine computes the same model (its float operations in another order): on the
 /// file's own Q4_1 weights the next-token scores of both engines agree closely and their top
-/// tokens are the same.
+/// tokens are the same. (Activations are quantized to 8 bits per block, so a different
+/// summation order can move a value across a rounding step: 2-3 % of the score range on
+/// this model, depending on the instruction set.)
 #[test]
 fn native_and_candle_engines_agree_on_next_token_scores() {
     let load = |engine| {
@@ -287,7 +289,7 @@ fn native_and_candle_engines_agree_on_next_token_scores() {
             hi - lo
         );
         assert!(
-            diff < 0.03 * (hi - lo),
+            diff < 0.05 * (hi - lo),
             "{prompt:?}: scores differ by {diff}"
         );
         assert_eq!(top(&a, 1), top(&b, 1), "{prompt:?}");

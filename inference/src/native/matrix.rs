@@ -472,3 +472,64 @@ fn f32_of(t: &QTensor) -> candle_core::Result<Vec<f32>> {
         .flatten_all()?
         .to_vec1::<f32>()
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Tensor;
+
+    use super::*;
+
+    /// Every layout (4-bit rows or tiles, 8-bit, f32) gives back the rows candle dequantizes
+    /// and the products of those rows, to quantization accuracy.
+    #[test]
+    fn layouts_agree_with_candle_dequantization() -> candle_core::Result<()> {
+        let (rows, cols) = (48, 256);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
+            .collect();
+        let w = Tensor::from_vec(values, (rows, cols), &Device::Cpu)?;
+        let x: Vec<f32> = (0..2 * cols)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        for dtype in [
+            GgmlDType::Q4_1,
+            GgmlDType::Q4_0,
+            GgmlDType::Q8_0,
+            GgmlDType::F32,
+            GgmlDType::Q6K,
+        ] {
+            let q = QTensor::quantize(&w, dtype)?;
+            let want = q.dequantize(&Device::Cpu)?.to_vec2::<f32>()?;
+            let m = Matrix::from_qtensor(&q)?;
+            let mut row = vec![0f32; cols];
+            for (r, want_row) in want.iter().enumerate() {
+                m.row_f32(r, &mut row);
+                let diff = row
+                    .iter()
+                    .zip(want_row)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                // Q6K is re-quantized to Q8_0: its rows move by a quantization step.
+                let tolerance = if dtype == GgmlDType::Q6K { 0.01 } else { 1e-6 };
+                assert!(diff <= tolerance, "{dtype:?} row {r} differs by {diff}");
+            }
+            let mut out = Vec::new();
+            matmul(&[&m], &x, 2, &mut [&mut out], &mut Scratch::default());
+            for t in 0..2 {
+                for (r, want_row) in want.iter().enumerate() {
+                    let exact: f32 = want_row
+                        .iter()
+                        .zip(&x[t * cols..(t + 1) * cols])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    let got = out[t * rows + r];
+                    assert!(
+                        (got - exact).abs() < 0.05,
+                        "{dtype:?} ({t}, {r}): {got} vs {exact}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}

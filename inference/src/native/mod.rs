@@ -259,7 +259,16 @@ pub(crate) fn with_warm_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     }
     let done = std::sync::atomic::AtomicBool::new(false);
     let caller = rayon::current_thread_index();
+    /// Ends the spinning however `f` ends (a panic included: the scope waits for the
+    /// spinning jobs before it unwinds).
+    struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
     rayon::scope(|scope| {
+        let _stop = Stop(&done);
         for _ in 0..helpers {
             scope.spawn(|_| {
                 // The caller may run this job itself while it waits inside `f`: it must not
@@ -274,9 +283,7 @@ pub(crate) fn with_warm_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
                 }
             });
         }
-        let out = f();
-        done.store(true, std::sync::atomic::Ordering::Release);
-        out
+        f()
     })
 }
 
