@@ -277,25 +277,20 @@ impl Encoder {
                 let mut scores = vec![0f32; len];
                 let row = |p: usize| &qkv[(start + p) * 3 * dim..(start + p + 1) * 3 * dim];
                 for h in 0..heads {
+                    // Query, key and value of head h at position p: thirds of row p.
+                    let part = |third: usize, p: usize| {
+                        let at = third * dim + h * hd;
+                        &row(p)[at..at + hd]
+                    };
                     for a in 0..len {
-                        let q = &row(a)[h * hd..(h + 1) * hd];
-                        let mut max = f32::NEG_INFINITY;
-                        for (c, sc) in scores.iter_mut().enumerate() {
-                            let k = &row(c)[dim + h * hd..dim + (h + 1) * hd];
-                            *sc = kernels::dot_f32(q, k) * scale;
-                            max = max.max(*sc);
-                        }
-                        let mut sum = 0.0;
-                        for sc in scores.iter_mut() {
-                            *sc = (*sc - max).exp();
-                            sum += *sc;
-                        }
-                        let out = &mut ctx[a * dim + h * hd..a * dim + (h + 1) * hd];
-                        out.fill(0.0);
-                        for (c, sc) in scores.iter().enumerate() {
-                            let v = &row(c)[2 * dim + h * hd..2 * dim + (h + 1) * hd];
-                            kernels::axpy(sc / sum, v, out);
-                        }
+                        super::attend(
+                            part(0, a),
+                            |p| part(1, p),
+                            |p| part(2, p),
+                            scale,
+                            &mut scores,
+                            &mut ctx[a * dim + h * hd..a * dim + (h + 1) * hd],
+                        );
                     }
                 }
             });

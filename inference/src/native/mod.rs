@@ -247,6 +247,32 @@ fn rope(x: &mut [f32], head_dim: usize, rot: &[(f32, f32)]) {
     }
 }
 
+/// One head of scaled dot-product attention for one query: `out = softmax(q . k_p * scale)
+/// weighted sum of v_p` over the positions `0..scores.len()` (`key(p)`, `value(p)`).
+pub(crate) fn attend<'a>(
+    q: &[f32],
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let mut max = f32::NEG_INFINITY;
+    for (p, sc) in scores.iter_mut().enumerate() {
+        *sc = kernels::dot_f32(q, key(p)) * scale;
+        max = max.max(*sc);
+    }
+    let mut sum = 0.0;
+    for sc in scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        sum += *sc;
+    }
+    out.fill(0.0);
+    for (p, sc) in scores.iter().enumerate() {
+        kernels::axpy(sc / sum, value(p), out);
+    }
+}
+
 /// Runs `f` while the other threads of the current rayon pool wait for work spinning
 /// rather than asleep. A token takes some 120 parallel steps of tens of microseconds each
 /// (a BERT batch some 30 of a few milliseconds); waking a sleeping thread for each cost more
@@ -383,24 +409,15 @@ impl Model {
                 s.scores.resize(seen, 0.0);
                 for h in 0..nh {
                     let kvh = h / group;
-                    let q = &s.q[t * dim + h * hd..t * dim + (h + 1) * hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (p, sc) in s.scores.iter_mut().enumerate() {
-                        let k = &keys[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
-                        *sc = kernels::dot_f32(q, k) * scale;
-                        max = max.max(*sc);
-                    }
-                    let mut sum = 0.0;
-                    for sc in s.scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc;
-                    }
-                    let out = &mut s.att[t * dim + h * hd..t * dim + (h + 1) * hd];
-                    out.fill(0.0);
-                    for (p, sc) in s.scores.iter().enumerate() {
-                        let v = &values[p * kv_dim + kvh * hd..p * kv_dim + (kvh + 1) * hd];
-                        kernels::axpy(sc / sum, v, out);
-                    }
+                    let at = |p: usize| p * kv_dim + kvh * hd;
+                    attend(
+                        &s.q[t * dim + h * hd..t * dim + (h + 1) * hd],
+                        |p| &keys[at(p)..at(p) + hd],
+                        |p| &values[at(p)..at(p) + hd],
+                        scale,
+                        &mut s.scores,
+                        &mut s.att[t * dim + h * hd..t * dim + (h + 1) * hd],
+                    );
                 }
             }
             matmul(&[&layer.wo], &s.att, n, &mut [&mut s.o], &mut s.scratch);
