@@ -82,6 +82,17 @@ pub(crate) fn load(path: &Path, quant: Quantization) -> Result<Loaded> {
     ] {
         md(&ct, key, path)?;
     }
+    // The block count sizes allocations in candle's loader: the tensors must back it.
+    let blocks = md(&ct, "llama.block_count", path)?
+        .to_u32()
+        .map_err(|e| Error::model(path, e))?;
+    let last = format!("blk.{}.attn_q.weight", blocks.saturating_sub(1));
+    if blocks == 0 || !ct.tensor_infos.contains_key(&last) {
+        return Err(Error::model(
+            path,
+            format!("llama.block_count says {blocks} blocks but tensor `{last}` is missing"),
+        ));
+    }
     if !ct.tensor_infos.contains_key("token_embd.weight") {
         return Err(Error::model(path, "tensor `token_embd.weight` is missing"));
     }

@@ -49,6 +49,8 @@ struct TinyLlama {
     arch: &'static str,
     with_tokenizer: bool,
     embd_rows: Option<usize>,
+    /// What `llama.block_count` claims (the file holds 2 blocks).
+    claimed_blocks: u32,
 }
 
 impl Default for TinyLlama {
@@ -57,6 +59,7 @@ impl Default for TinyLlama {
             arch: "llama",
             with_tokenizer: true,
             embd_rows: None,
+            claimed_blocks: 2,
         }
     }
 }
@@ -74,7 +77,7 @@ fn write_tiny_llama(path: &Path, spec: TinyLlama) {
         .collect();
     let mut md: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String(spec.arch.into())),
-        ("llama.block_count", Value::U32(2)),
+        ("llama.block_count", Value::U32(spec.claimed_blocks)),
         ("llama.context_length", Value::U32(512)),
         ("llama.embedding_length", Value::U32(EMB as u32)),
         ("llama.feed_forward_length", Value::U32(FF as u32)),
@@ -314,6 +317,26 @@ fn files_that_are_not_models_are_named_with_what_is_wrong() {
         e.contains("wrong_shape.gguf") && e.contains("100 rows"),
         "{e}"
     );
+
+    // A block count the tensors do not back (here 4 billion): an error naming the key and
+    // the missing tensor, on both engines, not an allocation of billions of layers.
+    let lying = dir.path().join("lying_blocks.gguf");
+    write_tiny_llama(
+        &lying,
+        TinyLlama {
+            claimed_blocks: 4_000_000_000,
+            ..TinyLlama::default()
+        },
+    );
+    for engine in [Engine::Native, Engine::Candle] {
+        let e = load_on(&lying, Quantization::AsStored, engine)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("lying_blocks.gguf") && e.contains("block_count says 4000000000"),
+            "{engine:?}: {e}"
+        );
+    }
 }
 
 #[test]

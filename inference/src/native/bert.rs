@@ -114,6 +114,9 @@ impl Encoder {
         let Shape {
             dim, layers, ffn, ..
         } = shape;
+        if dim == 0 || ffn == 0 {
+            candle_core::bail!("width {dim} and intermediate size {ffn} must not be zero");
+        }
         if shape.heads == 0 || dim % shape.heads != 0 {
             candle_core::bail!("{} heads do not divide the width {dim}", shape.heads);
         }
@@ -157,7 +160,8 @@ impl Encoder {
             }
             out
         };
-        let mut out = Vec::with_capacity(layers);
+        // `layers` comes from config.json: nothing allocated by it before the tensors are seen.
+        let mut out = Vec::new();
         for i in 0..layers {
             let p = format!("encoder.layer.{i}");
             let mut qkv_w = get(&format!("{p}.attention.self.query.weight"), &[dim, dim])?;

@@ -50,6 +50,7 @@ impl QuantActs {
             self.d[b] = d;
             self.s[b] = d * sum as f32;
         }
+        self.qs4.clear();
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512Vnni {
             // Units of four blocks, then two, then one: each unit holds the first halves of
@@ -75,8 +76,9 @@ impl QuantActs {
     }
 }
 
-/// Which instruction set the dot products use, decided once per process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which instruction set the dot products use, decided once per process. Ordered: the
+/// safe wrappers never run a set above what [`isa`] detected, whatever they are asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Isa {
     Portable,
     #[cfg(target_arch = "x86_64")]
@@ -144,6 +146,7 @@ pub(crate) const TILE: usize = 16;
 
 /// The sixteen dot products of a tile with `a`.
 pub(crate) fn dot_q4_tile(isa: Isa, w: Q4Tile<'_>, a: &QuantActs) -> [f32; TILE] {
+    let isa = isa.min(self::isa());
     let nb = w.d.len() / TILE;
     assert!(
         w.qs.len() == nb * 256
@@ -182,6 +185,7 @@ fn dot_q4_tile_portable(w: Q4Tile<'_>, a: &QuantActs) -> [f32; TILE] {
 
 /// `sum_i w_i * a_i` for a 4-bit row.
 pub(crate) fn dot_q4(isa: Isa, w: Q4Row<'_>, a: &QuantActs) -> f32 {
+    let isa = isa.min(self::isa());
     let nb = w.d.len();
     assert!(
         w.qs.len() == nb * 16
@@ -206,6 +210,7 @@ pub(crate) fn dot_q4(isa: Isa, w: Q4Row<'_>, a: &QuantActs) -> f32 {
 
 /// `sum_i w_i * a_i` for an 8-bit row.
 pub(crate) fn dot_q8(isa: Isa, w: Q8Row<'_>, a: &QuantActs) -> f32 {
+    let isa = isa.min(self::isa());
     let nb = w.d.len();
     assert!(w.qs.len() == nb * 32 && a.d.len() == nb && a.qs.len() == nb * 32);
     match isa {
@@ -260,13 +265,20 @@ pub(crate) fn matmul(
     threads: usize,
 ) {
     assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n);
-    if let Some(b) = bias {
-        assert_eq!(b.len(), n);
-        for row in out.chunks_exact_mut(n) {
-            row.copy_from_slice(b);
-        }
-    }
     if m == 0 || n == 0 {
+        return;
+    }
+    match bias {
+        Some(b) => {
+            assert_eq!(b.len(), n);
+            for row in out.chunks_exact_mut(n) {
+                row.copy_from_slice(b);
+            }
+        }
+        None if k == 0 => out.fill(0.0),
+        None => {}
+    }
+    if k == 0 {
         return;
     }
     // Rows split across threads, each block a single-threaded product: for the few hundred

@@ -93,7 +93,7 @@ pub(crate) fn pack(mats: &mut [&mut Matrix]) -> std::io::Result<()> {
     }
     let shared = Arc::new(Bytes::Mapped(map.make_read_only()?));
     for (m, by) in mats.iter_mut().zip(offsets) {
-        m.data = match &m.data {
+        m.data = match &mut m.data {
             Data::Q4 { qs, d, m } => Data::Q4 {
                 qs: shift(qs, by),
                 d: shift(d, by),
@@ -108,7 +108,7 @@ pub(crate) fn pack(mats: &mut [&mut Matrix]) -> std::io::Result<()> {
                 qs: shift(qs, by),
                 d: shift(d, by),
             },
-            Data::F32(w) => Data::F32(w.clone()),
+            Data::F32(w) => Data::F32(std::mem::take(w)),
         };
         m.bytes = shared.clone();
     }
@@ -381,6 +381,9 @@ pub(crate) fn matmul(
     let threads = rayon::current_num_threads();
     let mut jobs: Vec<(&Matrix, usize, &mut [f32])> = Vec::new();
     for (m, target) in mats.iter().zip(targets.iter_mut()) {
+        if m.rows == 0 {
+            continue;
+        }
         let per = if threads > 1 {
             // Whole tiles to each task.
             m.rows

@@ -84,7 +84,8 @@ impl Weights {
             .get("llama.rope.freq_base")
             .and_then(|v| v.to_f32().ok())
             .unwrap_or(10_000.0);
-        if n_head == 0 || n_kv_head == 0 || dim % n_head != 0 || n_head % n_kv_head != 0 {
+        if dim == 0 || n_head == 0 || n_kv_head == 0 || dim % n_head != 0 || n_head % n_kv_head != 0
+        {
             candle_core::bail!(
                 "{n_head} heads, {n_kv_head} key-value heads and width {dim} do not fit"
             );
@@ -128,11 +129,18 @@ impl Weights {
             );
         }
         let vocab = embed.rows();
-        let mut layers = Vec::with_capacity(blocks);
+        if vocab == 0 {
+            candle_core::bail!("`token_embd.weight` has no rows");
+        }
+        // `blocks` comes from the file: no allocation sized by it before its tensors are seen.
+        let mut layers = Vec::new();
         for i in 0..blocks {
             let name = |s: &str| format!("blk.{i}.{s}.weight");
             let gate = tensor(&name("ffn_gate"))?;
             let ffn = gate.shape().dims().first().copied().unwrap_or(0);
+            if ffn == 0 {
+                candle_core::bail!("`{}` has no rows", name("ffn_gate"));
+            }
             layers.push(Layer {
                 attn_norm: vector(tensor(&name("attn_norm"))?, dim, &name("attn_norm"))?,
                 wq: matrix(tensor(&name("attn_q"))?, dim, dim, &name("attn_q"))?,
@@ -340,6 +348,9 @@ impl Model {
     /// Runs `tokens` at positions `pos..` (which must continue the cache) and returns the
     /// logits of the last one.
     pub(crate) fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
+        if tokens.is_empty() {
+            candle_core::bail!("no tokens to run");
+        }
         if pos != self.s.len {
             candle_core::bail!("position {pos} does not continue a cache of {}", self.s.len);
         }
