@@ -21,6 +21,27 @@ pub enum Engine {
     Candle,
 }
 
+impl Engine {
+    /// The engine a model runs on, on `device` (never `Auto`): `Auto` takes the native
+    /// engine on the CPU unless `unsupported` says why it cannot run this model, candle's
+    /// otherwise; asking for the native one where it cannot run is an error saying why.
+    pub(crate) fn resolve(
+        self,
+        device: &Device,
+        unsupported: Option<&'static str>,
+    ) -> Result<Self> {
+        match (self, device, unsupported) {
+            (Engine::Candle, ..) => Ok(Engine::Candle),
+            (_, Device::Cpu, None) => Ok(Engine::Native),
+            (Engine::Auto, ..) => Ok(Engine::Candle),
+            (Engine::Native, Device::Cpu, Some(why)) => Err(Error::NotImplemented(why)),
+            (Engine::Native, ..) => Err(Error::Config(
+                "the native engine runs on the CPU only: use Engine::Candle for CUDA".into(),
+            )),
+        }
+    }
+}
+
 /// Where models run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -76,22 +76,11 @@ impl EmbeddingModel {
         }
         let tensors = candle_core::safetensors::load(&weights_path, device)
             .map_err(|e| Error::model(&weights_path, format!("not a safetensors file: {e}")))?;
-        let native_fits = matches!(config.hidden_act, HiddenAct::Gelu);
-        let engine = match (engine, device) {
-            (Engine::Auto, Device::Cpu) if native_fits => Engine::Native,
-            (Engine::Native, Device::Cpu) if native_fits => Engine::Native,
-            (Engine::Native, Device::Cpu) => {
-                return Err(Error::NotImplemented(
-                    "the native embedding engine: activations other than exact GELU",
-                ));
-            }
-            (Engine::Native, _) => {
-                return Err(Error::Config(
-                    "the native embedding engine runs on the CPU only: use Engine::Candle".into(),
-                ));
-            }
-            _ => Engine::Candle,
-        };
+        let engine = engine.resolve(
+            device,
+            (!matches!(config.hidden_act, HiddenAct::Gelu))
+                .then_some("the native embedding engine: activations other than exact GELU"),
+        )?;
         let unfit = |e: candle_core::Error| {
             Error::model(&weights_path, format!("does not fit config.json: {e}"))
         };

@@ -187,16 +187,7 @@ impl GenerationModel {
         let span = tracing::info_span!("inference.load_generator", path = %path.display());
         let _enter = span.enter();
         let started = std::time::Instant::now();
-        let engine = match (options.engine, device) {
-            (Engine::Auto, Device::Cpu) | (Engine::Native, Device::Cpu) => Engine::Native,
-            (Engine::Native, _) => {
-                return Err(Error::Config(
-                    "the native generation engine runs on the CPU only: use Engine::Candle for CUDA"
-                        .into(),
-                ));
-            }
-            _ => Engine::Candle,
-        };
+        let engine = options.engine.resolve(device, None)?;
         let quantization = match (options.quantization, engine) {
             (Quantization::Auto, Engine::Candle) => Quantization::Q8_0,
             (q, _) => q,

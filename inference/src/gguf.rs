@@ -57,9 +57,11 @@ fn md<'a>(ct: &'a gguf_file::Content, key: &str, path: &Path) -> Result<&'a gguf
         .ok_or_else(|| Error::model(path, format!("metadata key `{key}` is missing")))
 }
 
-/// Reads and checks `path`, re-quantizing its Q4_1 tensors to `quant`'s target.
+/// Reads and checks `path`, re-quantizing its Q4_1 tensors to `quant`'s target. The file is
+/// read once; without re-quantization its bytes are what the engines read their tensors
+/// from.
 pub(crate) fn load(path: &Path, quant: Quantization) -> Result<Loaded> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::model(path, e))?;
+    let mut file = Cursor::new(std::fs::read(path).map_err(|e| Error::model(path, e))?);
     let ct = gguf_file::Content::read(&mut file)
         .map_err(|e| Error::model(path, format!("not a GGUF model file: {e}")))?;
     let arch = md(&ct, "general.architecture", path)?
@@ -101,6 +103,29 @@ pub(crate) fn load(path: &Path, quant: Quantization) -> Result<Loaded> {
         .get("llama.context_length")
         .and_then(|v| v.to_u32().ok())
         .map_or(2048, |v| v as usize);
+    let Some(target) = quant.target() else {
+        // As stored: every tensor's data must lie within the file (what reading it checks).
+        let len = file.get_ref().len() as u64;
+        for (name, info) in &ct.tensor_infos {
+            let (elems, block) = (info.shape.elem_count(), info.ggml_dtype.block_size());
+            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
+            let start = ct.tensor_data_offset.saturating_add(info.offset);
+            if !elems.is_multiple_of(block) || start.saturating_add(bytes) > len {
+                return Err(Error::model(
+                    path,
+                    format!(
+                        "tensor `{name}`: its {bytes} bytes at offset {start} are not in the file"
+                    ),
+                ));
+            }
+        }
+        return Ok(Loaded {
+            content: ct,
+            bytes: file,
+            context_length,
+            requantized: 0,
+        });
+    };
     let cpu = Device::Cpu;
     let mut names: Vec<String> = ct.tensor_infos.keys().cloned().collect();
     names.sort();
@@ -110,8 +135,8 @@ pub(crate) fn load(path: &Path, quant: Quantization) -> Result<Loaded> {
         let t = ct
             .tensor(&mut file, name, &cpu)
             .map_err(|e| Error::model(path, format!("tensor `{name}`: {e}")))?;
-        let t = match quant.target() {
-            Some(target) if t.dtype() == GgmlDType::Q4_1 => {
+        let t = match t.dtype() {
+            GgmlDType::Q4_1 => {
                 let f = t.dequantize(&cpu).map_err(Error::compute)?;
                 requantized += 1;
                 QTensor::quantize(&f, target)

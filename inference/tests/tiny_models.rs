@@ -318,6 +318,19 @@ fn files_that_are_not_models_are_named_with_what_is_wrong() {
         "{e}"
     );
 
+    // A file cut short: the tensor whose data is missing is named, as stored or re-quantized.
+    let cut = dir.path().join("cut.gguf");
+    write_tiny_llama(&cut, TinyLlama::default());
+    let whole = std::fs::read(&cut).unwrap();
+    std::fs::write(&cut, &whole[..whole.len() - 100]).unwrap();
+    for q in [Quantization::AsStored, Quantization::Q8_0] {
+        let e = load(&cut, q).unwrap_err().to_string();
+        assert!(
+            e.contains("cut.gguf") && e.contains("tensor `"),
+            "{q:?}: {e}"
+        );
+    }
+
     // A block count the tensors do not back (here 4 billion): an error naming the key and
     // the missing tensor, on both engines, not an allocation of billions of layers.
     let lying = dir.path().join("lying_blocks.gguf");

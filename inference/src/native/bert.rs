@@ -56,7 +56,7 @@ pub(crate) struct Encoder {
     max_pos: usize,
 }
 
-/// Reusable buffers of one forward pass.
+/// The buffers of one forward pass.
 #[derive(Debug, Default)]
 struct Buffers {
     x: Vec<f32>,
@@ -99,10 +99,13 @@ impl Encoder {
         tensors: &HashMap<String, Tensor>,
         shape: Shape,
     ) -> candle_core::Result<Self> {
-        let get = |name: &str, want: &[usize]| -> candle_core::Result<Vec<f32>> {
-            let t = tensors
+        let find = |name: &str| {
+            tensors
                 .get(name)
                 .or_else(|| tensors.get(&format!("bert.{name}")))
+        };
+        let get = |name: &str, want: &[usize]| -> candle_core::Result<Vec<f32>> {
+            let t = find(name)
                 .ok_or_else(|| candle_core::Error::Msg(format!("tensor `{name}` is missing")))?;
             if t.dims() != want {
                 candle_core::bail!("tensor `{name}` is {:?}, expected {want:?}", t.dims());
@@ -126,24 +129,13 @@ impl Encoder {
                 b: get(&format!("{prefix}.bias"), &[dim])?,
             })
         };
-        let word_t = tensors
-            .get("embeddings.word_embeddings.weight")
-            .or_else(|| tensors.get("bert.embeddings.word_embeddings.weight"))
-            .ok_or_else(|| candle_core::Error::Msg("word embeddings are missing".into()))?;
-        let (vocab, _) = word_t.dims2()?;
-        let pos_t = tensors
-            .get("embeddings.position_embeddings.weight")
-            .or_else(|| tensors.get("bert.embeddings.position_embeddings.weight"))
-            .ok_or_else(|| candle_core::Error::Msg("position embeddings are missing".into()))?;
-        let (max_pos, _) = pos_t.dims2()?;
+        // Vocabulary, positions and segments are as many as the tables have rows.
+        let rows_of = |name: &str| find(name).map(|t| t.dims2().map(|(n, _)| n)).transpose();
+        let vocab = rows_of("embeddings.word_embeddings.weight")?.unwrap_or(0);
+        let max_pos = rows_of("embeddings.position_embeddings.weight")?.unwrap_or(0);
+        let types = rows_of("embeddings.token_type_embeddings.weight")?.unwrap_or(0);
         let word = get("embeddings.word_embeddings.weight", &[vocab, dim])?;
         let pos = get("embeddings.position_embeddings.weight", &[max_pos, dim])?;
-        let types = tensors
-            .get("embeddings.token_type_embeddings.weight")
-            .or_else(|| tensors.get("bert.embeddings.token_type_embeddings.weight"))
-            .map(|t| t.dims2())
-            .transpose()?
-            .map_or(0, |(n, _)| n);
         let segment = if types > 0 {
             let all = get("embeddings.token_type_embeddings.weight", &[types, dim])?;
             all[..dim].to_vec()
@@ -237,7 +229,6 @@ impl Encoder {
             })
             .collect();
         let rows: usize = seqs.iter().map(|s| s.len()).sum();
-        let threads = rayon::current_num_threads();
         let mut b = Buffers::default();
         b.x.resize(rows * dim, 0.0);
         for (s, &start) in seqs.iter().zip(&starts) {
@@ -266,7 +257,6 @@ impl Encoder {
                 3 * dim,
                 Some(&l.qkv_b),
                 &mut b.qkv,
-                threads,
             );
             // Attention within each sequence, sequences in parallel.
             let qkv = &b.qkv;
@@ -298,38 +288,11 @@ impl Encoder {
                     }
                 }
             });
-            kernels::matmul(
-                &b.ctx,
-                rows,
-                dim,
-                &l.o_w,
-                dim,
-                Some(&l.o_b),
-                &mut b.o,
-                threads,
-            );
+            kernels::matmul(&b.ctx, rows, dim, &l.o_w, dim, Some(&l.o_b), &mut b.o);
             add_norm(&mut b.x, &b.o, &l.ln1, self.shape.eps);
-            kernels::matmul(
-                &b.x,
-                rows,
-                dim,
-                &l.i_w,
-                ffn,
-                Some(&l.i_b),
-                &mut b.h,
-                threads,
-            );
+            kernels::matmul(&b.x, rows, dim, &l.i_w, ffn, Some(&l.i_b), &mut b.h);
             b.h.par_chunks_mut(ffn * 16).for_each(kernels::gelu);
-            kernels::matmul(
-                &b.h,
-                rows,
-                ffn,
-                &l.out_w,
-                dim,
-                Some(&l.out_b),
-                &mut b.o,
-                threads,
-            );
+            kernels::matmul(&b.h, rows, ffn, &l.out_w, dim, Some(&l.out_b), &mut b.o);
             add_norm(&mut b.x, &b.o, &l.ln2, self.shape.eps);
         }
         Ok(seqs

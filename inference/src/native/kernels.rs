@@ -1,6 +1,7 @@
-//! Dot products of quantized weight rows with quantized activations: a portable reference
-//! and x86-64 SIMD versions (AVX2 + FMA, chosen at run time), checked against each other by
-//! the tests below.
+//! The native engine's numeric kernels: dot products of quantized weight rows (and 16-row
+//! tiles) with quantized activations, f32 dot/axpy, the f32 matrix product (`gemm`) and
+//! erf/GELU. A portable reference and x86-64 SIMD versions (AVX2 + FMA, AVX-512 VNNI),
+//! chosen at run time, checked against each other by the tests below.
 //!
 //! Layouts (blocks of 32 values, as in GGUF):
 //! - 4-bit rows: per block 16 bytes, the low nibble of byte `j` is value `j`, the high nibble
@@ -252,8 +253,7 @@ fn offsets(m: &[f16], s: &[f32]) -> f32 {
 }
 
 /// `out[m x n] = x[m x k] * w[k x n] (+ bias[n] on every row)`, with the `gemm` crate's
-/// kernels (AVX-512 or AVX2 as the CPU has), on `threads` of the current rayon pool.
-#[allow(clippy::too_many_arguments)]
+/// kernels (AVX-512 or AVX2 as the CPU has), on the current rayon pool's threads.
 pub(crate) fn matmul(
     x: &[f32],
     m: usize,
@@ -262,7 +262,6 @@ pub(crate) fn matmul(
     n: usize,
     bias: Option<&[f32]>,
     out: &mut [f32],
-    threads: usize,
 ) {
     assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n);
     if m == 0 || n == 0 {
@@ -284,6 +283,7 @@ pub(crate) fn matmul(
     // Rows split across threads, each block a single-threaded product: for the few hundred
     // rows of an embedding batch this balances better than the crate's own split.
     const MIN_ROWS: usize = 64;
+    let threads = rayon::current_num_threads();
     if threads > 1 && m >= 2 * MIN_ROWS {
         use rayon::prelude::*;
         let per = m.div_ceil(threads).max(MIN_ROWS);

@@ -67,10 +67,6 @@ impl std::ops::Deref for Bytes {
     }
 }
 
-fn shift(r: &Range<usize>, by: usize) -> Range<usize> {
-    r.start + by..r.end + by
-}
-
 /// Moves the quantized bytes of `mats` into one anonymous mapping advised to use huge pages
 /// (on Linux; elsewhere, or when the kernel declines, ordinary pages).
 pub(crate) fn pack(mats: &mut [&mut Matrix]) -> std::io::Result<()> {
@@ -93,23 +89,19 @@ pub(crate) fn pack(mats: &mut [&mut Matrix]) -> std::io::Result<()> {
     }
     let shared = Arc::new(Bytes::Mapped(map.make_read_only()?));
     for (m, by) in mats.iter_mut().zip(offsets) {
-        m.data = match &mut m.data {
-            Data::Q4 { qs, d, m } => Data::Q4 {
-                qs: shift(qs, by),
-                d: shift(d, by),
-                m: shift(m, by),
-            },
-            Data::Q4Tiled { qs, d, m } => Data::Q4Tiled {
-                qs: shift(qs, by),
-                d: shift(d, by),
-                m: shift(m, by),
-            },
-            Data::Q8 { qs, d } => Data::Q8 {
-                qs: shift(qs, by),
-                d: shift(d, by),
-            },
-            Data::F32(w) => Data::F32(std::mem::take(w)),
-        };
+        match &mut m.data {
+            Data::Q4 { qs, d, m } | Data::Q4Tiled { qs, d, m } => {
+                for r in [qs, d, m] {
+                    *r = r.start + by..r.end + by;
+                }
+            }
+            Data::Q8 { qs, d } => {
+                for r in [qs, d] {
+                    *r = r.start + by..r.end + by;
+                }
+            }
+            Data::F32(_) => {}
+        }
         m.bytes = shared.clone();
     }
     Ok(())
@@ -150,19 +142,12 @@ impl Matrix {
                     };
                     bytes.extend_from_slice(&m.to_le_bytes());
                 }
+                let (qs, d, m) = (0..n * 16, n * 16..n * 18, n * 18..n * 20);
                 if kernels::isa() == Isa::Avx512Vnni && rows.is_multiple_of(TILE) {
                     bytes = tile(&bytes, rows, nb);
-                    Data::Q4Tiled {
-                        qs: 0..n * 16,
-                        d: n * 16..n * 18,
-                        m: n * 18..n * 20,
-                    }
+                    Data::Q4Tiled { qs, d, m }
                 } else {
-                    Data::Q4 {
-                        qs: 0..n * 16,
-                        d: n * 16..n * 18,
-                        m: n * 18..n * 20,
-                    }
+                    Data::Q4 { qs, d, m }
                 }
             }
             GgmlDType::Q8_0 if whole_blocks => q8_from_raw(&t.data()?, n, &mut bytes)?,
@@ -174,34 +159,13 @@ impl Matrix {
             }
             _ => Data::F32(f32_of(t)?),
         };
-        let m = Self {
+        // The lengths hold by construction: the raw data was checked against the shape.
+        Ok(Self {
             rows,
             cols,
             data,
             bytes: Arc::new(Bytes::Owned(bytes)),
-        };
-        m.check()?;
-        Ok(m)
-    }
-
-    fn check(&self) -> candle_core::Result<()> {
-        let nb = self.rows * (self.cols / BLOCK);
-        let ok = match &self.data {
-            Data::Q4 { qs, d, m } | Data::Q4Tiled { qs, d, m } => {
-                qs.len() == nb * 16 && d.len() == nb * 2 && m.len() == nb * 2
-            }
-            Data::Q8 { qs, d } => qs.len() == nb * 32 && d.len() == nb * 2,
-            Data::F32(w) => w.len() == self.rows * self.cols,
-        };
-        if ok {
-            Ok(())
-        } else {
-            candle_core::bail!(
-                "tensor data is shorter than its {}x{} shape",
-                self.rows,
-                self.cols
-            )
-        }
+        })
     }
 
     pub(crate) fn rows(&self) -> usize {
@@ -469,7 +433,8 @@ fn q8_from_raw(raw: &[u8], n: usize, bytes: &mut Vec<u8>) -> candle_core::Result
     })
 }
 
-fn f32_of(t: &QTensor) -> candle_core::Result<Vec<f32>> {
+/// A tensor's values as f32, row-major.
+pub(crate) fn f32_of(t: &QTensor) -> candle_core::Result<Vec<f32>> {
     t.dequantize(&Device::Cpu)?
         .to_dtype(candle_core::DType::F32)?
         .flatten_all()?

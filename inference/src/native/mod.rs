@@ -99,11 +99,7 @@ impl Weights {
             .map(|i| 1.0 / base.powf(i as f32 / rope_dim as f32))
             .collect();
         let vector = |t: candle_core::quantized::QTensor, want: usize, name: &str| {
-            let v = t
-                .dequantize(&cpu)?
-                .to_dtype(candle_core::DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
+            let v = matrix::f32_of(&t)?;
             if v.len() != want {
                 candle_core::bail!("`{name}` has {} values, expected {want}", v.len());
             }
@@ -121,7 +117,7 @@ impl Weights {
             }
             Ok(m)
         };
-        let embed = Matrix::from_qtensor(&tensor("token_embd.weight")?)?;
+        let mut embed = Matrix::from_qtensor(&tensor("token_embd.weight")?)?;
         if embed.cols() != dim {
             candle_core::bail!(
                 "`token_embd.weight` rows have {} values, expected {dim}",
@@ -159,17 +155,16 @@ impl Weights {
             });
         }
         let norm = vector(tensor("output_norm.weight")?, dim, "output_norm.weight")?;
-        let output = match ct.tensor_infos.contains_key("output.weight") {
-            true => Some(matrix(
+        let mut output = if ct.tensor_infos.contains_key("output.weight") {
+            Some(matrix(
                 tensor("output.weight")?,
                 vocab,
                 dim,
                 "output.weight",
-            )?),
-            false => None,
+            )?)
+        } else {
+            None
         };
-        let mut output = output;
-        let mut embed = embed;
         let mut all: Vec<&mut Matrix> = vec![&mut embed];
         all.extend(output.iter_mut());
         for l in &mut layers {
@@ -381,12 +376,9 @@ impl Model {
             w.embed
                 .row_f32(tok as usize, &mut s.x[t * dim..(t + 1) * dim]);
         }
+        // (`matmul` sizes its outputs: q, k, v, o, g, u.)
         s.h.resize(n * dim, 0.0);
-        s.q.resize(n * dim, 0.0);
-        s.k.resize(n * kv_dim, 0.0);
-        s.v.resize(n * kv_dim, 0.0);
         s.att.resize(n * dim, 0.0);
-        s.o.resize(n * dim, 0.0);
         let pairs = w.rope_dim / 2;
         s.rot.clear();
         for t in 0..n {
