@@ -93,13 +93,13 @@ async fn a_reopened_log_keeps_events_offsets_groups_and_ids() {
 }
 
 /// The child side of the SIGKILL test: publishes numbered events as fast as it can (several
-/// tasks at once) and prints each id once it is acknowledged.
+/// tasks at once) and prints each id once it is acknowledged. Run only by that test
+/// (`--ignored --exact`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "child process of sigkill_mid_publish_loses_nothing_acknowledged; run by that test"]
 async fn child_publisher() {
-    let Some(dir) = std::env::var_os(common::CHILD_DIR) else {
-        return; // Only meaningful as the child of the test below.
-    };
-    let round: u64 = std::env::var(common::CHILD_ROUND).unwrap().parse().unwrap();
+    let dir = common::child_dir("sigkill_mid_publish_loses_nothing_acknowledged");
+    let round: u64 = common::child_round();
     let log = SledLog::open(dir).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     for task in 0..4u64 {

@@ -190,9 +190,31 @@ impl Drop for KafkaBroker {
 pub const CHILD_DIR: &str = "SOMA_CHILD_DIR";
 pub const CHILD_ROUND: &str = "SOMA_CHILD_ROUND";
 
+/// In a child entry point: the data directory its parent test `parent` set. Panics when it is
+/// not set, so that a child run by hand (`--ignored`) fails rather than passes without
+/// having done anything.
+pub fn child_dir(parent: &str) -> std::ffi::OsString {
+    std::env::var_os(CHILD_DIR).unwrap_or_else(|| {
+        panic!(
+            "{CHILD_DIR} is not set: this test is a child process of `{parent}` and runs only \
+             when that test spawns it; run `{parent}` instead"
+        )
+    })
+}
+
+/// In a child entry point: the round number its parent test set.
+pub fn child_round<T: std::str::FromStr>() -> T {
+    let round = std::env::var(CHILD_ROUND)
+        .unwrap_or_else(|_| panic!("{CHILD_ROUND} is not set: run by the parent test only"));
+    round
+        .parse()
+        .unwrap_or_else(|_| panic!("{CHILD_ROUND}={round:?} is not a round number"))
+}
+
 /// Runs the test `child_test` of this very test binary `rounds` times on `dir`, each time
 /// SIGKILLed after `min_ms` plus up to `spread_ms`, and returns every id it printed (one per
-/// line, printed once acknowledged).
+/// line, printed once acknowledged). `child_test` is `#[ignore]`d (it means nothing on its
+/// own), so it is run with `--ignored --exact`.
 pub fn sigkill_rounds(
     child_test: &str,
     dir: &Path,
@@ -205,7 +227,8 @@ pub fn sigkill_rounds(
     let mut acked = Vec::new();
     for round in 0..rounds {
         let mut child = Command::new(&exe)
-            .args(["--exact", child_test, "--nocapture", "--test-threads=1"])
+            .args(["--ignored", "--exact", child_test])
+            .args(["--nocapture", "--test-threads=1"])
             .env(CHILD_DIR, dir)
             .env(CHILD_ROUND, round.to_string())
             .stdout(Stdio::piped())
@@ -222,6 +245,11 @@ pub fn sigkill_rounds(
                 .collect::<Vec<_>>()
         });
         std::thread::sleep(Duration::from_millis(min_ms + fastrand::u64(0..spread_ms)));
+        // The child loops until killed: one that ended by itself did not run (a filter that
+        // matched nothing, a child reported as ignored) or failed.
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("child test `{child_test}` ended before its SIGKILL in round {round}: {status}");
+        }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         acked.extend(reader.join().unwrap());
