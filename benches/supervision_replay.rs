@@ -47,6 +47,10 @@ impl DurableActor for Replayer {
 
 async fn fill(path: &std::path::Path, keys: u64) {
     let j = SledJournal::open(SledOptions::new(path)).unwrap();
+    let mut epochs = std::collections::HashMap::new();
+    for r in 0..j.ranges() {
+        epochs.insert(r, j.acquire(soma::supervision::KeyRange(r)).await.unwrap());
+    }
     // bincode of a Vec<u8> of 125 bytes: the length, then the bytes.
     let mut encoded = vec![125u8];
     encoded.extend_from_slice(&[0x7du8; 125]);
@@ -57,9 +61,14 @@ async fn fill(path: &std::path::Path, keys: u64) {
     let mut n = 0;
     while n < TOTAL {
         let batch: Vec<Append> = (0..4096.min(TOTAL - n))
-            .map(|i| Append {
-                key: jkeys[((n + i) % keys) as usize].clone(),
-                payload: encoded.clone(),
+            .map(|i| {
+                let key = jkeys[((n + i) % keys) as usize].clone();
+                let epoch = epochs[&j.range_of(&key).0];
+                Append {
+                    key,
+                    payload: encoded.clone(),
+                    epoch,
+                }
             })
             .collect();
         n += batch.len() as u64;

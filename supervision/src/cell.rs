@@ -50,6 +50,8 @@ pub(crate) struct CellState<A: DurableActor> {
     state: A::State,
     /// The next sequence number to handle.
     next: Seq,
+    /// The owner epoch of the key's range this instance writes with.
+    epoch: crate::journal::Epoch,
     last_activity: Instant,
     tick: Option<JoinHandle<()>>,
 }
@@ -155,6 +157,7 @@ impl<A: DurableActor> Cell<A> {
                 seq,
                 state,
                 timers,
+                epoch: st.epoch,
             })
             .await?;
         st.next = seq + 1;
@@ -264,7 +267,7 @@ impl<A: DurableActor> Cell<A> {
         let shared = &self.shared;
         shared
             .journal
-            .dead_letter(&st.slot.jkey, seq, error, attempts)
+            .dead_letter(&st.slot.jkey, seq, error, attempts, st.epoch)
             .await?;
         tracing::error!(registry = %shared.name, key = %st.slot.key, seq, attempts, error, "message moved to dead letters");
         // The failed handler may have changed the state: go back to the committed one.
@@ -288,6 +291,7 @@ impl<A: DurableActor> Actor for Cell<A> {
         (slot, generation): (Arc<Slot>, u64),
     ) -> Result<Self::State, ActorProcessingErr> {
         let shared = &self.shared;
+        let epoch = shared.owner.require(&slot.jkey)?;
         let snapshot = shared.journal.load(&slot.jkey).await?;
         let mut state = self.load_state(&slot, snapshot.state)?;
         let activated = AssertUnwindSafe(shared.actor.on_activate(&slot.key, &mut state))
@@ -315,6 +319,7 @@ impl<A: DurableActor> Actor for Cell<A> {
             slot,
             state,
             next: snapshot.applied + 1,
+            epoch,
             last_activity: Instant::now(),
             tick,
         })

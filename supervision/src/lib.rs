@@ -48,6 +48,7 @@ mod codec;
 mod error;
 mod journal;
 pub mod metrics;
+mod owner;
 mod policy;
 mod registry;
 mod runtime;
@@ -58,12 +59,13 @@ mod writer;
 
 pub use actor::{Context, DurableActor, HandlerError};
 pub use codec::MAX_MESSAGE_BYTES;
-pub use error::{Error, Result};
+pub use error::{Error, Fence, Result};
 #[cfg(any(test, feature = "test-util"))]
 pub use journal::contract;
 pub use journal::{
-    Append, Bytes, Commit, DeadLetter, Durability, Entry, Journal, NewTimer, Seq, SledJournal,
-    SledOptions, Snapshot, Timer,
+    Append, Bytes, CheckReport, Commit, DeadLetter, Durability, Entry, Epoch, Journal, KeyRange,
+    NewTimer, SalvageReport, Seq, SledJournal, SledOptions, Snapshot, Timer, check, range_of,
+    salvage,
 };
 pub use policy::{Backoff, Intensity, Restart, Strategy};
 pub use registry::{Registry, RegistryOptions, WhenFull};

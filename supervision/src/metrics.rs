@@ -22,6 +22,8 @@ pub const ACTIVATIONS: &str = "soma_supervision_activations_total";
 pub const PASSIVATIONS: &str = "soma_supervision_passivations_total";
 /// Latency of a journal flush (fsync).
 pub const FLUSH_SECONDS: &str = "soma_supervision_journal_flush_seconds";
+/// Journal writes refused by fencing (`reason`: `stale_epoch`, `not_next`).
+pub const FENCED: &str = "soma_supervision_journal_fenced_total";
 /// Messages per group-commit batch.
 pub const BATCH_MESSAGES: &str = "soma_supervision_journal_batch_messages";
 
@@ -64,4 +66,12 @@ pub(crate) fn batch_size() -> Histogram {
 
 pub(crate) fn supervisor_restart(supervisor: &str) {
     counter!(RESTARTS, "supervisor" => supervisor.to_string()).increment(1);
+}
+
+pub(crate) fn fenced(reason: &crate::error::Fence) {
+    let reason = match reason {
+        crate::error::Fence::StaleEpoch { .. } => "stale_epoch",
+        crate::error::Fence::NotNext { .. } => "not_next",
+    };
+    counter!(FENCED, "reason" => reason).increment(1);
 }

@@ -148,6 +148,7 @@ pub(crate) struct Shared<A: DurableActor> {
     pub(crate) journal: Arc<dyn Journal>,
     pub(crate) metrics: RegistryMetrics,
     pub(crate) timers: TimerHandle,
+    pub(crate) owner: Arc<crate::owner::Ownership>,
     writer: WriterHandle,
     slots: Mutex<HashMap<Arc<str>, Arc<Slot>>>,
     /// Running instances: their slot and generation.
@@ -428,6 +429,7 @@ impl<A: DurableActor> Registry<A> {
             options,
             journal: runtime.journal().clone(),
             timers: runtime.timers(),
+            owner: runtime.owner(),
             writer: runtime.writer(),
             slots: Mutex::new(HashMap::new()),
             cells: Mutex::new(HashMap::new()),
@@ -451,7 +453,10 @@ impl<A: DurableActor> Registry<A> {
         runtime.add_route(&shared.name, shared.clone())?;
         // Actors with unacknowledged messages come back by themselves after a restart.
         let prefix = format!("{}{KEY_SEPARATOR}", shared.name);
-        let pending = shared.journal.keys_with_pending(&prefix).await?;
+        let mut pending = Vec::new();
+        for (range, _) in shared.owner.held() {
+            pending.extend(shared.journal.keys_with_pending(range, &prefix).await?);
+        }
         if !pending.is_empty() {
             tracing::info!(registry = %shared.name, actors = pending.len(), "recovering actors with pending messages");
         }
@@ -499,9 +504,17 @@ impl<A: DurableActor> Registry<A> {
                 },
             }
         };
+        let epoch = match shared.owner.require(&slot.jkey) {
+            Ok(e) => e,
+            Err(e) => {
+                slot.unreserve();
+                return Err(e);
+            }
+        };
         let append = Append {
             key: slot.jkey.clone(),
             payload,
+            epoch,
         };
         let seq = shared.writer.append(append, slot).await?;
         shared.metrics.enqueued.increment(1);
@@ -569,7 +582,7 @@ impl<A: DurableActor> Registry<A> {
         let new_seq = self
             .shared
             .journal
-            .redrive(&slot.jkey, seq)
+            .redrive(&slot.jkey, seq, self.shared.owner.require(&slot.jkey)?)
             .await
             .map_err(|e| match e {
                 Error::NoSuchDeadLetter { seq, .. } => Error::NoSuchDeadLetter {

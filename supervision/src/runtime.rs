@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::actor::DurableActor;
 use crate::error::{Error, Result};
-use crate::journal::{Journal, Seq, SledJournal, SledOptions};
+use crate::journal::{Epoch, Journal, KeyRange, Seq, SledJournal, SledOptions};
+use crate::owner::Ownership;
 use crate::registry::{KEY_SEPARATOR, Registry, RegistryOptions};
 use crate::timers::TimerHandle;
 use crate::writer::{WriterHandle, WriterStats};
@@ -71,25 +72,66 @@ pub struct Runtime {
     writer: WriterHandle,
     timers: TimerHandle,
     routes: Routes,
+    owner: Arc<Ownership>,
 }
 
 impl Runtime {
     /// Opens the embedded sled journal and starts the runtime's tasks. Must be called within
     /// a tokio runtime.
     pub async fn open(options: RuntimeOptions) -> Result<Self> {
-        let journal = SledJournal::open(options.journal)?;
-        Ok(Self::with_journal(Arc::new(journal), options.max_batch))
+        let journal_options = options.journal.clone();
+        // The recovery scan reads the whole inbox log: off the async workers.
+        let journal = tokio::task::spawn_blocking(move || SledJournal::open(journal_options))
+            .await
+            .map_err(|e| Error::Spawn {
+                name: "journal".into(),
+                detail: e.to_string(),
+            })??;
+        Self::with_journal(Arc::new(journal), options.max_batch).await
     }
 
-    /// Starts a runtime on any journal backend.
-    pub fn with_journal(journal: Arc<dyn Journal>, max_batch: usize) -> Self {
+    /// Starts a runtime on any journal backend, owning every key range of it (one node).
+    pub async fn with_journal(journal: Arc<dyn Journal>, max_batch: usize) -> Result<Self> {
+        let rt = Self::unowned(journal, max_batch);
+        for r in 0..rt.journal.ranges() {
+            rt.owner.acquire(KeyRange(r)).await?;
+        }
+        Ok(rt)
+    }
+
+    /// Starts a runtime on any journal backend owning no range yet: it serves only the
+    /// ranges it [`acquire`](Self::acquire)s (a node of a cluster).
+    pub fn unowned(journal: Arc<dyn Journal>, max_batch: usize) -> Self {
         let routes = Routes::default();
+        let owner = Arc::new(Ownership::new(journal.clone()));
         Self {
             writer: WriterHandle::start(journal.clone(), max_batch),
-            timers: TimerHandle::start(journal.clone(), routes.clone()),
+            timers: TimerHandle::start(journal.clone(), routes.clone(), owner.clone()),
             journal,
             routes,
+            owner,
         }
+    }
+
+    /// Takes ownership of `range` (fencing its previous owner) and returns its new epoch.
+    pub async fn acquire(&self, range: KeyRange) -> Result<Epoch> {
+        let epoch = self.owner.acquire(range).await?;
+        self.timers.poke();
+        Ok(epoch)
+    }
+
+    /// Gives up `range`: the journal refuses this runtime's further writes to it.
+    pub async fn release(&self, range: KeyRange) -> Result<()> {
+        self.owner.release(range).await
+    }
+
+    /// The ranges this runtime owns, with their epochs.
+    pub fn owned(&self) -> Vec<(KeyRange, Epoch)> {
+        self.owner.held()
+    }
+
+    pub(crate) fn owner(&self) -> Arc<Ownership> {
+        self.owner.clone()
     }
 
     /// Starts the registry of one kind of durable actor. Actors of that kind with

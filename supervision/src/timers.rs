@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 use crate::journal::Journal;
+use crate::owner::Ownership;
 use crate::runtime::Routes;
 
 const FIRE_BATCH: usize = 512;
@@ -38,12 +39,12 @@ struct TimerShared {
 }
 
 impl TimerHandle {
-    pub(crate) fn start(journal: Arc<dyn Journal>, routes: Routes) -> Self {
+    pub(crate) fn start(journal: Arc<dyn Journal>, routes: Routes, owner: Arc<Ownership>) -> Self {
         let inner = Arc::new(TimerShared {
             wake: Notify::new(),
             next: AtomicU64::new(u64::MAX),
         });
-        tokio::spawn(run(journal, routes, inner.clone()));
+        tokio::spawn(run(journal, routes, owner, inner.clone()));
         Self { inner }
     }
 
@@ -63,10 +64,26 @@ impl TimerHandle {
     }
 }
 
-async fn run(journal: Arc<dyn Journal>, routes: Routes, shared: Arc<TimerShared>) {
+/// The earliest timer of every owned range.
+async fn next_timer(journal: &dyn Journal, owner: &Ownership) -> crate::Result<Option<u64>> {
+    let mut next: Option<u64> = None;
+    for (range, _) in owner.held() {
+        if let Some(at) = journal.next_timer(range).await? {
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+    }
+    Ok(next)
+}
+
+async fn run(
+    journal: Arc<dyn Journal>,
+    routes: Routes,
+    owner: Arc<Ownership>,
+    shared: Arc<TimerShared>,
+) {
     loop {
         let woken = shared.wake.notified();
-        let next = match journal.next_timer().await {
+        let next = match next_timer(&*journal, &owner).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read timers");
@@ -81,7 +98,7 @@ async fn run(journal: Arc<dyn Journal>, routes: Routes, shared: Arc<TimerShared>
             Some(at) => {
                 let now = now_ms();
                 if at <= now {
-                    match fire_due(&*journal, &routes, now).await {
+                    match fire_due(&*journal, &routes, &owner, now).await {
                         Ok(fired) if fired > 0 => continue,
                         Ok(_) => Some(UNROUTED_RETRY),
                         Err(e) => {
@@ -106,11 +123,30 @@ async fn run(journal: Arc<dyn Journal>, routes: Routes, shared: Arc<TimerShared>
     }
 }
 
-async fn fire_due(journal: &dyn Journal, routes: &Routes, now: u64) -> crate::Result<usize> {
+async fn fire_due(
+    journal: &dyn Journal,
+    routes: &Routes,
+    owner: &Ownership,
+    now: u64,
+) -> crate::Result<usize> {
+    let mut fired = 0;
+    for (range, epoch) in owner.held() {
+        fired += fire_due_in(journal, routes, range, epoch, now).await?;
+    }
+    Ok(fired)
+}
+
+async fn fire_due_in(
+    journal: &dyn Journal,
+    routes: &Routes,
+    range: crate::journal::KeyRange,
+    epoch: crate::journal::Epoch,
+    now: u64,
+) -> crate::Result<usize> {
     let mut fired = 0;
     let mut look = FIRE_BATCH;
     loop {
-        let due = journal.due_timers(now, look).await?;
+        let due = journal.due_timers(range, now, look).await?;
         let complete = due.len() < look;
         let mut routed = 0;
         for timer in due {
@@ -121,7 +157,7 @@ async fn fire_due(journal: &dyn Journal, routes: &Routes, now: u64) -> crate::Re
             if routed > FIRE_BATCH {
                 break;
             }
-            if let Some(seq) = journal.fire_timer(&timer).await? {
+            if let Some(seq) = journal.fire_timer(&timer, epoch).await? {
                 tracing::debug!(key = %timer.key, seq, "timer fired");
                 route.appended(&key, seq);
                 fired += 1;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Fence, Result};
 use crate::journal::{Append, Journal, Seq};
 use crate::slot::Slot;
 
@@ -88,7 +88,8 @@ impl WriterHandle {
                 what: "journal writer",
             });
         }
-        rx.await.map_err(|_| Error::Stopped {
+        // Handed over: the append may have reached the disk even if the answer is lost.
+        rx.await.map_err(|_| Error::OutcomeUnknown {
             what: "journal writer",
         })?
     }
@@ -107,36 +108,56 @@ async fn run(
         if rx.recv_many(&mut requests, max_batch).await == 0 {
             return;
         }
-        appends.clear();
-        appends.extend(requests.iter().map(|r| r.append.clone()));
-        batch_size.record(appends.len() as f64);
-        let started = std::time::Instant::now();
-        let appended = journal.append(&appends).await;
-        tracing::debug!(
-            messages = appends.len(),
-            took_us = started.elapsed().as_micros() as u64,
-            "batch appended"
-        );
-        match appended {
-            Ok(seqs) => {
-                stats.batches.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .messages
-                    .fetch_add(seqs.len() as u64, Ordering::Relaxed);
-                // In sequence order: each actor's mailbox receives its messages in order.
-                for (r, seq) in requests.drain(..).zip(seqs) {
-                    r.slot.appended(seq, r.append.payload);
-                    let _ = r.reply.send(Ok(seq));
+        batch_size.record(requests.len() as f64);
+        // A batch refused for one range's stale epoch is appended again without that
+        // range's messages (they are refused): one owner's loss never fails the others.
+        while !requests.is_empty() {
+            appends.clear();
+            appends.extend(requests.iter().map(|r| r.append.clone()));
+            let started = std::time::Instant::now();
+            let appended = journal.append(&appends).await;
+            tracing::debug!(
+                messages = appends.len(),
+                took_us = started.elapsed().as_micros() as u64,
+                "batch appended"
+            );
+            match appended {
+                Ok(seqs) => {
+                    stats.batches.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .messages
+                        .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                    // In sequence order: each actor's mailbox receives its messages in order.
+                    for (r, seq) in requests.drain(..).zip(seqs) {
+                        r.slot.appended(seq, r.append.payload);
+                        let _ = r.reply.send(Ok(seq));
+                    }
                 }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, messages = requests.len(), "journal append failed");
-                let detail = e.to_string();
-                for r in requests.drain(..) {
-                    r.slot.unreserve();
-                    let _ = r.reply.send(Err(Error::Append {
-                        detail: detail.clone(),
-                    }));
+                Err(Error::Fenced {
+                    reason: Fence::StaleEpoch { range, .. },
+                    ..
+                }) => {
+                    let (refused, rest): (Vec<Request>, Vec<Request>) = requests
+                        .drain(..)
+                        .partition(|r| journal.range_of(&r.append.key) == range);
+                    for r in refused {
+                        r.slot.unreserve();
+                        let _ = r.reply.send(Err(Error::NotOwned {
+                            key: r.append.key.to_string(),
+                            range,
+                        }));
+                    }
+                    requests = rest;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, messages = requests.len(), "journal append failed");
+                    let detail = e.to_string();
+                    for r in requests.drain(..) {
+                        r.slot.unreserve();
+                        let _ = r.reply.send(Err(Error::Append {
+                            detail: detail.clone(),
+                        }));
+                    }
                 }
             }
         }

@@ -582,10 +582,18 @@ async fn timers_of_a_registry_not_started_do_not_starve_others() {
     let journal = rt.journal().clone();
     // 600 due timers for a registry that never starts, written before ours.
     let key: std::sync::Arc<str> = std::sync::Arc::from("absent\u{1f}k");
+    let range = journal.range_of(&key);
+    let epoch = rt
+        .owned()
+        .into_iter()
+        .find(|(r, _)| *r == range)
+        .map(|(_, e)| e)
+        .unwrap();
     journal
         .append(&[Append {
             key: key.clone(),
             payload: Bytes::from_static(b"x"),
+            epoch,
         }])
         .await
         .unwrap();
@@ -601,6 +609,7 @@ async fn timers_of_a_registry_not_started_do_not_starve_others() {
                     payload: vec![0],
                 })
                 .collect(),
+            epoch,
         })
         .await
         .unwrap();

@@ -2,36 +2,85 @@
 //! damage.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use soma_supervision::{
-    Append, Bytes, Durability, Error, Journal, SledJournal, SledOptions, contract,
-};
+use soma_supervision::{Append, Durability, Error, Journal, SledJournal, SledOptions, contract};
+
+/// Journals of one contract run: each fresh one in its own directory, and the crash hook.
+struct Harness {
+    options: fn(&std::path::Path) -> SledOptions,
+    dirs: Mutex<Vec<tempfile::TempDir>>,
+    open: Mutex<Vec<(usize, SledJournal)>>,
+}
+
+fn addr(j: &Arc<dyn Journal>) -> usize {
+    Arc::as_ptr(j) as *const () as usize
+}
+
+impl Harness {
+    fn new(options: fn(&std::path::Path) -> SledOptions) -> Self {
+        Self {
+            options,
+            dirs: Mutex::new(Vec::new()),
+            open: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn open(&self, path: &std::path::Path) -> Arc<dyn Journal> {
+        let j = SledJournal::open((self.options)(path)).unwrap();
+        let shared: Arc<dyn Journal> = Arc::new(j.clone());
+        self.open.lock().unwrap().push((addr(&shared), j));
+        shared
+    }
+
+    async fn fresh(&self) -> Arc<dyn Journal> {
+        let dir = tempfile::tempdir().unwrap();
+        let j = self.open(&dir.path().join("j"));
+        self.dirs.lock().unwrap().push(dir);
+        j
+    }
+
+    /// Crashes the journal (nothing flushed or marked on the way out) and reopens it.
+    async fn crash(&self, j: Arc<dyn Journal>) -> Arc<dyn Journal> {
+        let at = addr(&j);
+        let sled = {
+            let mut open = self.open.lock().unwrap();
+            let i = open.iter().position(|(a, _)| *a == at).unwrap();
+            open.remove(i).1
+        };
+        sled.crash();
+        let path = sled.path().to_path_buf();
+        drop(j);
+        drop(sled);
+        self.open(&path)
+    }
+}
 
 #[tokio::test]
 async fn sled_journal_passes_the_contract() {
-    let dirs = std::sync::Mutex::new(Vec::new());
-    contract::run(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let j = SledJournal::open(SledOptions::new(dir.path().join("j"))).unwrap();
-        dirs.lock().unwrap().push(dir);
-        async move { Arc::new(j) as Arc<dyn Journal> }
-    })
-    .await;
+    let h = Harness::new(|path| SledOptions::new(path));
+    contract::run(|| h.fresh(), |j| h.crash(j)).await;
 }
 
 #[tokio::test]
 async fn sled_journal_in_periodic_mode_passes_the_contract() {
-    let dirs = std::sync::Mutex::new(Vec::new());
-    contract::run(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let mut options = SledOptions::new(dir.path().join("j"));
+    let h = Harness::new(|path| {
+        let mut options = SledOptions::new(path);
         options.durability = Durability::Periodic { interval_ms: 5 };
-        let j = SledJournal::open(options).unwrap();
-        dirs.lock().unwrap().push(dir);
-        async move { Arc::new(j) as Arc<dyn Journal> }
-    })
-    .await;
+        options
+    });
+    contract::run(|| h.fresh(), |j| h.crash(j)).await;
+}
+
+#[tokio::test]
+async fn sled_journal_with_one_range_and_small_segments_passes_the_contract() {
+    let h = Harness::new(|path| {
+        let mut options = SledOptions::new(path);
+        options.ranges = 1;
+        options.segment_bytes = 4096;
+        options
+    });
+    contract::run(|| h.fresh(), |j| h.crash(j)).await;
 }
 
 #[tokio::test]
@@ -42,7 +91,7 @@ async fn periodic_mode_keeps_appends_across_a_reopen() {
     options.durability = Durability::Periodic { interval_ms: 5 };
     {
         let j = SledJournal::open(options.clone()).unwrap();
-        j.append(&[app("k", b"1"), app("k", b"2")]).await.unwrap();
+        append(&j, &[("k", b"1"), ("k", b"2")]).await;
     }
     let j = SledJournal::open(options).unwrap();
     assert_eq!(j.pending("k", 1, 10).await.unwrap().len(), 2);
@@ -60,11 +109,15 @@ fn zero_periodic_interval_is_refused_naming_the_option() {
     );
 }
 
-fn app(key: &str, payload: &[u8]) -> Append {
-    Append {
-        key: Arc::from(key),
-        payload: Bytes::copy_from_slice(payload),
-    }
+/// Appends `(key, payload)`s, holding their ranges first.
+async fn append(j: &SledJournal, items: &[(&str, &[u8])]) -> Vec<u64> {
+    let keys: Vec<&str> = items.iter().map(|(k, _)| *k).collect();
+    let held = contract::hold(j, &keys).await;
+    let batch: Vec<Append> = items
+        .iter()
+        .map(|(k, p)| contract::app(j, &held, k, p))
+        .collect();
+    j.append(&batch).await.unwrap()
 }
 
 #[tokio::test]
@@ -73,11 +126,11 @@ async fn appends_survive_reopen_and_sequences_continue() {
     let path = dir.path().join("j");
     {
         let j = SledJournal::open(SledOptions::new(&path)).unwrap();
-        j.append(&[app("k", b"1"), app("k", b"2")]).await.unwrap();
+        append(&j, &[("k", b"1"), ("k", b"2")]).await;
     }
     let j = SledJournal::open(SledOptions::new(&path)).unwrap();
     assert_eq!(j.pending("k", 1, 10).await.unwrap().len(), 2);
-    assert_eq!(j.append(&[app("k", b"3")]).await.unwrap(), vec![3]);
+    assert_eq!(append(&j, &[("k", b"3")]).await, vec![3]);
 }
 
 fn open_error(path: &std::path::Path) -> Error {
@@ -121,9 +174,7 @@ async fn filled_journal(path: &std::path::Path) {
     let j = SledJournal::open(SledOptions::new(path)).unwrap();
     for i in 0..200u32 {
         let payload = vec![i as u8; 512];
-        j.append(&[app(&format!("k{}", i % 7), &payload)])
-            .await
-            .unwrap();
+        append(&j, &[(&format!("k{}", i % 7), &payload)]).await;
     }
 }
 

@@ -6,6 +6,7 @@
 //! pass the contract suite in `contract` (feature `test-util`).
 
 mod inbox;
+mod range;
 mod sled;
 
 #[cfg(any(test, feature = "test-util"))]
@@ -19,7 +20,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 
-pub use self::sled::{Durability, SledJournal, SledOptions};
+pub use self::range::{Epoch, KeyRange, range_of};
+pub use self::sled::{
+    CheckReport, Durability, SalvageReport, SledJournal, SledOptions, check, salvage,
+};
 
 /// A per-key sequence number: the first message of a key is 1, then 2, 3, ... without gaps.
 pub type Seq = u64;
@@ -31,6 +35,8 @@ pub struct Append {
     pub key: Arc<str>,
     /// The encoded message.
     pub payload: Bytes,
+    /// The owner epoch of the key's range the sender holds; a stale one is refused.
+    pub epoch: Epoch,
 }
 
 /// A message in a key's inbox.
@@ -73,6 +79,8 @@ pub struct Commit {
     pub state: Vec<u8>,
     /// Timers scheduled by the handler; persisted in the same atomic write.
     pub timers: Vec<NewTimer>,
+    /// The owner epoch of the key's range the committer holds; a stale one is refused.
+    pub epoch: Epoch,
 }
 
 /// A stored durable timer.
@@ -107,11 +115,40 @@ pub struct DeadLetter {
 
 /// Storage for durable actors. All methods are safe to call concurrently; appends and timer
 /// firings for one key are serialised by the backend so that sequence numbers have no gaps.
+///
+/// # Ownership and fencing
+/// Keys fall into [`KeyRange`]s ([`Journal::range_of`]). A writer [`acquire`](Journal::acquire)s
+/// a range, which bumps its owner [`Epoch`]; every append, commit, dead letter, re-drive and
+/// timer firing carries the epoch and is refused with [`Error::Fenced`](crate::Error::Fenced)
+/// when it is no longer the range's current one. A commit is also a compare-and-set: it
+/// applies only when `Commit::from == applied + 1`, so a late commit of a stopped instance
+/// can never overwrite its successor's.
 #[async_trait]
 pub trait Journal: Send + Sync + std::fmt::Debug + 'static {
+    /// How many key ranges this journal divides its keys into.
+    fn ranges(&self) -> u32;
+
+    /// The range `key` belongs to.
+    fn range_of(&self, key: &str) -> KeyRange {
+        range_of(key, self.ranges())
+    }
+
+    /// Whether the journal was not closed cleanly before this open (a crash or a kill): the
+    /// runtime then counts replays of a key's first pending message as delivery attempts.
+    fn recovered_from_crash(&self) -> bool;
+
+    /// Takes ownership of `range`: its epoch is bumped durably (fencing every earlier owner)
+    /// and what is pending in it is loaded. Returns the new epoch.
+    async fn acquire(&self, range: KeyRange) -> Result<Epoch>;
+
+    /// Gives up `range` held at `epoch`: staged commits are made durable, in-memory payloads
+    /// of its keys dropped, and further writes at `epoch` refused.
+    async fn release(&self, range: KeyRange, epoch: Epoch) -> Result<()>;
+
     /// Appends a batch, assigning each entry the next sequence number of its key, in batch
     /// order. When this returns, the batch is as durable as the backend's durability mode
-    /// promises (see [`Durability`]).
+    /// promises (see [`Durability`]). A stale epoch on any entry refuses the whole batch
+    /// (nothing of it is written).
     async fn append(&self, batch: &[Append]) -> Result<Vec<Seq>>;
 
     /// The last committed state of `key` (default snapshot when none).
@@ -121,39 +158,51 @@ pub trait Journal: Send + Sync + std::fmt::Debug + 'static {
     async fn pending(&self, key: &str, from: Seq, limit: usize) -> Result<Vec<Entry>>;
 
     /// Atomically stores the new state, acknowledges `from..=seq` (they are never returned by
-    /// `pending` again) and persists the new timers. A backend may make the commit durable
-    /// later (at its next flush); until then a crash replays the acknowledged messages.
+    /// `pending` again) and persists the new timers, if `from == applied + 1` and the epoch
+    /// is current; otherwise nothing changes and the commit is refused
+    /// ([`Error::Fenced`](crate::Error::Fenced)). A backend may make the commit durable later
+    /// (at its next flush); until then a crash replays the acknowledged messages.
     async fn commit(&self, commit: Commit) -> Result<()>;
 
     /// Records one failed delivery of (`key`, `seq`); returns the number of failures of that
     /// message. Only the message an actor is stuck on has a count: a failure of a later
-    /// message starts again at 1.
+    /// message starts again at 1. Durable when it returns.
     async fn record_failure(&self, key: &str, seq: Seq) -> Result<u32>;
 
     /// Atomically moves (`key`, `seq`) from the inbox to the dead letters and acknowledges it,
-    /// leaving the committed state as it is.
-    async fn dead_letter(&self, key: &str, seq: Seq, error: &str, attempts: u32) -> Result<()>;
+    /// leaving the committed state as it is; `seq` must be `applied + 1`.
+    async fn dead_letter(
+        &self,
+        key: &str,
+        seq: Seq,
+        error: &str,
+        attempts: u32,
+        epoch: Epoch,
+    ) -> Result<()>;
 
     /// Dead letters whose key starts with `prefix`, in key and sequence order.
     async fn dead_letters(&self, prefix: &str) -> Result<Vec<DeadLetter>>;
 
     /// Atomically removes a dead letter and appends its payload to its key's inbox as a new
     /// message; returns the new sequence number.
-    async fn redrive(&self, key: &str, seq: Seq) -> Result<Seq>;
+    async fn redrive(&self, key: &str, seq: Seq, epoch: Epoch) -> Result<Seq>;
 
-    /// The earliest timer fire time, if any timer is stored.
-    async fn next_timer(&self) -> Result<Option<u64>>;
+    /// The earliest timer fire time in `range`, if any timer is stored there.
+    async fn next_timer(&self, range: KeyRange) -> Result<Option<u64>>;
 
-    /// Up to `limit` timers due at `now_ms`, earliest first.
-    async fn due_timers(&self, now_ms: u64, limit: usize) -> Result<Vec<Timer>>;
+    /// Up to `limit` timers of `range` due at `now_ms`, earliest first.
+    async fn due_timers(&self, range: KeyRange, now_ms: u64, limit: usize) -> Result<Vec<Timer>>;
 
     /// Atomically removes `timer` and appends its payload to its key's inbox; returns the new
     /// sequence number, or `None` if the timer was already fired.
-    async fn fire_timer(&self, timer: &Timer) -> Result<Option<Seq>>;
+    async fn fire_timer(&self, timer: &Timer, epoch: Epoch) -> Result<Option<Seq>>;
 
-    /// Keys starting with `prefix` that have unacknowledged inbox entries.
-    async fn keys_with_pending(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Keys of `range` starting with `prefix` that have unacknowledged inbox entries.
+    async fn keys_with_pending(&self, range: KeyRange, prefix: &str) -> Result<Vec<String>>;
 
     /// Makes everything written so far durable.
     async fn flush(&self) -> Result<()>;
+
+    /// Makes everything durable, records a clean close and refuses further writes.
+    async fn close(&self) -> Result<()>;
 }

@@ -1,31 +1,41 @@
 //! The embedded journal: an append-only segment log for the inbox (see `inbox`) and sled for
-//! everything keyed (committed states, failure counts, dead letters, timers).
+//! everything keyed (committed states, failure counts, dead letters, timers, owner epochs).
 
+mod check;
 mod layout;
+mod store;
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use self::layout::{
-    DEAD, EPOCH_KEY, FAILURES, FORMAT, FORMAT_KEY, Marker, STATE, TIMER, check_key, engine_error,
-    inbox_dir, key_prefix, read_marker, seq_key, state_dir, tail_seq, timer_key, write_marker,
+    DEAD, EPOCH_KEY, FAILURES, FORMAT, FORMAT_KEY, LOG_KEY, Marker, STATE, TIMER_HEAD, check_key,
+    engine_error, inbox_dir, key_prefix, read_marker, seq_key, state_dir, tail_seq, timer_key,
+    timer_prefix, write_marker,
 };
-use super::inbox::{Inbox, Origin};
-use super::{Append, Bytes, Commit, DeadLetter, Entry, Journal, Seq, Snapshot, Timer};
-use crate::codec::{decode, encode, seal, unseal};
-use crate::error::{Error, Result, panic_text};
+use self::store::{Inner, StagedCommit};
+use super::inbox::record::Origin;
+use super::inbox::{Inbox, SEGMENT_BYTES};
+use super::{
+    Append, Bytes, Commit, DeadLetter, Entry, Epoch, Journal, KeyRange, Seq, Snapshot, Timer,
+    range_of,
+};
+use crate::codec::{MAX_MESSAGE_BYTES, decode, encode, seal, unseal};
+use crate::error::{Error, Fence, Result, panic_text};
+
+pub use self::check::{CheckReport, SalvageReport, check, salvage};
 
 const MARKER_EVERY: Duration = Duration::from_millis(1000);
 /// How often staged commits are written and flushed when no append carries them.
 const COMMIT_EVERY: Duration = Duration::from_millis(50);
-const SEQ_CACHE_LIMIT: usize = 100_000;
+const RANGES_KEY: &[u8] = b"m\0ranges";
 
 /// When an appended message counts as durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +65,15 @@ pub struct SledOptions {
     /// The state store's page cache, in bytes.
     #[serde(default = "default_cache")]
     pub cache_capacity_bytes: u64,
+    /// Key ranges (the unit of ownership); fixed when the journal is created.
+    #[serde(default = "default_ranges")]
+    pub ranges: u32,
+    /// An inbox segment is closed past this size.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// The largest message an append accepts.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
 }
 
 fn default_durability() -> Durability {
@@ -65,21 +84,59 @@ fn default_cache() -> u64 {
     256 * 1024 * 1024
 }
 
+fn default_ranges() -> u32 {
+    64
+}
+
+fn default_segment_bytes() -> u64 {
+    SEGMENT_BYTES
+}
+
+fn default_max_message_bytes() -> usize {
+    MAX_MESSAGE_BYTES
+}
+
 impl SledOptions {
-    /// Options for a journal at `path` with the defaults (flush per batch, 256 MiB cache).
+    /// Options for a journal at `path` with the defaults (flush per batch, 256 MiB cache, 64
+    /// ranges, 64 MiB segments, 64 MiB messages).
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
             durability: default_durability(),
             cache_capacity_bytes: default_cache(),
+            ranges: default_ranges(),
+            segment_bytes: default_segment_bytes(),
+            max_message_bytes: default_max_message_bytes(),
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks every value, naming the option that is wrong.
+    pub fn validate(&self) -> Result<()> {
         if let Durability::Periodic { interval_ms: 0 } = self.durability {
             return Err(Error::InvalidOption {
                 key: "journal.durability.interval_ms",
                 reason: "must be at least 1".into(),
+            });
+        }
+        if !(1..=65_536).contains(&self.ranges) {
+            return Err(Error::InvalidOption {
+                key: "journal.ranges",
+                reason: format!("must be within 1..=65536, got {}", self.ranges),
+            });
+        }
+        if self.segment_bytes < 4096 {
+            return Err(Error::InvalidOption {
+                key: "journal.segment_bytes",
+                reason: format!("must be at least 4096, got {}", self.segment_bytes),
+            });
+        }
+        if self.max_message_bytes == 0 || self.max_message_bytes > MAX_MESSAGE_BYTES {
+            return Err(Error::InvalidOption {
+                key: "journal.max_message_bytes",
+                reason: format!(
+                    "must be within 1..={MAX_MESSAGE_BYTES}, got {}",
+                    self.max_message_bytes
+                ),
             });
         }
         Ok(())
@@ -90,46 +147,32 @@ impl SledOptions {
 #[derive(Debug, Clone)]
 pub struct SledJournal {
     inner: Arc<Inner>,
+    background: Arc<Background>,
 }
 
+/// The journal thread: keeps the marker current, syncs in periodic mode, writes staged
+/// commits. Stopped and joined by `close`.
 #[derive(Debug)]
-struct Inner {
-    db: sled::Db,
-    inbox: Inbox,
-    path: PathBuf,
-    durability: Durability,
-    /// The last sequence number assigned per key; a cache, rebuilt on a miss. Held while
-    /// assigning and appending so that sequence numbers have no gaps.
-    seqs: Mutex<HashMap<Arc<str>, Seq>>,
-    /// State-store flush epoch: stored with every flush, durable once the flush returns.
-    epoch: AtomicU64,
-    /// What the marker file says.
-    marked: Mutex<Marker>,
-    /// Serialises state-store flushes so that epochs become durable in order.
-    flush_lock: Mutex<()>,
-    /// Serialises writes of staged commits (taken after `flush_lock` when both are held).
-    commit_lock: Mutex<()>,
-    /// Commits not yet written to the state store.
-    staged: Mutex<HashMap<Arc<str>, StagedCommit>>,
+struct Background {
+    stop: Mutex<Option<mpsc::Sender<()>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// A commit waiting to be written: the latest per key, so that many commits of one key
-/// between two writes cost one. Reads consult it first.
-#[derive(Debug)]
-struct StagedCommit {
-    applied: Seq,
-    state: Option<Vec<u8>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        let closed = self
-            .flush()
-            .and_then(|()| self.inbox.sync())
-            .and_then(|()| self.mark());
-        if let Err(e) = closed {
-            tracing::error!(path = %self.path.display(), error = %e, "closing the journal failed");
+impl Background {
+    fn stop(&self) {
+        drop(self.stop.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread
+            && t.thread().id() != std::thread::current().id()
+        {
+            let _ = t.join();
         }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -137,24 +180,47 @@ impl SledJournal {
     /// Opens (or creates) the journal. A damaged, truncated or foreign directory is an
     /// [`Error::Corrupt`] naming the path, never a panic and never a silent loss: every
     /// record is checksummed, and the marker file remembers what was durable, so a journal
-    /// that recovers to less has lost data and says so.
+    /// that recovers to less has lost data and says so. Blocking: call it off the async
+    /// workers (`Runtime::open` does).
     pub fn open(options: SledOptions) -> Result<Self> {
         options.validate()?;
         let path = options.path.clone();
         let marked = read_marker(&path)?;
+        if marked.is_none() {
+            // A new journal: the marker comes first, so that whatever a crash leaves behind
+            // from here on is recognisably ours.
+            std::fs::create_dir_all(&path).map_err(|e| Error::storage(&path, e))?;
+            write_marker(&path, Marker::default())?;
+        }
+        let marker = marked.clone().unwrap_or_default();
+        let creating = marker.log.active.is_none();
+        if creating {
+            // The first open never finished: nothing was acknowledged. Start the state store
+            // again (the inbox check refuses segments that hold data).
+            let ids = super::inbox::list_segments_if_any(&inbox_dir(&path))?;
+            if ids.is_empty() || super::inbox::all_empty(&inbox_dir(&path), &ids)? {
+                match std::fs::remove_dir_all(state_dir(&path)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::storage(&state_dir(&path), e)),
+                }
+            }
+        }
+        let unclean = !creating && !marker.clean;
         let db = open_state_store(&path, options.cache_capacity_bytes)?;
         let corrupt = |detail: String| Error::Corrupt {
             path: path.clone(),
             detail,
         };
         let engine = |e| engine_error(&state_dir(&path), e);
+        let be_u64 = |v: &[u8], what: &str| -> Result<u64> {
+            Ok(u64::from_be_bytes(v.try_into().map_err(|_| {
+                corrupt(format!("malformed {what} record"))
+            })?))
+        };
         let epoch = match db.get(FORMAT_KEY).map_err(engine)? {
             Some(v) if v.as_ref() == FORMAT => match db.get(EPOCH_KEY).map_err(engine)? {
-                Some(e) => u64::from_be_bytes(
-                    e.as_ref()
-                        .try_into()
-                        .map_err(|_| corrupt("malformed epoch record".into()))?,
-                ),
+                Some(e) => be_u64(&e, "epoch")?,
                 None => 0,
             },
             Some(v) => {
@@ -163,8 +229,10 @@ impl SledJournal {
                     String::from_utf8_lossy(&v)
                 )));
             }
-            None if marked.is_none() && db.is_empty() => {
+            None if creating && db.is_empty() => {
                 db.insert(FORMAT_KEY, FORMAT).map_err(engine)?;
+                db.insert(RANGES_KEY, &u64::from(options.ranges).to_be_bytes())
+                    .map_err(engine)?;
                 db.flush().map_err(engine)?;
                 0
             }
@@ -174,7 +242,20 @@ impl SledJournal {
                 ));
             }
         };
-        let marker = marked.unwrap_or_default();
+        let ranges = match db.get(RANGES_KEY).map_err(engine)? {
+            Some(v) => be_u64(&v, "ranges")? as u32,
+            None => return Err(corrupt("ranges record is missing".into())),
+        };
+        if ranges != options.ranges {
+            return Err(Error::InvalidOption {
+                key: "journal.ranges",
+                reason: format!(
+                    "the journal at {} was created with {ranges} ranges, not {}",
+                    path.display(),
+                    options.ranges
+                ),
+            });
+        }
         if epoch < marker.epoch {
             return Err(corrupt(format!(
                 "state store recovered to flush epoch {epoch} but epoch {} was durable: data \
@@ -182,40 +263,74 @@ impl SledJournal {
                 marker.epoch
             )));
         }
+        // The newer of the marker's and the state store's record of the log's durable end.
+        let mut marks = marker.log.clone();
+        if let (Some((seg, len)), Some(v)) = (marks.active, db.get(LOG_KEY).map_err(engine)?)
+            && v.len() == 16
+        {
+            let (s, l) = (be_u64(&v[..8], "log")?, be_u64(&v[8..], "log")?);
+            if s == seg && l > len {
+                marks.active = Some((seg, l));
+            }
+        }
         let started = Instant::now();
-        let (inbox, unfinished) = Inbox::open(&inbox_dir(&path), marker.log, |key| {
-            Ok(read_snapshot(&db, &path, key)?.applied)
-        })?;
+        let (inbox, recovered) =
+            Inbox::open(&inbox_dir(&path), &marks, options.segment_bytes, |key| {
+                Ok(read_snapshot(&db, &path, key)?.applied)
+            })?;
         let inner = Arc::new(Inner {
             db,
             inbox,
             path,
             durability: options.durability,
+            ranges,
+            max_message_bytes: options.max_message_bytes,
+            unclean,
             seqs: Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(epoch),
             marked: Mutex::new(marker),
             flush_lock: Mutex::new(()),
             commit_lock: Mutex::new(()),
             staged: Mutex::new(HashMap::new()),
+            owners: RwLock::new(HashMap::new()),
+            closed: AtomicBool::new(false),
         });
-        inner.finish_moves(&unfinished)?;
-        // The marker must name the new active segment before anything can be deleted.
+        inner.finish_moves(&recovered.unfinished)?;
+        // The marker must name the new active segment before anything can be deleted, and
+        // no longer say "clean" while this process runs.
         inner.flush()?;
         inner.mark()?;
         tracing::info!(
             path = %inner.path.display(),
             durability = ?options.durability,
             epoch,
+            unclean,
+            pending = recovered.pending,
+            torn_bytes = recovered.torn.map_or(0, |t| t.2),
             recovery_ms = started.elapsed().as_millis() as u64,
             "journal opened"
         );
-        spawn_background(Arc::downgrade(&inner), options.durability);
-        Ok(Self { inner })
+        let background = spawn_background(Arc::downgrade(&inner), options.durability);
+        Ok(Self { inner, background })
     }
 
     /// The journal directory.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Ends the journal as a crash would: staged commits are lost, nothing more is flushed or
+    /// marked, and every further write is refused. Drop every handle, then open it again.
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn crash(&self) {
+        self.background.stop();
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.staged().clear();
+    }
+
+    /// Bytes of message payloads held in memory (appended by this process, not yet handled).
+    pub fn memory_bytes(&self) -> u64 {
+        self.inner.inbox.memory_bytes()
     }
 }
 
@@ -243,20 +358,20 @@ fn read_snapshot(db: &sled::Db, path: &Path, key: &str) -> Result<Snapshot> {
     else {
         return Ok(Snapshot::default());
     };
-    let corrupt = |detail: String| Error::Corrupt {
+    decode_state_record(&record).map_err(|detail| Error::Corrupt {
         path: state_dir(path),
-        detail,
-    };
-    let body =
-        unseal(&record).ok_or_else(|| corrupt(format!("checksum mismatch in state of {key}")))?;
-    let (applied, rest) = body
-        .split_at_checked(8)
-        .ok_or_else(|| corrupt(format!("state record of {key} is too short")))?;
+        detail: format!("state of {key}: {detail}"),
+    })
+}
+
+fn decode_state_record(record: &[u8]) -> Result<Snapshot, &'static str> {
+    let body = unseal(record).ok_or("checksum mismatch")?;
+    let (applied, rest) = body.split_at_checked(8).ok_or("record is too short")?;
     let applied = u64::from_be_bytes(applied.try_into().unwrap_or([0; 8]));
     let state = match rest.split_first() {
         Some((1, s)) => Some(s.to_vec()),
         Some((0, _)) => None,
-        _ => return Err(corrupt(format!("state record of {key} is malformed"))),
+        _ => return Err("record is malformed"),
     };
     Ok(Snapshot { applied, state })
 }
@@ -274,8 +389,8 @@ fn state_record(applied: Seq, state: Option<&[u8]>) -> Vec<u8> {
     seal(&body)
 }
 
-/// Keeps the marker current, flushes in periodic mode, writes staged commits.
-fn spawn_background(inner: Weak<Inner>, durability: Durability) {
+fn spawn_background(inner: std::sync::Weak<Inner>, durability: Durability) -> Arc<Background> {
+    let (stop, stopped) = mpsc::channel::<()>();
     let spawned = std::thread::Builder::new()
         .name("soma-journal".into())
         .spawn(move || {
@@ -285,9 +400,13 @@ fn spawn_background(inner: Weak<Inner>, durability: Durability) {
                 Durability::FlushPerBatch => None,
                 Durability::Periodic { interval_ms } => Some(Duration::from_millis(interval_ms)),
             };
-            loop {
-                std::thread::sleep(COMMIT_EVERY.min(sync_every.unwrap_or(COMMIT_EVERY)));
+            let tick = COMMIT_EVERY.min(sync_every.unwrap_or(COMMIT_EVERY));
+            // Ends when `close` drops the sender (or the journal is gone).
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(tick) {
                 let Some(inner) = inner.upgrade() else { return };
+                if inner.closed.load(Ordering::Acquire) {
+                    return;
+                }
                 let mut result = inner.flush_if_staged();
                 if let Some(every) = sync_every
                     && last_sync.elapsed() >= every
@@ -304,220 +423,17 @@ fn spawn_background(inner: Weak<Inner>, durability: Durability) {
                 }
             }
         });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the journal thread");
-    }
-}
-
-impl Inner {
-    fn corrupt(&self, detail: String) -> Error {
-        Error::Corrupt {
-            path: state_dir(&self.path),
-            detail,
+    let thread = match spawned {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the journal thread");
+            None
         }
-    }
-
-    fn engine(&self, e: sled::Error) -> Error {
-        engine_error(&state_dir(&self.path), e)
-    }
-
-    fn unseal<'a>(&self, what: &str, raw_key: &[u8], record: &'a [u8]) -> Result<&'a [u8]> {
-        unseal(record).ok_or_else(|| {
-            self.corrupt(format!(
-                "checksum mismatch in {what} record {:?}",
-                String::from_utf8_lossy(raw_key)
-            ))
-        })
-    }
-
-    fn staged(&self) -> MutexGuard<'_, HashMap<Arc<str>, StagedCommit>> {
-        self.staged.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn snapshot(&self, key: &str) -> Result<Snapshot> {
-        if let Some(c) = self.staged().get(key) {
-            return Ok(Snapshot {
-                applied: c.applied,
-                state: c.state.clone(),
-            });
-        }
-        read_snapshot(&self.db, &self.path, key)
-    }
-
-    /// The last sequence number used by `key`.
-    fn last_seq(&self, seqs: &mut HashMap<Arc<str>, Seq>, key: &Arc<str>) -> Result<Seq> {
-        if let Some(s) = seqs.get(key) {
-            return Ok(*s);
-        }
-        let last = match self.inbox.last_seq(key) {
-            Some(s) => s.max(self.snapshot(key)?.applied),
-            None => self.snapshot(key)?.applied,
-        };
-        if seqs.len() >= SEQ_CACHE_LIMIT {
-            seqs.clear();
-        }
-        seqs.insert(key.clone(), last);
-        Ok(last)
-    }
-
-    fn seqs(&self) -> MutexGuard<'_, HashMap<Arc<str>, Seq>> {
-        self.seqs.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn append(&self, batch: &[Append]) -> Result<Vec<Seq>> {
-        let mut seqs = self.seqs();
-        let mut assigned: HashMap<Arc<str>, Seq> = HashMap::new();
-        let mut entries = Vec::with_capacity(batch.len());
-        for a in batch {
-            check_key(&a.key)?;
-            let last = match assigned.get(&a.key) {
-                Some(s) => *s,
-                None => self.last_seq(&mut seqs, &a.key)?,
-            };
-            assigned.insert(a.key.clone(), last + 1);
-            entries.push((a.key.clone(), last + 1, Origin::Send, a.payload.clone()));
-        }
-        let sync = self.durability == Durability::FlushPerBatch;
-        let started = Instant::now();
-        self.inbox.append(&entries, sync)?;
-        if sync {
-            crate::metrics::journal_flushed(started.elapsed());
-        }
-        seqs.extend(assigned);
-        Ok(entries.iter().map(|e| e.1).collect())
-    }
-
-    /// Appends one message moved from elsewhere (a dead letter, a timer), durably.
-    fn append_moved(
-        &self,
-        seqs: &mut HashMap<Arc<str>, Seq>,
-        key: &Arc<str>,
-        origin: Origin,
-        payload: Bytes,
-    ) -> Result<Seq> {
-        let seq = self.last_seq(seqs, key)? + 1;
-        self.inbox
-            .append(&[(key.clone(), seq, origin, payload)], true)?;
-        seqs.insert(key.clone(), seq);
-        Ok(seq)
-    }
-
-    /// Writes staged commits to the state store and drops what they acknowledge from the
-    /// inbox index. `extra` adds to the same atomic batch and may override staged commits (a
-    /// dead letter, a commit with timers). Serialised from the take to the acks: a write
-    /// that took older commits can never land after one that took newer ones.
-    fn write_staged(
-        &self,
-        extra: impl FnOnce(&mut HashMap<Arc<str>, StagedCommit>, &mut sled::Batch) -> Result<()>,
-    ) -> Result<()> {
-        let _serial = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        // The staged lock is held until the batch is in the state store: a reader never sees
-        // a commit neither staged nor written (it would read an older state and skip).
-        let mut current = self.staged();
-        let mut taken = std::mem::take(&mut *current);
-        let mut write = sled::Batch::default();
-        let written = extra(&mut taken, &mut write).and_then(|()| {
-            for (key, c) in &taken {
-                write.insert(
-                    key_prefix(STATE, key),
-                    state_record(c.applied, c.state.as_deref()),
-                );
-            }
-            self.db.apply_batch(write).map_err(|e| self.engine(e))
-        });
-        if let Err(e) = written {
-            // Nothing written: put back what was taken (no newer commit can have arrived:
-            // the lock was held).
-            *current = taken;
-            return Err(e);
-        }
-        drop(current);
-        for (key, c) in taken {
-            self.inbox.ack(&key, c.applied);
-        }
-        Ok(())
-    }
-
-    /// The committed state of `key`, seen from inside [`Inner::write_staged`] (which holds
-    /// the staged lock: everything staged is in `taken`).
-    fn snapshot_in(&self, taken: &HashMap<Arc<str>, StagedCommit>, key: &str) -> Result<Snapshot> {
-        match taken.get(key) {
-            Some(c) => Ok(Snapshot {
-                applied: c.applied,
-                state: c.state.clone(),
-            }),
-            None => read_snapshot(&self.db, &self.path, key),
-        }
-    }
-
-    /// Writes staged commits and flushes the state store, then deletes inbox segments that
-    /// only held messages acknowledged before this flush.
-    fn flush(&self) -> Result<()> {
-        let _serial = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.write_staged(|_, _| Ok(()))?;
-        let emptied = self.inbox.take_emptied();
-        let result = self.flush_then_delete(&emptied);
-        if result.is_err() {
-            // Deleted later, after a flush that works.
-            self.inbox.restore_emptied(emptied);
-        }
-        result
-    }
-
-    fn flush_then_delete(&self, emptied: &[u64]) -> Result<()> {
-        let next = self.epoch.load(Ordering::Acquire) + 1;
-        self.db
-            .insert(EPOCH_KEY, &next.to_be_bytes())
-            .map_err(|e| self.engine(e))?;
-        self.db.flush().map_err(|e| self.engine(e))?;
-        self.epoch.store(next, Ordering::Release);
-        if !emptied.is_empty() {
-            // The marker must not name a segment about to go.
-            self.mark()?;
-            self.inbox.delete(emptied)?;
-        }
-        Ok(())
-    }
-
-    fn flush_if_staged(&self) -> Result<()> {
-        if self.staged().is_empty() {
-            return Ok(());
-        }
-        self.flush()
-    }
-
-    /// Records the durable epoch and log position in the marker file if they moved.
-    fn mark(&self) -> Result<()> {
-        // Read the position under the lock, and never move backwards: a stale position
-        // written after a newer one could name a segment already deleted.
-        let mut marked = self.marked.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Marker {
-            epoch: self.epoch.load(Ordering::Acquire).max(marked.epoch),
-            log: Some(self.inbox.durable_position()).max(marked.log),
-        };
-        if *marked != now {
-            write_marker(&self.path, now)?;
-            *marked = now;
-        }
-        Ok(())
-    }
-
-    /// A crash between appending a moved message and removing its source leaves both:
-    /// finish the move by removing the source.
-    fn finish_moves(&self, unfinished: &[(Arc<str>, Origin)]) -> Result<()> {
-        if unfinished.is_empty() {
-            return Ok(());
-        }
-        let mut write = sled::Batch::default();
-        for (key, origin) in unfinished {
-            match origin {
-                Origin::Send => {}
-                Origin::Redrive { seq } => write.remove(seq_key(DEAD, key, *seq)),
-                Origin::Timer { fire_at_ms, id } => write.remove(timer_key(*fire_at_ms, key, *id)),
-            }
-        }
-        self.db.apply_batch(write).map_err(|e| self.engine(e))
-    }
+    };
+    Arc::new(Background {
+        stop: Mutex::new(Some(stop)),
+        thread: Mutex::new(thread),
+    })
 }
 
 impl SledJournal {
@@ -528,15 +444,29 @@ impl SledJournal {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || f(&inner))
             .await
-            .map_err(|e| Error::Storage {
-                path: self.inner.path.clone(),
-                source: Box::new(e),
-            })?
+            .map_err(|e| Error::storage(&self.inner.path, std::io::Error::other(e.to_string())))?
     }
 }
 
 #[async_trait]
 impl Journal for SledJournal {
+    fn ranges(&self) -> u32 {
+        self.inner.ranges
+    }
+
+    fn recovered_from_crash(&self) -> bool {
+        self.inner.unclean
+    }
+
+    async fn acquire(&self, range: KeyRange) -> Result<Epoch> {
+        self.blocking(move |inner| inner.acquire(range)).await
+    }
+
+    async fn release(&self, range: KeyRange, epoch: Epoch) -> Result<()> {
+        self.blocking(move |inner| inner.release(range, epoch))
+            .await
+    }
+
     async fn append(&self, batch: &[Append]) -> Result<Vec<Seq>> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -552,21 +482,43 @@ impl Journal for SledJournal {
 
     async fn pending(&self, key: &str, from: Seq, limit: usize) -> Result<Vec<Entry>> {
         check_key(key)?;
-        // Acknowledged messages stay in the index until their commit is written: skip them.
-        let from = from.max(self.inner.snapshot(key)?.applied + 1);
-        self.inner.inbox.pending(key, from, limit)
+        let key = key.to_string();
+        // Recovered payloads are read from disk: off the async workers.
+        self.blocking(move |inner| {
+            // Acknowledged messages stay in the index until their commit is written: skip.
+            let from = from.max(inner.snapshot(&key)?.applied + 1);
+            inner.inbox.pending(&key, from, limit)
+        })
+        .await
     }
 
     async fn commit(&self, commit: Commit) -> Result<()> {
         check_key(&commit.key)?;
         let inner = &self.inner;
+        inner.open_for_writes()?;
+        inner.check_epoch(&commit.key, commit.epoch)?;
         // The state record, holding the applied seq, is the commit point. It is staged and
         // written with other commits by the journal thread (or the next flush): one state
         // store batch for many commits, one state write per key however many messages it
         // handled in between. A commit lost in a crash is replayed: its messages are in the
         // inbox until the commit is durable.
         if commit.timers.is_empty() {
-            inner.staged().insert(
+            let mut staged = inner.staged();
+            let applied = match staged.get(&commit.key) {
+                Some(c) => c.applied,
+                None => read_snapshot(&inner.db, &inner.path, &commit.key)?.applied,
+            };
+            if commit.from != applied + 1 {
+                drop(staged);
+                return Err(inner.fenced(
+                    &commit.key,
+                    Fence::NotNext {
+                        from: commit.from,
+                        applied,
+                    },
+                ));
+            }
+            staged.insert(
                 commit.key.clone(),
                 StagedCommit {
                     applied: commit.seq,
@@ -579,17 +531,23 @@ impl Journal for SledJournal {
         // one batch with both.
         let Commit {
             key,
+            from,
             seq,
             state,
             timers,
             ..
         } = commit;
         self.blocking(move |inner| {
+            let range = range_of(&key, inner.ranges);
             inner.write_staged(|taken, write| {
+                let applied = inner.snapshot_in(taken, &key)?.applied;
+                if from != applied + 1 {
+                    return Err(inner.fenced(&key, Fence::NotNext { from, applied }));
+                }
                 for (i, t) in timers.iter().enumerate() {
                     // Deterministic id: a replayed commit rewrites the same timer.
                     let id = (seq << 16) | (i as u64 & 0xffff);
-                    write.insert(timer_key(t.fire_at_ms, &key, id), seal(&t.payload));
+                    write.insert(timer_key(range, t.fire_at_ms, &key, id), seal(&t.payload));
                 }
                 taken.insert(
                     key,
@@ -606,115 +564,123 @@ impl Journal for SledJournal {
 
     async fn record_failure(&self, key: &str, seq: Seq) -> Result<u32> {
         check_key(key)?;
-        let inner = &self.inner;
-        let raw_key = key_prefix(FAILURES, key);
-        let before = match inner.db.get(&raw_key).map_err(|e| inner.engine(e))? {
-            Some(v) => {
-                let body = inner.unseal("failure", &raw_key, &v)?;
-                let (at, count) = body.split_at_checked(8).ok_or_else(|| {
-                    inner.corrupt(format!("failure record of {key} is too short"))
-                })?;
-                let at = u64::from_be_bytes(at.try_into().unwrap_or([0; 8]));
-                let count = u32::from_be_bytes(count.try_into().unwrap_or([0; 4]));
-                if at == seq { count } else { 0 }
-            }
-            None => 0,
-        };
-        let attempts = before.saturating_add(1);
-        let mut body = seq.to_be_bytes().to_vec();
-        body.extend_from_slice(&attempts.to_be_bytes());
-        inner
-            .db
-            .insert(&raw_key, seal(&body))
-            .map_err(|e| inner.engine(e))?;
-        self.flush().await?;
-        Ok(attempts)
+        let key = key.to_string();
+        self.blocking(move |inner| inner.record_failure(&key, seq))
+            .await
     }
 
-    async fn dead_letter(&self, key: &str, seq: Seq, error: &str, attempts: u32) -> Result<()> {
+    async fn dead_letter(
+        &self,
+        key: &str,
+        seq: Seq,
+        error: &str,
+        attempts: u32,
+        epoch: Epoch,
+    ) -> Result<()> {
         check_key(key)?;
-        let inner = &self.inner;
-        let Some(payload) = inner.inbox.payload(key, seq)? else {
-            return Err(inner.corrupt(format!("dead-lettering {key} seq {seq}: not in the inbox")));
-        };
-        let letter = DeadLetter {
-            key: key.to_string(),
-            seq,
-            payload: payload.to_vec(),
-            error: error.to_string(),
-            attempts,
-            at_ms: crate::timers::now_ms(),
-        };
-        let record = seal(&encode("dead letter", &letter)?);
+        self.inner.open_for_writes()?;
+        self.inner.check_epoch(key, epoch)?;
         let key_arc: Arc<str> = Arc::from(key);
-        // One batch: the dead letter exists if and only if the message is acknowledged. The
-        // state stays; the applied seq moves past the dead message.
-        inner.write_staged(|taken, write| {
-            let snapshot = inner.snapshot_in(taken, key)?;
-            write.insert(seq_key(DEAD, key, seq), record);
-            write.remove(key_prefix(FAILURES, key));
-            taken.insert(
-                key_arc,
-                StagedCommit {
-                    applied: seq.max(snapshot.applied),
-                    state: snapshot.state,
-                },
-            );
-            Ok(())
-        })?;
-        self.flush().await
+        let error = error.to_string();
+        self.blocking(move |inner| {
+            let Some(payload) = inner.inbox.payload(&key_arc, seq)? else {
+                return Err(inner.corrupt(format!(
+                    "dead-lettering {key_arc} seq {seq}: not in the inbox"
+                )));
+            };
+            let letter = DeadLetter {
+                key: key_arc.to_string(),
+                seq,
+                payload: payload.to_vec(),
+                error,
+                attempts,
+                at_ms: crate::timers::now_ms(),
+            };
+            let record = seal(&encode("dead letter", &letter)?);
+            // One batch: the dead letter exists if and only if the message is acknowledged.
+            // The state stays; the applied seq moves past the dead message.
+            inner.write_staged(|taken, write| {
+                let snapshot = inner.snapshot_in(taken, &key_arc)?;
+                if seq != snapshot.applied + 1 {
+                    return Err(inner.fenced(
+                        &key_arc,
+                        Fence::NotNext {
+                            from: seq,
+                            applied: snapshot.applied,
+                        },
+                    ));
+                }
+                write.insert(seq_key(DEAD, &key_arc, seq), record);
+                write.remove(key_prefix(FAILURES, &key_arc));
+                taken.insert(
+                    key_arc.clone(),
+                    StagedCommit {
+                        applied: seq,
+                        state: snapshot.state,
+                    },
+                );
+                Ok(())
+            })?;
+            inner.flush()
+        })
+        .await
     }
 
     async fn dead_letters(&self, prefix: &str) -> Result<Vec<DeadLetter>> {
-        let inner = &self.inner;
-        let mut scan = vec![DEAD];
-        scan.extend_from_slice(prefix.as_bytes());
-        let mut out = Vec::new();
-        for item in inner.db.scan_prefix(scan) {
-            let (k, v) = item.map_err(|e| inner.engine(e))?;
-            let body = inner.unseal("dead letter", &k, &v)?;
-            out.push(decode("dead letter", body).map_err(|e| inner.corrupt(e.to_string()))?);
-        }
-        Ok(out)
+        let prefix = prefix.to_string();
+        self.blocking(move |inner| {
+            let mut scan = vec![DEAD];
+            scan.extend_from_slice(prefix.as_bytes());
+            let mut out = Vec::new();
+            for item in inner.db.scan_prefix(scan) {
+                let (k, v) = item.map_err(|e| inner.engine(e))?;
+                let body = inner.unseal("dead letter", &k, &v)?;
+                out.push(decode("dead letter", body).map_err(|e| inner.corrupt(e.to_string()))?);
+            }
+            Ok(out)
+        })
+        .await
     }
 
-    async fn redrive(&self, key: &str, seq: Seq) -> Result<Seq> {
+    async fn redrive(&self, key: &str, seq: Seq, epoch: Epoch) -> Result<Seq> {
         check_key(key)?;
+        self.inner.open_for_writes()?;
+        self.inner.check_epoch(key, epoch)?;
         let key: Arc<str> = Arc::from(key);
-        self.blocking(move |inner2| {
-            let mut seqs = inner2.seqs();
+        self.blocking(move |inner| {
+            let mut seqs = inner.seqs();
             let dead_key = seq_key(DEAD, &key, seq);
-            let Some(record) = inner2.db.get(&dead_key).map_err(|e| inner2.engine(e))? else {
+            let Some(record) = inner.db.get(&dead_key).map_err(|e| inner.engine(e))? else {
                 return Err(Error::NoSuchDeadLetter {
                     key: key.to_string(),
                     seq,
                 });
             };
-            let body = inner2.unseal("dead letter", &dead_key, &record)?;
+            let body = inner.unseal("dead letter", &dead_key, &record)?;
             let letter: DeadLetter =
-                decode("dead letter", body).map_err(|e| inner2.corrupt(e.to_string()))?;
+                decode("dead letter", body).map_err(|e| inner.corrupt(e.to_string()))?;
             // Append first (durably), then remove the dead letter; a crash in between is
             // finished at the next open (the appended record names its origin).
-            let new_seq = inner2.append_moved(
+            let new_seq = inner.append_moved(
                 &mut seqs,
                 &key,
                 Origin::Redrive { seq },
                 Bytes::from(letter.payload),
             )?;
-            inner2.db.remove(&dead_key).map_err(|e| inner2.engine(e))?;
+            inner.db.remove(&dead_key).map_err(|e| inner.engine(e))?;
             Ok(new_seq)
         })
         .await
     }
 
-    async fn next_timer(&self) -> Result<Option<u64>> {
+    async fn next_timer(&self, range: KeyRange) -> Result<Option<u64>> {
         let inner = &self.inner;
-        match inner.db.scan_prefix([TIMER]).next() {
+        match inner.db.scan_prefix(timer_prefix(range)).next() {
             None => Ok(None),
             Some(item) => {
                 let (k, _) = item.map_err(|e| inner.engine(e))?;
                 let at = k
-                    .get(1..9)
+                    .get(5..TIMER_HEAD)
                     .and_then(|b| b.try_into().ok())
                     .map(u64::from_be_bytes)
                     .ok_or_else(|| inner.corrupt("timer key is too short".into()))?;
@@ -723,13 +689,14 @@ impl Journal for SledJournal {
         }
     }
 
-    async fn due_timers(&self, now_ms: u64, limit: usize) -> Result<Vec<Timer>> {
+    async fn due_timers(&self, range: KeyRange, now_ms: u64, limit: usize) -> Result<Vec<Timer>> {
         let inner = &self.inner;
-        let mut end = vec![TIMER];
+        let start = timer_prefix(range);
+        let mut end = start.clone();
         end.extend_from_slice(&now_ms.to_be_bytes());
         end.push(0xff);
         let mut out = Vec::new();
-        for item in inner.db.range(vec![TIMER]..end).take(limit) {
+        for item in inner.db.range(start..end).take(limit) {
             let (k, v) = item.map_err(|e| inner.engine(e))?;
             let bad = || {
                 inner.corrupt(format!(
@@ -737,14 +704,14 @@ impl Journal for SledJournal {
                     String::from_utf8_lossy(&k)
                 ))
             };
-            if k.len() < 1 + 8 + 1 + 8 {
+            if k.len() < TIMER_HEAD + 1 + 8 {
                 return Err(bad());
             }
-            let fire_at_ms = u64::from_be_bytes(k[1..9].try_into().map_err(|_| bad())?);
+            let fire_at_ms = u64::from_be_bytes(k[5..TIMER_HEAD].try_into().map_err(|_| bad())?);
             if fire_at_ms > now_ms {
                 break;
             }
-            let key = std::str::from_utf8(&k[9..k.len() - 9]).map_err(|_| bad())?;
+            let key = std::str::from_utf8(&k[TIMER_HEAD..k.len() - 9]).map_err(|_| bad())?;
             let id = tail_seq(&k).ok_or_else(bad)?;
             let payload = inner.unseal("timer", &k, &v)?.to_vec();
             out.push(Timer {
@@ -757,15 +724,18 @@ impl Journal for SledJournal {
         Ok(out)
     }
 
-    async fn fire_timer(&self, timer: &Timer) -> Result<Option<Seq>> {
+    async fn fire_timer(&self, timer: &Timer, epoch: Epoch) -> Result<Option<Seq>> {
         check_key(&timer.key)?;
+        self.inner.open_for_writes()?;
+        self.inner.check_epoch(&timer.key, epoch)?;
         let timer = timer.clone();
         self.blocking(move |inner| {
             // The commit that scheduled the timer must be durable before its message is:
             // otherwise a crash could replay that commit and fire the timer twice.
             inner.flush()?;
             let mut seqs = inner.seqs();
-            let raw_key = timer_key(timer.fire_at_ms, &timer.key, timer.id);
+            let range = range_of(&timer.key, inner.ranges);
+            let raw_key = timer_key(range, timer.fire_at_ms, &timer.key, timer.id);
             if !inner
                 .db
                 .contains_key(&raw_key)
@@ -785,9 +755,14 @@ impl Journal for SledJournal {
         .await
     }
 
-    async fn keys_with_pending(&self, prefix: &str) -> Result<Vec<String>> {
+    async fn keys_with_pending(&self, range: KeyRange, prefix: &str) -> Result<Vec<String>> {
+        let ranges = self.inner.ranges;
         let mut out = Vec::new();
-        for (key, last) in self.inner.inbox.keys(prefix) {
+        for (key, last) in self
+            .inner
+            .inbox
+            .keys(|k| k.starts_with(prefix) && range_of(k, ranges) == range)
+        {
             if last > self.inner.snapshot(&key)?.applied {
                 out.push(key.to_string());
             }
@@ -801,5 +776,13 @@ impl Journal for SledJournal {
             inner.inbox.sync()
         })
         .await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.background.stop();
+        self.blocking(|inner| inner.close()).await
     }
 }

@@ -1,0 +1,372 @@
+//! Unit tests of the inbox log: recovery, acknowledgement, and every kind of damage.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::record::{Origin, encode_record, scan_segment, segment_path};
+use super::recover::Recovered;
+use super::*;
+
+fn entry(key: &str, seq: Seq, payload: &[u8]) -> NewEntry {
+    (
+        Arc::from(key),
+        seq,
+        Origin::Send,
+        Bytes::copy_from_slice(payload),
+    )
+}
+
+fn fresh(dir: &Path) -> Inbox {
+    Inbox::open(dir, &LogMarks::default(), SEGMENT_BYTES, |_| Ok(0))
+        .unwrap()
+        .0
+}
+
+fn open_with(dir: &Path, marks: &LogMarks, applied: Seq) -> Result<(Inbox, Recovered)> {
+    Inbox::open(dir, marks, SEGMENT_BYTES, |_| Ok(applied))
+}
+
+/// Closes the inbox as a crash would (no further writes) and returns what the marker holds.
+fn crash(inbox: Inbox) -> LogMarks {
+    let marks = inbox.marks();
+    drop(inbox);
+    marks
+}
+
+fn err_text(r: Result<(Inbox, Recovered)>) -> String {
+    match r {
+        Ok(_) => panic!("damage went unnoticed"),
+        Err(e) => {
+            assert!(matches!(e, Error::Corrupt { .. }), "{e:?}");
+            e.to_string()
+        }
+    }
+}
+
+#[test]
+fn appended_messages_are_recovered_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    inbox
+        .append(
+            &[
+                entry("a", 1, b"x"),
+                entry("b", 1, b"y"),
+                entry("a", 2, b"z"),
+            ],
+            true,
+        )
+        .unwrap();
+    let marks = crash(inbox);
+    let (inbox, recovered) = open_with(dir.path(), &marks, 0).unwrap();
+    assert!(recovered.unfinished.is_empty());
+    assert_eq!(recovered.pending, 3);
+    let a = inbox.pending("a", 1, 10).unwrap();
+    assert_eq!(a.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(&*a[1].payload, b"z");
+    assert_eq!(inbox.last_seq("b"), Some(1));
+}
+
+#[test]
+fn acknowledged_messages_are_skipped_and_empty_segments_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    inbox
+        .append(&[entry("a", 1, b"x"), entry("a", 2, b"y")], true)
+        .unwrap();
+    let marks = crash(inbox);
+    // The state store says a is applied up to 2: nothing is pending, the segment goes.
+    let (inbox, _) = open_with(dir.path(), &marks, 2).unwrap();
+    assert_eq!(inbox.len(), 0);
+    let emptied = inbox.take_emptied();
+    inbox.delete(&emptied).unwrap();
+    assert_eq!(inbox.segments(), 1, "only the new active segment remains");
+}
+
+#[test]
+fn emptied_segments_wait_for_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    inbox.append(&[entry("a", 1, b"x")], true).unwrap();
+    {
+        let mut st = inbox.state();
+        inbox.roll(&mut st).unwrap();
+    }
+    assert_eq!(inbox.segments(), 2);
+    inbox.ack("a", 1);
+    let emptied = inbox.take_emptied();
+    assert_eq!(emptied.len(), 1);
+    assert_eq!(
+        inbox.segments(),
+        2,
+        "not deleted before the acks are durable"
+    );
+    inbox.delete(&emptied).unwrap();
+    assert_eq!(inbox.segments(), 1);
+}
+
+#[test]
+fn payloads_dropped_from_memory_are_read_back_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    inbox
+        .append(&[entry("a", 1, b"first"), entry("b", 1, b"other")], true)
+        .unwrap();
+    {
+        let mut st = inbox.state();
+        inbox.roll(&mut st).unwrap();
+    }
+    inbox.append(&[entry("a", 2, b"second")], true).unwrap();
+    let before = inbox.memory_bytes();
+    assert_eq!(inbox.forget_payloads(|k| k == "a"), 11);
+    assert_eq!(inbox.memory_bytes(), before - 11);
+    let a = inbox.pending("a", 1, 10).unwrap();
+    assert_eq!(&*a[0].payload, b"first");
+    assert_eq!(&*a[1].payload, b"second");
+}
+
+#[test]
+fn torn_tail_after_the_durable_position_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    inbox.append(&[entry("a", 1, b"x")], true).unwrap();
+    let marks = inbox.marks();
+    inbox.append(&[entry("a", 2, b"y")], true).unwrap();
+    drop(inbox);
+    let (seg, _) = marks.active.unwrap();
+    let path = segment_path(dir.path(), seg);
+    let len = std::fs::metadata(&path).unwrap().len();
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(len - 3).unwrap();
+    let (inbox, recovered) = open_with(dir.path(), &marks, 0).unwrap();
+    assert_eq!(inbox.pending("a", 1, 10).unwrap().len(), 1);
+    assert!(recovered.torn.is_some());
+}
+
+#[test]
+fn damage_before_the_durable_position_is_an_error_naming_the_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    inbox
+        .append(&[entry("a", 1, b"xxxxxxxx"), entry("a", 2, b"y")], true)
+        .unwrap();
+    let marks = crash(inbox);
+    let path = segment_path(dir.path(), marks.active.unwrap().0);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[14] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let e = err_text(open_with(dir.path(), &marks, 0));
+    assert!(e.contains(&path.display().to_string()), "{e}");
+    assert!(e.contains("offset 0"), "{e}");
+}
+
+#[test]
+fn damage_followed_by_a_valid_record_is_corruption_even_after_the_durable_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    inbox.append(&[entry("a", 1, b"x")], true).unwrap();
+    let marks = inbox.marks(); // durable position: after the first record
+    inbox
+        .append(&[entry("a", 2, b"yyyyyyyy"), entry("a", 3, b"z")], true)
+        .unwrap();
+    drop(inbox);
+    let path = segment_path(dir.path(), marks.active.unwrap().0);
+    let first_end = marks.active.unwrap().1 as usize;
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[first_end + 20] ^= 0xff; // inside record 2, record 3 intact after it
+    std::fs::write(&path, &bytes).unwrap();
+    let e = err_text(open_with(dir.path(), &marks, 0));
+    assert!(e.contains("followed by a valid record"), "{e}");
+    assert!(e.contains(&format!("offset {first_end}")), "{e}");
+}
+
+#[test]
+fn a_segment_shorter_than_recorded_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    inbox.append(&[entry("a", 1, &[7; 100])], true).unwrap();
+    {
+        let mut st = inbox.state();
+        inbox.roll(&mut st).unwrap();
+    }
+    inbox.append(&[entry("a", 2, b"y")], true).unwrap();
+    let marks = crash(inbox);
+    let (&closed, &len) = marks.closed.iter().next().unwrap();
+    let path = segment_path(dir.path(), closed);
+    // Cut at a record boundary too: the recorded length still tells.
+    OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let e = err_text(open_with(dir.path(), &marks, 0));
+    assert!(e.contains("truncated"), "{e}");
+    assert!(e.contains(&path.display().to_string()), "{e}");
+}
+
+#[test]
+fn a_missing_segment_is_corruption() {
+    for which in ["closed", "active", "every"] {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = fresh(dir.path());
+        inbox.append(&[entry("a", 1, b"x")], true).unwrap();
+        {
+            let mut st = inbox.state();
+            inbox.roll(&mut st).unwrap();
+        }
+        inbox.append(&[entry("a", 2, b"y")], true).unwrap();
+        let marks = crash(inbox);
+        let closed = *marks.closed.keys().next().unwrap();
+        let active = marks.active.unwrap().0;
+        match which {
+            "closed" => std::fs::remove_file(segment_path(dir.path(), closed)).unwrap(),
+            "active" => std::fs::remove_file(segment_path(dir.path(), active)).unwrap(),
+            _ => {
+                for id in [closed, active] {
+                    std::fs::remove_file(segment_path(dir.path(), id)).unwrap();
+                }
+            }
+        }
+        let e = err_text(open_with(dir.path(), &marks, 0));
+        assert!(e.contains("missing"), "{which}: {e}");
+    }
+}
+
+#[test]
+fn a_hole_in_newer_segments_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    let marks = inbox.marks(); // written before the rolls below
+    for seq in 1..=3 {
+        inbox.append(&[entry("a", seq, b"x")], true).unwrap();
+        let mut st = inbox.state();
+        inbox.roll(&mut st).unwrap();
+    }
+    drop(inbox);
+    let middle = marks.active.unwrap().0 + 1;
+    std::fs::remove_file(segment_path(dir.path(), middle)).unwrap();
+    let e = err_text(open_with(dir.path(), &marks, 0));
+    assert!(e.contains("hole"), "{e}");
+}
+
+#[test]
+fn a_gap_in_a_keys_sequence_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    inbox
+        .append(&[entry("a", 1, b"x"), entry("a", 3, b"z")], true)
+        .unwrap();
+    let marks = crash(inbox);
+    let e = err_text(open_with(dir.path(), &marks, 0));
+    assert!(e.contains("messages 2..=2 are missing"), "{e}");
+    // The committed state must be continued by the first pending message, too.
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    inbox.append(&[entry("a", 5, b"x")], true).unwrap();
+    let marks = crash(inbox);
+    let e = err_text(open_with(dir.path(), &marks, 2));
+    assert!(e.contains("messages 3..=4 are missing"), "{e}");
+}
+
+#[test]
+fn leftovers_of_an_interrupted_deletion_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    inbox.append(&[entry("a", 1, b"x")], true).unwrap();
+    {
+        let mut st = inbox.state();
+        inbox.roll(&mut st).unwrap();
+    }
+    inbox.ack("a", 1);
+    let emptied = inbox.take_emptied();
+    // The marker stopped listing the segment, then the process died before unlinking it.
+    let marks = inbox.marks_without(&emptied);
+    drop(inbox);
+    let (inbox, _) = open_with(dir.path(), &marks, 1).unwrap();
+    assert_eq!(
+        inbox.segments(),
+        1 + 1,
+        "the scanned active one and the new one"
+    );
+    assert!(!segment_path(dir.path(), emptied[0]).exists());
+}
+
+#[test]
+fn a_first_open_cut_short_leaves_only_empty_segments_and_opens_again() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(fresh(dir.path()));
+    let (inbox, _) = open_with(dir.path(), &LogMarks::default(), 0).unwrap();
+    inbox.append(&[entry("a", 1, b"x")], true).unwrap();
+    drop(inbox);
+    // Data but no log in the marker: not a crash of a first open.
+    let e = err_text(open_with(dir.path(), &LogMarks::default(), 0));
+    assert!(e.contains("marker records no log"), "{e}");
+}
+
+#[test]
+fn origins_of_unacknowledged_messages_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    inbox
+        .append(
+            &[(
+                Arc::from("a"),
+                1,
+                Origin::Timer {
+                    fire_at_ms: 5,
+                    id: 9,
+                },
+                Bytes::from_static(b"t"),
+            )],
+            true,
+        )
+        .unwrap();
+    let marks = crash(inbox);
+    let (_, recovered) = open_with(dir.path(), &marks, 0).unwrap();
+    assert_eq!(
+        recovered.unfinished,
+        vec![(
+            Arc::from("a"),
+            Origin::Timer {
+                fire_at_ms: 5,
+                id: 9
+            }
+        )]
+    );
+}
+
+#[test]
+fn scanning_handles_records_across_and_beyond_the_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.log");
+    let mut bytes = Vec::new();
+    let payloads: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; i as usize * 7]).collect();
+    for (i, p) in payloads.iter().enumerate() {
+        encode_record(&mut bytes, "key", i as u64 + 1, Origin::Send, p);
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let file = File::open(&path).unwrap();
+    // A buffer smaller than most records: every record crosses a refill.
+    let mut buf = vec![0u8; 16];
+    let mut seen = Vec::new();
+    let end = scan_segment(&file, &mut buf, |_, payload_offset, r| {
+        let mut read = vec![0u8; r.payload.len()];
+        file.read_exact_at(&mut read, payload_offset).unwrap();
+        assert_eq!(read, r.payload, "payload offset points at the payload");
+        seen.push((r.seq, r.payload.to_vec()));
+        Ok(())
+    });
+    assert!(matches!(end, Ok(None)));
+    let expected: Vec<(u64, Vec<u8>)> = payloads
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64 + 1, p))
+        .collect();
+    assert_eq!(seen, expected);
+}
