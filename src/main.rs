@@ -31,6 +31,12 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         keys: usize,
     },
+    /// Inspects or repairs a journal directory (operator tools; the runtime never cuts
+    /// acknowledged data by itself).
+    Journal {
+        #[command(subcommand)]
+        command: JournalCommand,
+    },
     /// Hosts durable counters for the demo and the durability tests (driven over stdio).
     #[command(hide = true)]
     DurableHost {
@@ -40,7 +46,47 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Subcommand)]
+enum JournalCommand {
+    /// Reads a journal without changing it: segments, pending messages per key, and every
+    /// damage found, with file and offset. Exits with status 1 when something is wrong.
+    Check {
+        /// The journal directory.
+        dir: PathBuf,
+    },
+    /// Copies everything readable of a journal into a new one and reports what was lost
+    /// (also written to NEW/SALVAGE_REPORT). The damaged journal is left as it is.
+    Salvage {
+        /// The damaged journal directory.
+        dir: PathBuf,
+        /// Where the new journal goes (must not exist, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn journal_command(command: JournalCommand) -> anyhow::Result<std::process::ExitCode> {
+    match command {
+        JournalCommand::Check { dir } => {
+            let report = soma::supervision::check(&dir)
+                .with_context(|| format!("cannot check {}", dir.display()))?;
+            print!("{report}");
+            Ok(if report.is_healthy() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::from(1)
+            })
+        }
+        JournalCommand::Salvage { dir, out } => {
+            let report = soma::supervision::salvage(&dir, &out)
+                .with_context(|| format!("cannot salvage {}", dir.display()))?;
+            print!("{report}");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> anyhow::Result<std::process::ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SOMA_LOG")
@@ -51,6 +97,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
     match cli.command {
+        Command::Journal { command } => return journal_command(command),
         Command::DurableHost { data } => rt.block_on(soma::demo::host(&data))?,
         Command::Demo { data, rounds, keys } => {
             let temporary = data.is_none();
@@ -72,5 +119,5 @@ fn main() -> anyhow::Result<()> {
             println!("ok: every acknowledged message applied exactly once");
         }
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }

@@ -32,7 +32,10 @@ use crate::error::{Error, Fence, Result, panic_text};
 
 pub use self::check::{CheckReport, SalvageReport, check, salvage};
 
-const MARKER_EVERY: Duration = Duration::from_millis(1000);
+/// The marker follows the log's durable end at most this far behind (it is written only
+/// when something moved): a truncation of the newest segment that removes only what was
+/// appended in this window before a crash cannot be told from a torn write.
+const MARKER_EVERY: Duration = Duration::from_millis(100);
 /// How often staged commits are written and flushed when no append carries them.
 const COMMIT_EVERY: Duration = Duration::from_millis(50);
 const RANGES_KEY: &[u8] = b"m\0ranges";
