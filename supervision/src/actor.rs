@@ -85,16 +85,23 @@ pub struct Context<M> {
     key: std::sync::Arc<str>,
     seq: Seq,
     replayed: bool,
+    clock: crate::clock::Clock,
     pub(crate) timers: Vec<NewTimer>,
     _msg: std::marker::PhantomData<fn(M)>,
 }
 
 impl<M: Serialize> Context<M> {
-    pub(crate) fn new(key: std::sync::Arc<str>, seq: Seq, replayed: bool) -> Self {
+    pub(crate) fn new(
+        key: std::sync::Arc<str>,
+        seq: Seq,
+        replayed: bool,
+        clock: crate::clock::Clock,
+    ) -> Self {
         Self {
             key,
             seq,
             replayed,
+            clock,
             timers: Vec::new(),
             _msg: std::marker::PhantomData,
         }
@@ -116,11 +123,16 @@ impl<M: Serialize> Context<M> {
         self.replayed
     }
 
-    /// Schedules `msg` to this actor after `after`. The timer is persisted with this
-    /// handler's commit: it exists only if the handler succeeds, and it fires after any
-    /// restart.
+    /// Schedules `msg` to this actor after `after` (on the runtime's clock, which tokio's
+    /// paused time advances in tests). The timer is persisted with this handler's commit: it
+    /// exists only if the handler succeeds, and it fires after any restart.
     pub fn schedule(&mut self, after: Duration, msg: &M) -> Result<()> {
-        self.schedule_at(SystemTime::now() + after, msg)
+        let fire_at_ms = self.clock.now_ms() + after.as_millis() as u64;
+        self.timers.push(NewTimer {
+            fire_at_ms,
+            payload: encode_message(msg)?,
+        });
+        Ok(())
     }
 
     /// Schedules `msg` to this actor at `at` (see [`Context::schedule`](Self::schedule)).

@@ -43,16 +43,21 @@
 //! ```
 
 mod actor;
-mod cell;
+mod clock;
 mod codec;
+mod entry;
 mod error;
+mod instance;
 mod journal;
+mod keys;
+mod life;
 pub mod metrics;
+mod options;
 mod owner;
 mod policy;
 mod registry;
+mod routes;
 mod runtime;
-mod slot;
 mod supervisor;
 mod timers;
 mod writer;
@@ -67,8 +72,9 @@ pub use journal::{
     NewTimer, SalvageReport, Seq, SledJournal, SledOptions, Snapshot, Timer, check, range_of,
     salvage,
 };
+pub use options::{RegistryOptions, WhenFull};
 pub use policy::{Backoff, Intensity, Restart, Strategy};
-pub use registry::{Registry, RegistryOptions, WhenFull};
+pub use registry::Registry;
 pub use runtime::{Runtime, RuntimeOptions};
 pub use supervisor::{ChildSpec, Policy, Supervisor, SupervisorMsg, SupervisorState};
 pub use writer::WriterStats;

@@ -130,13 +130,14 @@ impl Backoff {
 /// A sliding window of restart times, for [`Intensity`].
 #[derive(Debug, Default)]
 pub(crate) struct RestartWindow {
-    times: std::collections::VecDeque<std::time::Instant>,
+    times: std::collections::VecDeque<tokio::time::Instant>,
 }
 
 impl RestartWindow {
     /// Records a restart now; `false` when this restart exceeds the intensity.
     pub(crate) fn allow(&mut self, intensity: &Intensity) -> bool {
-        let now = std::time::Instant::now();
+        // tokio's clock: tests pause and advance it.
+        let now = tokio::time::Instant::now();
         let window = Duration::from_millis(intensity.window_ms);
         while self
             .times

@@ -1,214 +1,226 @@
-//! The registry of one kind of durable actor: resolves a key to its live instance or
-//! activates it from the journal, bounds mailboxes, passivates idle actors and supervises
-//! every instance one-for-one with backoff.
+//! The registry of one kind of durable actor: resolves a key to its entry, carries out what
+//! the key's [`Life`](crate::life) decides (spawn, deliver, restart after a backoff, park,
+//! stop, forget), bounds mailboxes, and supervises every instance one-for-one.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
-use serde::{Deserialize, Serialize};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use crate::actor::DurableActor;
-use crate::cell::{Cell, CellMsg};
+use crate::clock::Clock;
 use crate::codec::{decode, encode_message};
+use crate::entry::{Handle, InstanceMsg, KeyEntry};
 use crate::error::{Error, Result};
+use crate::instance::{Instance, Kind};
 use crate::journal::{Append, DeadLetter, Journal, Seq};
-use crate::metrics::RegistryMetrics;
-use crate::policy::{Backoff, Intensity};
-use crate::runtime::{Route, Runtime};
-use crate::slot::{Activate, Life, Slot};
+use crate::keys::{check_key, journal_key, namespace};
+use crate::life::{Action, Event, Exit, State};
+use crate::options::{RegistryOptions, WhenFull};
+use crate::owner::Ownership;
+use crate::routes::{Routed, Routes, WeakRoutes};
 use crate::timers::TimerHandle;
 use crate::writer::WriterHandle;
 
-/// The exit reason of an instance stopped for idleness.
-pub(crate) const PASSIVATED: &str = "passivated";
-/// Separates the registry name from the actor key in journal keys.
-pub(crate) const KEY_SEPARATOR: char = '\u{1f}';
-const MAX_KEY_LEN: usize = 1024;
-
-/// What a send does when the actor's mailbox is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WhenFull {
-    /// Fail at once with [`Error::MailboxFull`].
-    Reject,
-    /// Wait until the actor has handled enough to make room.
-    Wait,
-}
-
-/// Options of a registry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryOptions {
-    /// The kind of actor, e.g. `session`; journal keys are namespaced by it.
-    pub name: String,
-    /// Messages accepted and not yet handled, per actor, before sends are refused or wait.
-    #[serde(default = "default_max_in_flight")]
-    pub max_in_flight: usize,
-    /// What a send does when the mailbox is full.
-    #[serde(default = "default_when_full")]
-    pub when_full: WhenFull,
-    /// Failed deliveries of one message before it moves to the dead letters.
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
-    /// An instance idle this long stops, to be activated again by its next message.
-    /// `None` keeps instances live until shutdown.
-    #[serde(default = "default_passivate_after_ms")]
-    pub passivate_after_ms: Option<u64>,
-    /// Restarts of one key allowed in a window; past it the key is parked until its next
-    /// message, and an error is logged.
-    #[serde(default)]
-    pub intensity: Intensity,
-    /// Delay between restarts of one key.
-    #[serde(default)]
-    pub backoff: Backoff,
-}
-
-fn default_max_in_flight() -> usize {
-    1024
-}
-fn default_when_full() -> WhenFull {
-    WhenFull::Wait
-}
-fn default_max_attempts() -> u32 {
-    3
-}
-fn default_passivate_after_ms() -> Option<u64> {
-    Some(60_000)
-}
-
-impl RegistryOptions {
-    /// Options with defaults for the registry `name`.
-    pub fn new(name: impl Into<String>) -> Self {
-        Self {
-            name: name.into(),
-            max_in_flight: default_max_in_flight(),
-            when_full: default_when_full(),
-            max_attempts: default_max_attempts(),
-            passivate_after_ms: default_passivate_after_ms(),
-            intensity: Intensity::default(),
-            backoff: Backoff::default(),
-        }
-    }
-
-    fn validate(&self) -> Result<()> {
-        if self.name.is_empty() || self.name.chars().any(|c| c.is_control()) {
-            return Err(Error::InvalidOption {
-                key: "registry.name",
-                reason: "must be non-empty without control characters".into(),
-            });
-        }
-        if self.max_in_flight == 0 {
-            return Err(Error::InvalidOption {
-                key: "registry.max_in_flight",
-                reason: "must be at least 1".into(),
-            });
-        }
-        if self.max_attempts == 0 {
-            return Err(Error::InvalidOption {
-                key: "registry.max_attempts",
-                reason: "must be at least 1".into(),
-            });
-        }
-        if self.passivate_after_ms == Some(0) {
-            return Err(Error::InvalidOption {
-                key: "registry.passivate_after_ms",
-                reason: "must be at least 1 (or absent to never passivate)".into(),
-            });
-        }
-        self.backoff.validate()
-    }
-}
-
-fn check_key(key: &str) -> Result<()> {
-    let bad = |reason| {
-        Err(Error::InvalidKey {
-            key: key.chars().take(64).collect(),
-            reason,
-        })
-    };
-    if key.is_empty() {
-        return bad("is empty");
-    }
-    if key.len() > MAX_KEY_LEN {
-        return bad("is longer than 1024 bytes");
-    }
-    if key.chars().any(|c| c.is_control()) {
-        return bad("contains a control character");
-    }
-    Ok(())
+/// What a registry gets from its runtime.
+#[derive(Debug, Clone)]
+pub(crate) struct Wiring {
+    pub(crate) journal: Arc<dyn Journal>,
+    pub(crate) writer: WriterHandle,
+    pub(crate) timers: TimerHandle,
+    pub(crate) owner: Arc<Ownership>,
+    pub(crate) routes: Routes,
+    pub(crate) clock: Clock,
 }
 
 pub(crate) struct Shared<A: DurableActor> {
-    pub(crate) actor: A,
-    pub(crate) name: String,
-    pub(crate) options: RegistryOptions,
-    pub(crate) journal: Arc<dyn Journal>,
-    pub(crate) metrics: RegistryMetrics,
-    pub(crate) timers: TimerHandle,
-    pub(crate) owner: Arc<crate::owner::Ownership>,
+    kind: Arc<Kind<A>>,
     writer: WriterHandle,
-    slots: Mutex<HashMap<Arc<str>, Arc<Slot>>>,
-    /// Running instances: their slot and generation.
-    cells: Mutex<HashMap<ActorId, (Arc<Slot>, u64)>>,
+    routes: WeakRoutes,
+    entries: Mutex<HashMap<Arc<str>, Arc<KeyEntry>>>,
     supervisor: Mutex<Option<ActorCell>>,
     stopping: AtomicBool,
+    stopped: watch::Sender<bool>,
+    /// Spawns and delayed restarts: ended (aborted) by `stop`.
+    tasks: Mutex<JoinSet<()>>,
     myself: Weak<Shared<A>>,
 }
 
+/// Decrements an entry's watcher count when a waiter leaves.
+struct Watching(Arc<KeyEntry>);
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.0.watchers.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl<A: DurableActor> Shared<A> {
-    fn slots(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Slot>>> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    fn entries(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<KeyEntry>>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn cells(&self) -> MutexGuard<'_, HashMap<ActorId, (Arc<Slot>, u64)>> {
-        self.cells.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Remembers which slot and generation an instance serves (called from its `pre_start`).
-    pub(crate) fn track(&self, id: ActorId, slot: Arc<Slot>, generation: u64) {
-        self.cells().insert(id, (slot, generation));
-    }
-
-    fn jkey(&self, key: &str) -> Arc<str> {
-        Arc::from(format!("{}{KEY_SEPARATOR}{key}", self.name))
-    }
-
-    fn slot_locked(&self, slots: &mut HashMap<Arc<str>, Arc<Slot>>, key: &str) -> Arc<Slot> {
-        if let Some(s) = slots.get(key) {
-            return s.clone();
+    fn entry_locked(
+        &self,
+        entries: &mut HashMap<Arc<str>, Arc<KeyEntry>>,
+        key: &str,
+    ) -> Arc<KeyEntry> {
+        if let Some(e) = entries.get(key) {
+            return e.clone();
         }
-        let owner: Weak<dyn Activate> = self.myself.clone();
-        let slot = Arc::new(Slot::new(Arc::from(key), self.jkey(key), owner));
-        slots.insert(slot.key.clone(), slot.clone());
-        slot
+        let key: Arc<str> = Arc::from(key);
+        let entry = Arc::new(KeyEntry::new(
+            key.clone(),
+            journal_key(&self.kind.name, &key),
+        ));
+        entries.insert(key, entry.clone());
+        entry
     }
 
-    fn slot(&self, key: &str) -> Arc<Slot> {
-        let mut slots = self.slots();
-        self.slot_locked(&mut slots, key)
+    fn entry(&self, key: &str) -> Arc<KeyEntry> {
+        let mut entries = self.entries();
+        self.entry_locked(&mut entries, key)
     }
 
-    /// Reserves a place in `key`'s mailbox under the map lock, so that an idle slot is never
-    /// dropped while a sender holds a reservation on it.
-    fn reserve(&self, key: &str) -> Result<Arc<Slot>, Arc<Slot>> {
-        let mut slots = self.slots();
-        let slot = self.slot_locked(&mut slots, key);
-        if slot.try_reserve(self.options.max_in_flight) {
-            Ok(slot)
+    /// The entry of `key`, kept while the guard lives.
+    fn watch_entry(&self, key: &str) -> Watching {
+        let mut entries = self.entries();
+        let entry = self.entry_locked(&mut entries, key);
+        entry.watchers.fetch_add(1, Ordering::AcqRel);
+        Watching(entry)
+    }
+
+    /// Reserves a place in `key`'s mailbox under the map lock, so that an idle entry is never
+    /// forgotten while a sender holds a reservation on it.
+    fn reserve(&self, key: &str, len: u64) -> Result<Arc<KeyEntry>, Arc<KeyEntry>> {
+        let mut entries = self.entries();
+        let entry = self.entry_locked(&mut entries, key);
+        let o = &self.kind.options;
+        if entry.try_reserve(o.max_in_flight, o.max_in_flight_bytes, len) {
+            Ok(entry)
         } else {
-            Err(slot)
+            Err(entry)
         }
     }
 
-    /// Drops a passive slot with nothing in flight. Retired under the map lock, so a sender
-    /// (who reserves under that lock) never holds it; anyone else holding it is rerouted.
-    fn forget_if_idle(&self, slot: &Arc<Slot>) {
-        let mut slots = self.slots();
-        if slots.get(&slot.key).is_some_and(|s| Arc::ptr_eq(s, slot)) && slot.retire_if_idle() {
-            slots.remove(&slot.key);
+    fn spawn_task(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(task);
+    }
+
+    fn apply(self: &Arc<Self>, entry: &Arc<KeyEntry>, event: Event<Handle>) {
+        let o = &self.kind.options;
+        let action = entry.on(event, &o.intensity, &o.backoff);
+        self.perform(entry, action, None);
+    }
+
+    /// A message for `entry` is durable at `seq` (`payload` when the caller has it).
+    fn arrived(self: &Arc<Self>, entry: &Arc<KeyEntry>, seq: Seq, payload: Option<bytes::Bytes>) {
+        let o = &self.kind.options;
+        let action = entry.on(Event::Arrived, &o.intensity, &o.backoff);
+        self.perform(entry, action, Some((seq, payload)));
+    }
+
+    /// Carries out what the key's life decided.
+    fn perform(
+        self: &Arc<Self>,
+        entry: &Arc<KeyEntry>,
+        action: Action<Handle>,
+        arrival: Option<(Seq, Option<bytes::Bytes>)>,
+    ) {
+        match action {
+            Action::Nothing => {}
+            Action::Spawn { generation } => self.spawn_instance(entry.clone(), generation),
+            Action::Deliver(handle) => {
+                let msg = match arrival {
+                    Some((seq, Some(payload))) => InstanceMsg::Deliver { seq, payload },
+                    _ => InstanceMsg::Rescan,
+                };
+                // A failed cast means the instance is dying; its exit restarts or reactivates
+                // it, and the new instance reads this message from the journal.
+                let _ = handle.cast(msg);
+            }
+            Action::Rescan(handle) => {
+                let _ = handle.cast(InstanceMsg::Rescan);
+            }
+            Action::RestartAfter { generation, delay } => {
+                self.kind.metrics.restarts.increment(1);
+                let me = self.clone();
+                let entry = entry.clone();
+                self.spawn_task(async move {
+                    tokio::time::sleep(delay).await;
+                    me.apply(&entry, Event::RestartDue { generation });
+                });
+            }
+            Action::Park { generation, retry } => {
+                let o = &self.kind.options;
+                tracing::error!(
+                    registry = %self.kind.name,
+                    key = %entry.key,
+                    max_restarts = o.intensity.max_restarts,
+                    window_ms = o.intensity.window_ms,
+                    "restart intensity exceeded, actor parked for one window"
+                );
+                let me = self.clone();
+                let entry = entry.clone();
+                self.spawn_task(async move {
+                    tokio::time::sleep(retry).await;
+                    let pending = entry.in_flight() > 0 || me.has_pending(&entry).await;
+                    me.apply(
+                        &entry,
+                        Event::ParkEnded {
+                            generation,
+                            pending,
+                        },
+                    );
+                });
+            }
+            Action::StopInstance(handle) => {
+                handle.stop(Some("registry stopped".into()));
+            }
+            Action::Idle => self.forget_if_idle(entry),
+            Action::Reroute => {
+                let current = self.entry(&entry.key);
+                match arrival {
+                    Some((seq, payload)) => {
+                        current.seen(seq);
+                        self.arrived(&current, seq, payload);
+                    }
+                    None => self.apply(&current, Event::Activate),
+                }
+            }
+        }
+    }
+
+    async fn has_pending(&self, entry: &KeyEntry) -> bool {
+        match self.kind.journal.load(&entry.jkey).await {
+            Ok(s) => self
+                .kind
+                .journal
+                .pending(&entry.jkey, s.applied + 1, 1)
+                .await
+                .is_ok_and(|p| !p.is_empty()),
+            Err(_) => true,
+        }
+    }
+
+    /// Forgets an idle entry (under the map lock, so no sender holds it).
+    fn forget_if_idle(&self, entry: &Arc<KeyEntry>) {
+        let o = &self.kind.options;
+        let mut entries = self.entries();
+        if entries
+            .get(&entry.key)
+            .is_some_and(|e| Arc::ptr_eq(e, entry))
+            && entry.retire_if_idle(&o.intensity, &o.backoff)
+        {
+            entries.remove(&entry.key);
         }
     }
 
@@ -219,150 +231,117 @@ impl<A: DurableActor> Shared<A> {
             .clone()
     }
 
-    fn spawn_instance(self: &Arc<Self>, slot: Arc<Slot>, generation: u64) {
-        let shared = self.clone();
-        tokio::spawn(async move {
-            let Some(sup) = shared.supervisor() else {
-                return;
+    fn spawn_instance(self: &Arc<Self>, entry: Arc<KeyEntry>, generation: u64) {
+        let me = self.clone();
+        self.spawn_task(async move {
+            let Some(sup) = me.supervisor() else { return };
+            let instance = Instance {
+                kind: me.kind.clone(),
             };
-            if shared.stopping.load(Ordering::Acquire) {
-                *slot.life() = Life::Passive;
-                slot.started.notify_waiters();
-                return;
-            }
-            let cell = Cell {
-                shared: shared.clone(),
-            };
-            match Actor::spawn_linked(None, cell, (slot.clone(), generation), sup).await {
-                Ok((instance, _)) => {
-                    let mut life = slot.life();
-                    // Only this generation's spawn may go live: a late one is stale.
-                    if matches!(&*life, Life::Starting(g) if *g == generation) {
-                        // Anything appended while starting is picked up by this rescan.
-                        let _ = instance.cast(CellMsg::Rescan);
-                        *life = Life::Live(instance);
-                    }
-                    drop(life);
-                    slot.started.notify_waiters();
-                }
+            match Actor::spawn_linked(None, instance, (entry.clone(), generation), sup).await {
+                Ok((handle, _)) => me.apply(&entry, Event::Spawned { generation, handle }),
                 Err(e) => {
-                    let current = {
-                        let mut life = slot.life();
-                        let current = matches!(&*life, Life::Starting(g) if *g == generation);
-                        if current {
-                            *life = Life::Restarting;
-                        }
-                        current
-                    };
-                    if current {
-                        tracing::warn!(registry = %shared.name, key = %slot.key, error = %e, "activation failed");
-                        shared.after_failure(slot);
-                    }
+                    tracing::warn!(registry = %me.kind.name, key = %entry.key, error = %e, "activation failed");
+                    me.apply(&entry, Event::SpawnFailed { generation });
                 }
             }
-        });
-    }
-
-    /// An instance failed (or could not start) and the slot is `Restarting`: restart it after
-    /// a backoff, or park it past the restart intensity.
-    fn after_failure(self: &Arc<Self>, slot: Arc<Slot>) {
-        let allowed = {
-            let mut window = slot.window.lock().unwrap_or_else(|p| p.into_inner());
-            window
-                .allow(&self.options.intensity)
-                .then(|| self.options.backoff.delay(window.recent()))
-        };
-        let Some(delay) = allowed else {
-            tracing::error!(
-                registry = %self.name,
-                key = %slot.key,
-                max_restarts = self.options.intensity.max_restarts,
-                window_ms = self.options.intensity.window_ms,
-                "restart intensity exceeded, actor parked for one window"
-            );
-            *slot.life() = Life::Parked;
-            slot.started.notify_waiters();
-            // A parked key tries again by itself once the window has passed, or earlier when
-            // a message arrives.
-            let retry = Duration::from_millis(self.options.intensity.window_ms.max(1));
-            tokio::spawn(async move {
-                tokio::time::sleep(retry).await;
-                slot.wake();
-            });
-            return;
-        };
-        self.metrics.restarts.increment(1);
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            slot.restart();
         });
     }
 
     fn on_exit(self: &Arc<Self>, cell: &ActorCell, failed: bool, reason: &str) {
-        let Some((slot, generation)) = self.cells().remove(&cell.get_id()) else {
+        let Some((entry, generation)) = self.kind.ended(cell.get_id()) else {
             return;
         };
-        self.metrics.active.decrement(1.0);
-        let mut life = slot.life();
-        let current = match &*life {
-            Life::Live(instance) => instance.get_id() == cell.get_id(),
-            Life::Starting(g) => *g == generation,
-            _ => false,
-        };
-        if !current {
-            return; // a stale exit: the slot has moved on
+        self.kind.metrics.active.decrement(1.0);
+        let exit = entry.exit_of(generation, failed);
+        match exit {
+            Exit::Passivated => self.kind.metrics.passivations.increment(1),
+            Exit::Failed | Exit::Killed => {
+                tracing::warn!(registry = %self.kind.name, key = %entry.key, ?exit, reason, "actor failed")
+            }
         }
-        if self.stopping.load(Ordering::Acquire) {
-            *life = Life::Passive;
-            drop(life);
-            slot.started.notify_waiters();
+        let pending = entry.in_flight() > 0;
+        self.apply(
+            &entry,
+            Event::Exited {
+                generation,
+                exit,
+                pending,
+            },
+        );
+    }
+
+    async fn stop(self: &Arc<Self>) {
+        if self.stopping.swap(true, Ordering::AcqRel) {
+            // Someone else stops it: wait for that to finish.
+            let mut stopped = self.stopped.subscribe();
+            let _ = stopped.wait_for(|s| *s).await;
             return;
         }
-        if failed {
-            *life = Life::Restarting;
-            drop(life);
-            tracing::warn!(registry = %self.name, key = %slot.key, reason, "actor failed");
-            self.after_failure(slot);
-            return;
+        let entries: Vec<Arc<KeyEntry>> = self.entries().values().cloned().collect();
+        let o = &self.kind.options;
+        let mut stops = Vec::new();
+        for entry in &entries {
+            if let Action::StopInstance(handle) = entry.on(Event::Stop, &o.intensity, &o.backoff) {
+                stops.push(handle);
+            }
         }
-        *life = Life::Passive;
-        drop(life);
-        if reason == PASSIVATED {
-            self.metrics.passivations.increment(1);
+        let stops = stops.into_iter().map(|h| async move {
+            let _ = h
+                .stop_and_wait(
+                    Some("registry stopped".into()),
+                    Some(Duration::from_secs(10)),
+                )
+                .await;
+        });
+        futures_util::future::join_all(stops).await;
+        // Instances still starting are stopped as soon as they are up (their life is
+        // `Stopping`); wait for each key to settle.
+        for entry in &entries {
+            let mut state = entry.watch_state();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(10),
+                state.wait_for(|s| !matches!(s, State::Stopping)),
+            )
+            .await;
         }
-        if slot.in_flight() > 0 {
-            slot.wake();
-        } else {
-            self.forget_if_idle(&slot);
+        if let Some(sup) = self.supervisor() {
+            let _ = sup
+                .stop_and_wait(
+                    Some("registry stopped".into()),
+                    Some(Duration::from_secs(10)),
+                )
+                .await;
         }
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        tasks.shutdown().await;
+        self.routes.remove(&self.kind.name);
+        self.stopped.send_replace(true);
+        tracing::info!(registry = %self.kind.name, "registry stopped");
     }
 }
 
-impl<A: DurableActor> Activate for Shared<A> {
-    fn activate(&self, slot: Arc<Slot>, generation: u64) {
-        if let Some(me) = self.myself.upgrade() {
-            me.spawn_instance(slot, generation);
-        }
-    }
-
-    fn reroute(&self, key: &str, appended: Option<Seq>) {
-        let slot = self.slot(key);
-        match appended {
-            Some(seq) => slot.appended_external(seq),
-            None => slot.wake(),
-        }
-    }
-}
-
-impl<A: DurableActor> Route for Shared<A> {
+impl<A: DurableActor> Routed for Shared<A> {
     fn appended(&self, key: &str, seq: Seq) {
-        self.reroute(key, Some(seq));
+        if let Some(me) = self.myself.upgrade() {
+            let entry = me.entry(key);
+            entry.seen(seq);
+            me.arrived(&entry, seq, None);
+        }
+    }
+
+    fn stop(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            if let Some(me) = self.myself.upgrade() {
+                Shared::stop(&me).await;
+            }
+        })
     }
 }
 
 /// The supervisor actor of a registry's instances.
 struct RegistrySupervisor<A: DurableActor> {
-    shared: Arc<Shared<A>>,
+    shared: Weak<Shared<A>>,
 }
 
 impl<A: DurableActor> Actor for RegistrySupervisor<A> {
@@ -380,13 +359,15 @@ impl<A: DurableActor> Actor for RegistrySupervisor<A> {
         event: SupervisionEvent,
         _: &mut (),
     ) -> Result<(), ActorProcessingErr> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Ok(());
+        };
         match &event {
             SupervisionEvent::ActorFailed(cell, err) => {
-                self.shared.on_exit(cell, true, &err.to_string());
+                shared.on_exit(cell, true, &err.to_string())
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                let reason = reason.as_deref().unwrap_or("");
-                self.shared.on_exit(cell, reason == "killed", reason);
+                shared.on_exit(cell, false, reason.as_deref().unwrap_or(""))
             }
             _ => {}
         }
@@ -410,159 +391,209 @@ impl<A: DurableActor> Clone for Registry<A> {
 impl<A: DurableActor> std::fmt::Debug for Registry<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
-            .field("name", &self.shared.name)
+            .field("name", &self.shared.kind.name)
             .finish_non_exhaustive()
     }
 }
 
 impl<A: DurableActor> Registry<A> {
-    pub(crate) async fn start(
-        runtime: &Runtime,
-        actor: A,
-        options: RegistryOptions,
-    ) -> Result<Self> {
+    pub(crate) async fn start(wiring: Wiring, actor: A, options: RegistryOptions) -> Result<Self> {
         options.validate()?;
-        let shared = Arc::new_cyclic(|me| Shared {
+        let name = options.name.clone();
+        let kind = Arc::new(Kind::new(
             actor,
-            name: options.name.clone(),
-            metrics: RegistryMetrics::new(&options.name),
             options,
-            journal: runtime.journal().clone(),
-            timers: runtime.timers(),
-            owner: runtime.owner(),
-            writer: runtime.writer(),
-            slots: Mutex::new(HashMap::new()),
-            cells: Mutex::new(HashMap::new()),
+            wiring.journal.clone(),
+            wiring.timers.clone(),
+            wiring.owner.clone(),
+            wiring.clock,
+        ));
+        let shared = Arc::new_cyclic(|me| Shared {
+            kind,
+            writer: wiring.writer.clone(),
+            routes: wiring.routes.downgrade(),
+            entries: Mutex::new(HashMap::new()),
             supervisor: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            stopped: watch::Sender::new(false),
+            tasks: Mutex::new(JoinSet::new()),
             myself: me.clone(),
         });
         let (sup, _) = Actor::spawn(
             None,
             RegistrySupervisor {
-                shared: shared.clone(),
+                shared: Arc::downgrade(&shared),
             },
             (),
         )
         .await
         .map_err(|e| Error::Spawn {
-            name: shared.name.clone(),
+            name: name.clone(),
             detail: e.to_string(),
         })?;
         *shared.supervisor.lock().unwrap_or_else(|p| p.into_inner()) = Some(sup.get_cell());
-        runtime.add_route(&shared.name, shared.clone())?;
-        // Actors with unacknowledged messages come back by themselves after a restart.
-        let prefix = format!("{}{KEY_SEPARATOR}", shared.name);
+        if let Err(e) = wiring.routes.add(&name, shared.clone()) {
+            sup.stop(None);
+            return Err(e);
+        }
+        wiring.timers.poke();
+        let registry = Self { shared };
+        registry.recover(&wiring).await?;
+        Ok(registry)
+    }
+
+    /// Actors of the owned ranges with unacknowledged messages come back by themselves. After
+    /// a crash, the first pending message of each counts one delivery attempt (durably, in
+    /// one write): a key whose replay the crash cut short before goes carefully.
+    async fn recover(&self, wiring: &Wiring) -> Result<()> {
+        let shared = &self.shared;
+        let prefix = namespace(&shared.kind.name);
         let mut pending = Vec::new();
-        for (range, _) in shared.owner.held() {
-            pending.extend(shared.journal.keys_with_pending(range, &prefix).await?);
+        for (range, _) in wiring.owner.held() {
+            pending.extend(wiring.journal.keys_with_pending(range, &prefix).await?);
         }
-        if !pending.is_empty() {
-            tracing::info!(registry = %shared.name, actors = pending.len(), "recovering actors with pending messages");
+        if pending.is_empty() {
+            return Ok(());
         }
+        tracing::info!(registry = %shared.kind.name, actors = pending.len(), "recovering actors with pending messages");
+        let crashed = wiring.journal.recovered_from_crash();
         for jkey in pending {
-            if let Some(key) = jkey.strip_prefix(&prefix) {
-                shared.slot(key).wake();
+            let Some(key) = jkey.strip_prefix(&prefix) else {
+                continue;
+            };
+            let entry = shared.entry(key);
+            if crashed {
+                let first = wiring.journal.load(&jkey).await?.applied + 1;
+                let attempts = wiring.journal.record_failure(&jkey, first).await?;
+                if attempts >= 2 {
+                    let last = wiring
+                        .journal
+                        .pending(&jkey, first, usize::MAX)
+                        .await?
+                        .last()
+                        .map_or(first, |e| e.seq);
+                    tracing::warn!(registry = %shared.kind.name, key, seq = first, attempts, "the process died while this key replayed: replaying carefully");
+                    entry.replay_after_crash(first, attempts, last);
+                }
             }
+            shared.apply(&entry, Event::Activate);
         }
-        Ok(Self { shared })
+        Ok(())
     }
 
     /// The registry's name.
     pub fn name(&self) -> &str {
-        &self.shared.name
+        &self.shared.kind.name
     }
 
     /// Sends `msg` to the actor `key`, activating it if needed. Returns the message's sequence
     /// number once it is durable: from then on it will be handled, after any crash.
+    /// [`Error::OutcomeUnknown`] means the runtime stopped after the message was handed to
+    /// the journal: it may or may not be durable.
     pub async fn send(&self, key: &str, msg: &A::Msg) -> Result<Seq> {
         check_key(key)?;
         let payload = bytes::Bytes::from(encode_message(msg)?);
+        let len = payload.len() as u64;
         let shared = &self.shared;
+        let stopped = || Error::Stopped { what: "registry" };
         if shared.stopping.load(Ordering::Acquire) {
-            return Err(Error::Stopped { what: "registry" });
+            return Err(stopped());
         }
-        let slot = loop {
-            match shared.reserve(key) {
-                Ok(slot) => break slot,
-                Err(slot) => match shared.options.when_full {
+        let entry = loop {
+            match shared.reserve(key, len) {
+                Ok(entry) => break entry,
+                Err(entry) => match shared.kind.options.when_full {
                     WhenFull::Reject => {
                         return Err(Error::MailboxFull {
                             key: key.to_string(),
-                            limit: shared.options.max_in_flight,
+                            limit: shared.kind.options.max_in_flight,
                         });
                     }
                     WhenFull::Wait => {
-                        // A parked key makes no progress by itself: wake it.
-                        slot.wake();
-                        let progressed = slot.progress.notified();
-                        if slot.in_flight() < shared.options.max_in_flight {
+                        let mut progress = entry.watch();
+                        let mut halt = shared.stopped.subscribe();
+                        if entry.in_flight() < shared.kind.options.max_in_flight
+                            && entry.in_flight_bytes() < shared.kind.options.max_in_flight_bytes
+                        {
                             continue;
                         }
-                        progressed.await;
+                        tokio::select! {
+                            _ = progress.changed() => {}
+                            _ = halt.wait_for(|s| *s) => return Err(stopped()),
+                        }
                     }
                 },
             }
         };
-        let epoch = match shared.owner.require(&slot.jkey) {
+        let epoch = match shared.kind.owner.require(&entry.jkey) {
             Ok(e) => e,
             Err(e) => {
-                slot.unreserve();
+                entry.unreserve(len);
                 return Err(e);
             }
         };
         let append = Append {
-            key: slot.jkey.clone(),
-            payload,
+            key: entry.jkey.clone(),
+            payload: payload.clone(),
             epoch,
         };
-        let seq = shared.writer.append(append, slot).await?;
-        shared.metrics.enqueued.increment(1);
+        let seq = match shared.writer.append(append).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                entry.unreserve(len);
+                return Err(e);
+            }
+        };
+        entry.appended(seq);
+        shared.kind.metrics.enqueued.increment(1);
+        shared.arrived(&entry, seq, Some(payload));
         Ok(seq)
     }
 
     /// Waits until the actor `key` has handled (or dead-lettered) every message up to `seq`.
     pub async fn wait_handled(&self, key: &str, seq: Seq) -> Result<()> {
         check_key(key)?;
-        let slot = self.shared.slot(key);
-        loop {
-            let progressed = slot.progress.notified();
-            if slot.last_done() >= seq {
-                return Ok(());
-            }
-            tokio::select! {
-                _ = progressed => {}
-                // A slot dropped while idle gets no more notifications: re-check the journal.
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                    if self.shared.journal.load(&slot.jkey).await?.applied >= seq {
-                        return Ok(());
-                    }
-                }
-            }
+        let watching = self.shared.watch_entry(key);
+        let entry = &watching.0;
+        let mut progress = entry.watch();
+        if *progress.borrow_and_update() >= seq {
+            return Ok(());
+        }
+        // Handled before this entry existed?
+        let applied = self.shared.kind.journal.load(&entry.jkey).await?.applied;
+        if applied >= seq {
+            return Ok(());
+        }
+        let mut halt = self.shared.stopped.subscribe();
+        tokio::select! {
+            done = progress.wait_for(|d| *d >= seq) => done.map(|_| ()).map_err(|_| Error::Stopped { what: "registry" }),
+            _ = halt.wait_for(|s| *s) => Err(Error::Stopped { what: "registry" }),
         }
     }
 
     /// The last committed state of `key` (its initial state if it never committed).
     pub async fn state(&self, key: &str) -> Result<A::State> {
         check_key(key)?;
-        let snapshot = self.shared.journal.load(&self.shared.jkey(key)).await?;
+        let kind = &self.shared.kind;
+        let snapshot = kind.journal.load(&journal_key(&kind.name, key)).await?;
         match snapshot.state {
             Some(bytes) => decode("state", &bytes),
-            None => Ok(self.shared.actor.init(key)),
+            None => Ok(kind.actor.init(key)),
         }
     }
 
     /// Dead letters of this registry (all keys, or one key).
     pub async fn dead_letters(&self, key: Option<&str>) -> Result<Vec<DeadLetter>> {
-        let namespace = format!("{}{KEY_SEPARATOR}", self.shared.name);
+        let kind = &self.shared.kind;
+        let namespace = namespace(&kind.name);
         let prefix = match key {
             Some(k) => {
                 check_key(k)?;
-                self.shared.jkey(k).to_string()
+                journal_key(&kind.name, k).to_string()
             }
             None => namespace.clone(),
         };
-        let mut letters = self.shared.journal.dead_letters(&prefix).await?;
+        let mut letters = kind.journal.dead_letters(&prefix).await?;
         if key.is_some() {
             // The journal matches by prefix: `k1` would also list `k10`.
             letters.retain(|l| l.key == prefix);
@@ -578,11 +609,13 @@ impl<A: DurableActor> Registry<A> {
     /// Sends a dead letter back to its actor as a new message; returns its new sequence number.
     pub async fn redrive(&self, key: &str, seq: Seq) -> Result<Seq> {
         check_key(key)?;
-        let slot = self.shared.slot(key);
-        let new_seq = self
-            .shared
+        let shared = &self.shared;
+        let entry = shared.entry(key);
+        let epoch = shared.kind.owner.require(&entry.jkey)?;
+        let new_seq = shared
+            .kind
             .journal
-            .redrive(&slot.jkey, seq, self.shared.owner.require(&slot.jkey)?)
+            .redrive(&entry.jkey, seq, epoch)
             .await
             .map_err(|e| match e {
                 Error::NoSuchDeadLetter { seq, .. } => Error::NoSuchDeadLetter {
@@ -591,103 +624,76 @@ impl<A: DurableActor> Registry<A> {
                 },
                 other => other,
             })?;
-        slot.appended_external(new_seq);
+        entry.seen(new_seq);
+        shared.arrived(&entry, new_seq, None);
         Ok(new_seq)
     }
 
     /// Activates `key` (loads its state and replays its inbox) without sending to it, and
-    /// waits until its instance runs. Use it to warm actors before traffic arrives.
+    /// waits until its instance runs. Use it to warm actors before traffic arrives. A key
+    /// parked after too many failures is [`Error::Parked`] until its window has passed.
     pub async fn activate(&self, key: &str) -> Result<()> {
         check_key(key)?;
-        let mut tried_parked = false;
+        let shared = &self.shared;
         loop {
-            if self.shared.stopping.load(Ordering::Acquire) {
+            if shared.stopping.load(Ordering::Acquire) {
                 return Err(Error::Stopped { what: "registry" });
             }
-            // Looked up each round: an idle slot may be retired and replaced meanwhile.
-            let slot = self.shared.slot(key);
-            let started = slot.started.notified();
-            match &*slot.life() {
-                Life::Live(_) => return Ok(()),
-                // A parked key gets one immediate try; parked again, it is an error.
-                Life::Parked if tried_parked => {
-                    return Err(Error::Spawn {
-                        name: key.to_string(),
-                        detail: "parked after exceeding its restart intensity".into(),
+            let watching = shared.watch_entry(key);
+            let entry = &watching.0;
+            let mut state = entry.watch_state();
+            shared.apply(entry, Event::Activate);
+            let settled = state
+                .wait_for(|s| {
+                    matches!(
+                        s,
+                        State::Live
+                            | State::Parked
+                            | State::Stopped
+                            | State::Retired
+                            | State::Passive
+                    )
+                })
+                .await
+                .map(|s| *s);
+            match settled {
+                Ok(State::Live) => return Ok(()),
+                Ok(State::Parked) => {
+                    return Err(Error::Parked {
+                        key: key.to_string(),
+                        retry_ms: shared.kind.options.intensity.window_ms,
                     });
                 }
-                Life::Parked => tried_parked = true,
-                _ => {}
-            }
-            slot.wake();
-            tokio::select! {
-                _ = started => {}
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                Ok(State::Stopped) | Err(_) => return Err(Error::Stopped { what: "registry" }),
+                // Retired meanwhile, or ended before going live: look again.
+                Ok(_) => tokio::task::yield_now().await,
             }
         }
     }
 
     /// The number of live (not passivated) instances.
     pub fn live(&self) -> usize {
-        self.shared.cells().len()
+        self.shared.kind.live()
     }
 
     /// Kills the live instance of `key`, as a crash would (no `on_stop`); it restarts under
     /// supervision and replays what it had not committed. For tests and chaos.
     pub fn kill(&self, key: &str) -> bool {
-        let slot = self.shared.slots().get(key).cloned();
-        let Some(slot) = slot else { return false };
-        let life = slot.life();
-        if let Life::Live(instance) = &*life {
-            instance.kill();
-            true
-        } else {
-            false
+        let entry = self.shared.entries().get(key).cloned();
+        match entry.and_then(|e| e.live()) {
+            Some(handle) => {
+                handle.kill();
+                true
+            }
+            None => false,
         }
     }
 
-    /// Stops every instance gracefully (each finishes its current message); further sends
-    /// fail with [`Error::Stopped`]. Committed state and unhandled messages stay in the
-    /// journal.
+    /// Stops every instance gracefully (each finishes its current message), ends the
+    /// registry's tasks and removes it from its runtime (a registry of the same name can be
+    /// started again). Further sends fail with [`Error::Stopped`]. Committed state and
+    /// unhandled messages stay in the journal.
     pub async fn stop(&self) {
-        self.shared.stopping.store(true, Ordering::Release);
-        // Instances still starting go live (or fail) shortly: give them up to a second so
-        // that they too stop gracefully rather than being killed with the supervisor.
-        for _ in 0..50 {
-            let (live, starting) = {
-                let slots = self.shared.slots();
-                let mut live = Vec::new();
-                let mut starting = false;
-                for slot in slots.values() {
-                    match &*slot.life() {
-                        Life::Live(instance) => live.push(instance.clone()),
-                        Life::Starting(_) => starting = true,
-                        _ => {}
-                    }
-                }
-                (live, starting)
-            };
-            let stops = live.into_iter().map(|instance| async move {
-                let _ = instance
-                    .stop_and_wait(
-                        Some("registry stopped".into()),
-                        Some(Duration::from_secs(10)),
-                    )
-                    .await;
-            });
-            futures_util::future::join_all(stops).await;
-            if !starting {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if let Some(sup) = self.shared.supervisor() {
-            let _ = sup
-                .stop_and_wait(
-                    Some("registry stopped".into()),
-                    Some(Duration::from_secs(10)),
-                )
-                .await;
-        }
+        self.shared.stop().await;
     }
 }

@@ -1,16 +1,20 @@
-//! The runtime: one journal, its group-commit writer and timer task, and the registries of
-//! durable actors built on them. Open one per process (per journal).
+//! The runtime: one journal, its group-commit writer and timer task, the key ranges it owns,
+//! and the registries of durable actors built on them. Open one per process (per journal);
+//! end it with [`Runtime::shutdown`].
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
 use crate::actor::DurableActor;
+use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::journal::{Epoch, Journal, KeyRange, Seq, SledJournal, SledOptions};
+use crate::journal::{Epoch, Journal, KeyRange, SledJournal, SledOptions};
+use crate::options::RegistryOptions;
 use crate::owner::Ownership;
-use crate::registry::{KEY_SEPARATOR, Registry, RegistryOptions};
+use crate::registry::{Registry, Wiring};
+use crate::routes::Routes;
 use crate::timers::TimerHandle;
 use crate::writer::{WriterHandle, WriterStats};
 
@@ -23,10 +27,17 @@ pub struct RuntimeOptions {
     /// Most messages per group-commit batch.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// About the most payload bytes per group-commit batch.
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: usize,
 }
 
 fn default_max_batch() -> usize {
     4096
+}
+
+fn default_max_batch_bytes() -> usize {
+    16 * 1024 * 1024
 }
 
 impl RuntimeOptions {
@@ -35,149 +46,152 @@ impl RuntimeOptions {
         Self {
             journal: SledOptions::new(path),
             max_batch: default_max_batch(),
+            max_batch_bytes: default_max_batch_bytes(),
         }
     }
-}
 
-/// Where journal appends made outside a send (timers, re-drives) are delivered.
-pub(crate) trait Route: Send + Sync {
-    fn appended(&self, key: &str, seq: Seq);
-}
-
-/// Registry name to route.
-#[derive(Clone, Default)]
-pub(crate) struct Routes {
-    map: Arc<RwLock<HashMap<String, Arc<dyn Route>>>>,
-}
-
-impl std::fmt::Debug for Routes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Routes").finish_non_exhaustive()
-    }
-}
-
-impl Routes {
-    /// The route and actor key of a journal key.
-    pub(crate) fn resolve(&self, jkey: &str) -> Option<(Arc<dyn Route>, String)> {
-        let (name, key) = jkey.split_once(KEY_SEPARATOR)?;
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
-        map.get(name).map(|r| (r.clone(), key.to_string()))
+    /// Checks every value, naming the option that is wrong.
+    pub fn validate(&self) -> Result<()> {
+        self.journal.validate()?;
+        if self.max_batch == 0 {
+            return Err(Error::InvalidOption {
+                key: "runtime.max_batch",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.max_batch_bytes == 0 {
+            return Err(Error::InvalidOption {
+                key: "runtime.max_batch_bytes",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
     }
 }
 
 /// A running runtime. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Runtime {
-    journal: Arc<dyn Journal>,
-    writer: WriterHandle,
-    timers: TimerHandle,
-    routes: Routes,
-    owner: Arc<Ownership>,
+    wiring: Wiring,
+    shut: Arc<AtomicBool>,
 }
 
 impl Runtime {
-    /// Opens the embedded sled journal and starts the runtime's tasks. Must be called within
-    /// a tokio runtime.
+    /// Opens the embedded sled journal (its recovery scan runs off the async workers) and
+    /// starts the runtime's tasks, owning every key range. Must be called within a tokio
+    /// runtime.
     pub async fn open(options: RuntimeOptions) -> Result<Self> {
+        options.validate()?;
         let journal_options = options.journal.clone();
-        // The recovery scan reads the whole inbox log: off the async workers.
         let journal = tokio::task::spawn_blocking(move || SledJournal::open(journal_options))
             .await
             .map_err(|e| Error::Spawn {
                 name: "journal".into(),
                 detail: e.to_string(),
             })??;
-        Self::with_journal(Arc::new(journal), options.max_batch).await
+        let rt = Self::unowned(Arc::new(journal), &options);
+        rt.acquire_all().await?;
+        Ok(rt)
     }
 
     /// Starts a runtime on any journal backend, owning every key range of it (one node).
-    pub async fn with_journal(journal: Arc<dyn Journal>, max_batch: usize) -> Result<Self> {
-        let rt = Self::unowned(journal, max_batch);
-        for r in 0..rt.journal.ranges() {
-            rt.owner.acquire(KeyRange(r)).await?;
-        }
+    pub async fn with_journal(journal: Arc<dyn Journal>, options: &RuntimeOptions) -> Result<Self> {
+        let rt = Self::unowned(journal, options);
+        rt.acquire_all().await?;
         Ok(rt)
+    }
+
+    async fn acquire_all(&self) -> Result<()> {
+        for r in 0..self.wiring.journal.ranges() {
+            self.wiring.owner.acquire(KeyRange(r)).await?;
+        }
+        Ok(())
     }
 
     /// Starts a runtime on any journal backend owning no range yet: it serves only the
     /// ranges it [`acquire`](Self::acquire)s (a node of a cluster).
-    pub fn unowned(journal: Arc<dyn Journal>, max_batch: usize) -> Self {
+    pub fn unowned(journal: Arc<dyn Journal>, options: &RuntimeOptions) -> Self {
         let routes = Routes::default();
         let owner = Arc::new(Ownership::new(journal.clone()));
+        let clock = Clock::new();
         Self {
-            writer: WriterHandle::start(journal.clone(), max_batch),
-            timers: TimerHandle::start(journal.clone(), routes.clone(), owner.clone()),
-            journal,
-            routes,
-            owner,
+            wiring: Wiring {
+                writer: WriterHandle::start(
+                    journal.clone(),
+                    options.max_batch,
+                    options.max_batch_bytes,
+                ),
+                timers: TimerHandle::start(journal.clone(), routes.clone(), owner.clone(), clock),
+                journal,
+                owner,
+                routes,
+                clock,
+            },
+            shut: Arc::new(AtomicBool::new(false)),
         }
     }
 
     /// Takes ownership of `range` (fencing its previous owner) and returns its new epoch.
     pub async fn acquire(&self, range: KeyRange) -> Result<Epoch> {
-        let epoch = self.owner.acquire(range).await?;
-        self.timers.poke();
+        let epoch = self.wiring.owner.acquire(range).await?;
+        self.wiring.timers.poke();
         Ok(epoch)
     }
 
     /// Gives up `range`: the journal refuses this runtime's further writes to it.
     pub async fn release(&self, range: KeyRange) -> Result<()> {
-        self.owner.release(range).await
+        self.wiring.owner.release(range).await
     }
 
     /// The ranges this runtime owns, with their epochs.
     pub fn owned(&self) -> Vec<(KeyRange, Epoch)> {
-        self.owner.held()
+        self.wiring.owner.held()
     }
 
-    pub(crate) fn owner(&self) -> Arc<Ownership> {
-        self.owner.clone()
-    }
-
-    /// Starts the registry of one kind of durable actor. Actors of that kind with
-    /// unacknowledged messages in the journal are activated at once and replay them.
+    /// Starts the registry of one kind of durable actor. Actors of that kind in the owned
+    /// ranges with unacknowledged messages in the journal are activated at once and replay
+    /// them.
     pub async fn registry<A: DurableActor>(
         &self,
         actor: A,
         options: RegistryOptions,
     ) -> Result<Registry<A>> {
-        Registry::start(self, actor, options).await
+        if self.shut.load(Ordering::Acquire) {
+            return Err(Error::Stopped { what: "runtime" });
+        }
+        Registry::start(self.wiring.clone(), actor, options).await
     }
 
     /// The journal.
     pub fn journal(&self) -> &Arc<dyn Journal> {
-        &self.journal
-    }
-
-    pub(crate) fn writer(&self) -> WriterHandle {
-        self.writer.clone()
-    }
-
-    pub(crate) fn timers(&self) -> TimerHandle {
-        self.timers.clone()
-    }
-
-    pub(crate) fn add_route(&self, name: &str, route: Arc<dyn Route>) -> Result<()> {
-        let mut map = self.routes.map.write().unwrap_or_else(|p| p.into_inner());
-        if map.contains_key(name) {
-            return Err(Error::InvalidOption {
-                key: "registry.name",
-                reason: format!("a registry named {name:?} already runs on this runtime"),
-            });
-        }
-        map.insert(name.to_string(), route);
-        drop(map);
-        self.timers.poke();
-        Ok(())
+        &self.wiring.journal
     }
 
     /// Group-commit counters: how many batches and messages the writer appended.
     pub fn writer_stats(&self) -> WriterStats {
-        self.writer.stats()
+        self.wiring.writer.stats()
     }
 
     /// Flushes the journal: everything committed so far is durable.
     pub async fn flush(&self) -> Result<()> {
-        self.journal.flush().await
+        self.wiring.journal.flush().await
+    }
+
+    /// Ends the runtime: every registry stops (each instance finishes its current message),
+    /// the timer task and the writer end, and the journal is closed cleanly (flushed; the
+    /// next open knows nothing was killed). Every task the runtime started has ended when
+    /// this returns; the journal directory can be opened again.
+    pub async fn shutdown(&self) -> Result<()> {
+        if self.shut.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        for registry in self.wiring.routes.all() {
+            registry.stop().await;
+        }
+        self.wiring.timers.shutdown().await;
+        self.wiring.writer.shutdown().await;
+        self.wiring.journal.close().await?;
+        tracing::info!("runtime shut down");
+        Ok(())
     }
 }

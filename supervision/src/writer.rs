@@ -1,20 +1,27 @@
-//! Group commit: one task gathers the appends of all senders into batches, appends each batch
-//! with one journal call (one flush), then acknowledges the senders and delivers to actors in
-//! sequence order.
+//! Group commit: one task gathers the appends of all senders into batches and appends each
+//! batch with one journal call (one flush), then answers each sender with its sequence
+//! number. It only writes: delivering to actors is the sender's business.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use crate::error::{Error, Fence, Result};
 use crate::journal::{Append, Journal, Seq};
-use crate::slot::Slot;
 
 struct Request {
     append: Append,
-    slot: Arc<Slot>,
     reply: oneshot::Sender<Result<Seq>>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("key", &self.append.key)
+            .finish()
+    }
 }
 
 /// Sends appends to the writer task.
@@ -22,6 +29,8 @@ struct Request {
 pub(crate) struct WriterHandle {
     tx: mpsc::UnboundedSender<Request>,
     stats: Arc<Counts>,
+    task: Arc<Mutex<Option<JoinHandle<()>>>>,
+    stop: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -50,21 +59,31 @@ impl WriterStats {
     }
 }
 
-impl std::fmt::Debug for Request {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Request")
-            .field("key", &self.append.key)
-            .finish()
-    }
-}
-
 impl WriterHandle {
-    /// Starts the writer task; batches hold at most `max_batch` messages.
-    pub(crate) fn start(journal: Arc<dyn Journal>, max_batch: usize) -> Self {
+    /// Starts the writer task; batches hold at most `max_batch` messages and about
+    /// `max_batch_bytes` bytes.
+    pub(crate) fn start(
+        journal: Arc<dyn Journal>,
+        max_batch: usize,
+        max_batch_bytes: usize,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Counts::default());
-        tokio::spawn(run(journal, rx, max_batch.max(1), stats.clone()));
-        Self { tx, stats }
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(run(
+            journal,
+            rx,
+            max_batch.max(1),
+            max_batch_bytes.max(1),
+            stats.clone(),
+            stop.clone(),
+        ));
+        Self {
+            tx,
+            stats,
+            task: Arc::new(Mutex::new(Some(task))),
+            stop,
+        }
     }
 
     pub(crate) fn stats(&self) -> WriterStats {
@@ -74,24 +93,28 @@ impl WriterHandle {
         }
     }
 
-    /// Appends one message (reserved on `slot`), durable on return.
-    pub(crate) async fn append(&self, append: Append, slot: Arc<Slot>) -> Result<Seq> {
+    /// Appends one message; its sequence number once durable.
+    pub(crate) async fn append(&self, append: Append) -> Result<Seq> {
         let (reply, rx) = oneshot::channel();
-        let request = Request {
-            append,
-            slot: slot.clone(),
-            reply,
-        };
-        if self.tx.send(request).is_err() {
-            slot.unreserve();
+        if self.tx.send(Request { append, reply }).is_err() {
             return Err(Error::Stopped {
                 what: "journal writer",
             });
         }
-        // Handed over: the append may have reached the disk even if the answer is lost.
+        // Handed over: the append may reach the disk even if the answer is lost.
         rx.await.map_err(|_| Error::OutcomeUnknown {
             what: "journal writer",
         })?
+    }
+
+    /// Ends the writer: what it already took is appended and answered; what is still queued
+    /// is answered `Stopped` (never appended).
+    pub(crate) async fn shutdown(&self) {
+        self.stop.notify_one();
+        let task = self.task.lock().await.take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 }
 
@@ -99,67 +122,138 @@ async fn run(
     journal: Arc<dyn Journal>,
     mut rx: mpsc::UnboundedReceiver<Request>,
     max_batch: usize,
+    max_batch_bytes: usize,
     stats: Arc<Counts>,
+    stop: Arc<tokio::sync::Notify>,
 ) {
     let batch_size = crate::metrics::batch_size();
     let mut requests: Vec<Request> = Vec::with_capacity(max_batch);
-    let mut appends: Vec<Append> = Vec::with_capacity(max_batch);
+    let mut held: Option<Request> = None;
     loop {
-        if rx.recv_many(&mut requests, max_batch).await == 0 {
-            return;
+        if let Some(r) = held.take() {
+            requests.push(r);
+        }
+        if requests.is_empty() {
+            tokio::select! {
+                biased;
+                () = stop.notified() => break,
+                got = rx.recv() => match got {
+                    Some(r) => requests.push(r),
+                    None => break,
+                },
+            }
+        }
+        // Everything waiting joins the batch, up to its count and byte budget.
+        let mut bytes: usize = requests.iter().map(|r| r.append.payload.len()).sum();
+        while requests.len() < max_batch && bytes < max_batch_bytes {
+            match rx.try_recv() {
+                Ok(r) => {
+                    bytes += r.append.payload.len();
+                    if bytes > max_batch_bytes && !requests.is_empty() {
+                        held = Some(r);
+                        break;
+                    }
+                    requests.push(r);
+                }
+                Err(_) => break,
+            }
         }
         batch_size.record(requests.len() as f64);
-        // A batch refused for one range's stale epoch is appended again without that
-        // range's messages (they are refused): one owner's loss never fails the others.
-        while !requests.is_empty() {
-            appends.clear();
-            appends.extend(requests.iter().map(|r| r.append.clone()));
-            let started = std::time::Instant::now();
-            let appended = journal.append(&appends).await;
-            tracing::debug!(
-                messages = appends.len(),
-                took_us = started.elapsed().as_micros() as u64,
-                "batch appended"
-            );
-            match appended {
-                Ok(seqs) => {
-                    stats.batches.fetch_add(1, Ordering::Relaxed);
-                    stats
-                        .messages
-                        .fetch_add(seqs.len() as u64, Ordering::Relaxed);
-                    // In sequence order: each actor's mailbox receives its messages in order.
-                    for (r, seq) in requests.drain(..).zip(seqs) {
-                        r.slot.appended(seq, r.append.payload);
-                        let _ = r.reply.send(Ok(seq));
-                    }
+        write(&*journal, &mut requests, &stats).await;
+    }
+    rx.close();
+    while let Ok(r) = rx.try_recv() {
+        let _ = r.reply.send(Err(Error::Stopped {
+            what: "journal writer",
+        }));
+    }
+    if let Some(r) = held {
+        let _ = r.reply.send(Err(Error::Stopped {
+            what: "journal writer",
+        }));
+    }
+}
+
+/// Appends `requests` and answers them. A batch refused for one range's stale epoch is
+/// appended again without that range's messages (refused as not owned): one range's loss
+/// never fails the others.
+async fn write(journal: &dyn Journal, requests: &mut Vec<Request>, stats: &Counts) {
+    let mut appends: Vec<Append> = Vec::with_capacity(requests.len());
+    while !requests.is_empty() {
+        appends.clear();
+        appends.extend(requests.iter().map(|r| r.append.clone()));
+        let started = std::time::Instant::now();
+        let appended = journal.append(&appends).await;
+        tracing::debug!(
+            messages = appends.len(),
+            took_us = started.elapsed().as_micros() as u64,
+            "batch appended"
+        );
+        match appended {
+            Ok(seqs) => {
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .messages
+                    .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                for (r, seq) in requests.drain(..).zip(seqs) {
+                    let _ = r.reply.send(Ok(seq));
                 }
-                Err(Error::Fenced {
-                    reason: Fence::StaleEpoch { range, .. },
-                    ..
-                }) => {
-                    let (refused, rest): (Vec<Request>, Vec<Request>) = requests
-                        .drain(..)
-                        .partition(|r| journal.range_of(&r.append.key) == range);
-                    for r in refused {
-                        r.slot.unreserve();
-                        let _ = r.reply.send(Err(Error::NotOwned {
-                            key: r.append.key.to_string(),
-                            range,
-                        }));
-                    }
-                    requests = rest;
+            }
+            Err(Error::Fenced {
+                reason: Fence::StaleEpoch { range, .. },
+                ..
+            }) => {
+                let (refused, rest): (Vec<Request>, Vec<Request>) = requests
+                    .drain(..)
+                    .partition(|r| journal.range_of(&r.append.key) == range);
+                for r in refused {
+                    let _ = r.reply.send(Err(Error::NotOwned {
+                        key: r.append.key.to_string(),
+                        range,
+                    }));
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, messages = requests.len(), "journal append failed");
-                    let detail = e.to_string();
-                    for r in requests.drain(..) {
-                        r.slot.unreserve();
-                        let _ = r.reply.send(Err(Error::Append {
+                *requests = rest;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, messages = requests.len(), "journal append failed");
+                // One refused message (too large, a bad key) must not fail its neighbours:
+                // such errors are answered alone.
+                if requests.len() > 1 && !matches!(e, Error::Storage { .. }) {
+                    let single: Vec<Request> = std::mem::take(requests);
+                    for r in single {
+                        let mut one = vec![r];
+                        Box::pin(write(journal, &mut one, stats)).await;
+                    }
+                    return;
+                }
+                let detail = e.to_string();
+                for r in requests.drain(..) {
+                    let _ = r.reply.send(Err(match &e {
+                        Error::TooLarge { .. } | Error::InvalidKey { .. } => clone_error(&e),
+                        _ => Error::Append {
                             detail: detail.clone(),
-                        }));
-                    }
+                        },
+                    }));
                 }
             }
         }
+    }
+}
+
+/// The errors a single refused message is answered with, as they came.
+fn clone_error(e: &Error) -> Error {
+    match e {
+        Error::TooLarge { key, bytes, limit } => Error::TooLarge {
+            key: key.clone(),
+            bytes: *bytes,
+            limit: *limit,
+        },
+        Error::InvalidKey { key, reason } => Error::InvalidKey {
+            key: key.clone(),
+            reason,
+        },
+        other => Error::Append {
+            detail: other.to_string(),
+        },
     }
 }

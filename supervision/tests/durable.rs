@@ -358,7 +358,7 @@ async fn actor_failing_to_activate_is_retried_then_parked_and_its_messages_kept(
     let mut opts = options("counter");
     opts.intensity = soma_supervision::Intensity {
         max_restarts: 2,
-        window_ms: 60_000,
+        window_ms: 1_000,
     };
     let reg = rt.registry(counter.clone(), opts).await.unwrap();
     reg.send("k", &Msg::Add(1)).await.unwrap();
@@ -370,13 +370,24 @@ async fn actor_failing_to_activate_is_retried_then_parked_and_its_messages_kept(
         );
     }
     assert_eq!(reg.live(), 0);
-    // Once the fault is gone, the next message wakes it, and nothing was lost.
     counter
         .fail_activate
         .store(false, std::sync::atomic::Ordering::SeqCst);
+    // A parked key accepts messages but does not restart for them, nor for an activation:
+    // it waits out its window.
     let seq = reg.send("k", &Msg::Add(2)).await.unwrap();
+    match reg.activate("k").await {
+        Err(soma_supervision::Error::Parked { key, .. }) => assert_eq!(key, "k"),
+        other => panic!("expected Parked, got {other:?}"),
+    }
+    assert!(events.try_recv().is_err(), "no activation while parked");
+    // Once the window has passed it starts by itself, and nothing was lost.
     reg.wait_handled("k", seq).await.unwrap();
     assert_eq!(reg.state("k").await.unwrap().ids, vec![1, 2]);
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Activated("k".into(), 0)
+    );
     assert_eq!(
         counter
             .activation_failures

@@ -210,7 +210,7 @@ fn scan(path: &Path) -> Result<Scan> {
     let copy = Copy(std::env::temp_dir().join(format!(
         "soma-journal-check-{}-{}",
         std::process::id(),
-        crate::timers::now_ms()
+        crate::clock::wall_ms()
     )));
     let mut records = Vec::new();
     let mut applied = BTreeMap::new();

@@ -597,7 +597,7 @@ impl Journal for SledJournal {
                 payload: payload.to_vec(),
                 error,
                 attempts,
-                at_ms: crate::timers::now_ms(),
+                at_ms: crate::clock::wall_ms(),
             };
             let record = seal(&encode("dead letter", &letter)?);
             // One batch: the dead letter exists if and only if the message is acknowledged.

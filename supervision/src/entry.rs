@@ -1,0 +1,269 @@
+//! One addressable key's bookkeeping in a registry: its [`Life`] (the state machine), its
+//! mailbox accounting (messages reserved, appended, done) and its progress, which waiters
+//! watch. An entry outlives the instances that come and go for its key; an idle one is
+//! forgotten (retired) and made again on the next use.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ractor::ActorRef;
+use tokio::sync::watch;
+
+use crate::journal::Seq;
+use crate::life::{Action, Event, Exit, Life, State};
+use crate::policy::{Backoff, Intensity};
+
+/// Messages of an instance. Users never see them: they send through the registry.
+#[derive(Debug)]
+pub(crate) enum InstanceMsg {
+    /// A message made durable at `seq`.
+    Deliver {
+        /// Its sequence number.
+        seq: Seq,
+        /// The encoded message.
+        payload: bytes::Bytes,
+    },
+    /// Read and handle whatever the journal holds beyond what was handled.
+    Rescan,
+    /// Periodic idleness check for passivation.
+    Tick,
+}
+
+/// The handle the life holds for a live instance.
+pub(crate) type Handle = ActorRef<InstanceMsg>;
+
+#[derive(Debug)]
+pub(crate) struct KeyEntry {
+    pub(crate) key: Arc<str>,
+    pub(crate) jkey: Arc<str>,
+    life: Mutex<Life<Handle>>,
+    /// Reserved by senders, not yet appended (or failed).
+    queued: AtomicUsize,
+    /// Bytes reserved by senders and appended but not yet done, for the byte budget.
+    bytes: AtomicU64,
+    /// Highest sequence number appended since this entry exists.
+    last_appended: AtomicU64,
+    /// The first sequence number appended through this entry: earlier ones (a backlog from
+    /// before it existed) are not counted in flight.
+    first_seen: AtomicU64,
+    /// Replay commits one message at a time up to this sequence number (set after a failure
+    /// inside a replay batch, or after a crash while the key replayed).
+    careful_until: AtomicU64,
+    /// Highest sequence number committed or dead-lettered; waiters watch it.
+    done: watch::Sender<Seq>,
+    /// How each generation ended gracefully, recorded by the instance itself before it
+    /// stops: an end without one is a kill.
+    graceful: Mutex<Option<(u64, Exit)>>,
+    /// Callers waiting on this entry (it is not forgotten while any waits).
+    pub(crate) watchers: AtomicUsize,
+    /// Set when the key replays after the process died while it replayed before.
+    crash: Mutex<Option<CrashReplay>>,
+    /// Follows the life's state, for callers waiting on it.
+    state: watch::Sender<State>,
+}
+
+/// A key that replays after a crash cut its previous replay short: up to `until`, each
+/// message's attempt is counted durably before it is handled and its commit is flushed.
+#[derive(Debug, Clone, Copy)]
+struct CrashReplay {
+    /// The first pending message, whose attempt the registry already counted (0 once used).
+    first: Seq,
+    attempts: u32,
+    until: Seq,
+}
+
+impl KeyEntry {
+    pub(crate) fn new(key: Arc<str>, jkey: Arc<str>) -> Self {
+        Self {
+            key,
+            jkey,
+            life: Mutex::new(Life::new()),
+            queued: AtomicUsize::new(0),
+            bytes: AtomicU64::new(0),
+            last_appended: AtomicU64::new(0),
+            first_seen: AtomicU64::new(0),
+            careful_until: AtomicU64::new(0),
+            done: watch::Sender::new(0),
+            graceful: Mutex::new(None),
+            watchers: AtomicUsize::new(0),
+            crash: Mutex::new(None),
+            state: watch::Sender::new(State::Passive),
+        }
+    }
+
+    /// The key replays after the process died while handling `first` (`attempts` counted
+    /// so far): go carefully up to `until`.
+    pub(crate) fn replay_after_crash(&self, first: Seq, attempts: u32, until: Seq) {
+        *self.crash.lock().unwrap_or_else(|p| p.into_inner()) = Some(CrashReplay {
+            first,
+            attempts,
+            until,
+        });
+        self.set_careful_until(until);
+    }
+
+    /// Whether `seq` is handled carefully after a crash: `Some(Some(n))` for the first
+    /// message (its `n` attempts already counted, once), `Some(None)` for later ones (count
+    /// the attempt now), `None` when not.
+    pub(crate) fn crash_replay(&self, seq: Seq) -> Option<Option<u32>> {
+        let mut crash = self.crash.lock().unwrap_or_else(|p| p.into_inner());
+        let c = crash.as_mut()?;
+        if seq > c.until {
+            *crash = None;
+            return None;
+        }
+        if seq == c.first {
+            c.first = 0;
+            return Some(Some(c.attempts));
+        }
+        Some(None)
+    }
+
+    /// Watches the life's state.
+    pub(crate) fn watch_state(&self) -> watch::Receiver<State> {
+        self.state.subscribe()
+    }
+
+    fn life(&self) -> MutexGuard<'_, Life<Handle>> {
+        self.life.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `event` to the key's life; returns what to do.
+    pub(crate) fn on(
+        &self,
+        event: Event<Handle>,
+        intensity: &Intensity,
+        backoff: &Backoff,
+    ) -> Action<Handle> {
+        let mut life = self.life();
+        let action = life.on(event, intensity, backoff);
+        let now = life.state();
+        self.state.send_if_modified(|s| {
+            let changed = *s != now;
+            *s = now;
+            changed
+        });
+        action
+    }
+
+    pub(crate) fn live(&self) -> Option<Handle> {
+        self.life().live().cloned()
+    }
+
+    /// Forgets the entry if it is idle: passive, nothing in flight, nobody waiting.
+    pub(crate) fn retire_if_idle(&self, intensity: &Intensity, backoff: &Backoff) -> bool {
+        let mut life = self.life();
+        if self.in_flight() > 0 || self.watchers.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        life.on(Event::Retire, intensity, backoff);
+        let retired = life.state() == State::Retired;
+        if retired {
+            self.state.send_replace(State::Retired);
+        }
+        retired
+    }
+
+    /// Messages accepted for this key and not yet committed or dead-lettered.
+    pub(crate) fn in_flight(&self) -> usize {
+        let appended = self.last_appended.load(Ordering::Acquire);
+        let baseline = self
+            .last_done()
+            .max(self.first_seen.load(Ordering::Acquire).saturating_sub(1));
+        self.queued.load(Ordering::Acquire) + appended.saturating_sub(baseline) as usize
+    }
+
+    /// Payload bytes accepted through this entry and not yet handled.
+    pub(crate) fn in_flight_bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    /// `n` payload bytes were handled (committed or dead-lettered). Messages of a backlog
+    /// that was never reserved here release too: the count saturates at zero.
+    pub(crate) fn release_bytes(&self, n: u64) {
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                Some(b.saturating_sub(n))
+            });
+    }
+
+    /// Takes one place (of `len` bytes) in the bounded mailbox; `false` when full.
+    pub(crate) fn try_reserve(&self, limit: usize, byte_limit: u64, len: u64) -> bool {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        let bytes = self.bytes.fetch_add(len, Ordering::AcqRel) + len;
+        // One message always fits an empty mailbox, whatever its size.
+        if self.in_flight() > limit || (bytes > byte_limit && bytes != len) {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.release_bytes(len);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back a place whose append failed.
+    pub(crate) fn unreserve(&self, len: u64) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        self.release_bytes(len);
+        self.done.send_modify(|_| {});
+    }
+
+    /// A reserved message became durable at `seq`.
+    pub(crate) fn appended(&self, seq: Seq) {
+        self.seen(seq);
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// A message was appended outside the send path (timer, re-drive) at `seq`.
+    pub(crate) fn seen(&self, seq: Seq) {
+        let _ = self
+            .first_seen
+            .compare_exchange(0, seq, Ordering::AcqRel, Ordering::Acquire);
+        self.last_appended.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    pub(crate) fn careful_until(&self) -> Seq {
+        self.careful_until.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_careful_until(&self, seq: Seq) {
+        self.careful_until.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    pub(crate) fn last_done(&self) -> Seq {
+        *self.done.borrow()
+    }
+
+    /// The instance committed or dead-lettered everything up to `seq`.
+    pub(crate) fn done(&self, seq: Seq) {
+        self.done.send_if_modified(|d| {
+            if seq > *d {
+                *d = seq;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Watches progress (the highest seq done).
+    pub(crate) fn watch(&self) -> watch::Receiver<Seq> {
+        self.done.subscribe()
+    }
+
+    /// The instance of `generation` records how it ends before it stops gracefully.
+    pub(crate) fn ending(&self, generation: u64, exit: Exit) {
+        *self.graceful.lock().unwrap_or_else(|p| p.into_inner()) = Some((generation, exit));
+    }
+
+    /// How the instance of `generation` ended: as it recorded, or killed.
+    pub(crate) fn exit_of(&self, generation: u64, failed: bool) -> Exit {
+        if failed {
+            return Exit::Failed;
+        }
+        match *self.graceful.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((g, exit)) if g == generation => exit,
+            _ => Exit::Killed,
+        }
+    }
+}
