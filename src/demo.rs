@@ -115,6 +115,8 @@ pub async fn host(data: &Path) -> Result<()> {
             _ => return Err(Error::Protocol(line)),
         }
     }
+    // stdin closed: a graceful end (the driver's SIGKILL never gets here).
+    rt.shutdown().await?;
     Ok(())
 }
 
@@ -178,11 +180,16 @@ impl Host {
         }
     }
 
-    /// Kills the host with SIGKILL and reaps it.
-    pub async fn kill(mut self) -> Result<()> {
+    /// Kills the host with SIGKILL and reaps it. `false` if it had already exited by
+    /// itself (a crash of its own, which the durability checks count as a failure).
+    pub async fn kill(mut self) -> Result<bool> {
+        if let Some(status) = self.child.try_wait()? {
+            tracing::error!(%status, "host exited before its SIGKILL");
+            return Ok(false);
+        }
         self.child.start_kill()?;
         self.child.wait().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Asks for the state of `keys` after everything sent so far was handled.
@@ -232,8 +239,12 @@ pub struct Ledger {
     pub sent: BTreeSet<u64>,
     /// Every id acknowledged as durable.
     pub acked: BTreeSet<u64>,
-    /// Rounds that ended with a SIGKILL.
+    /// The sequence number each acknowledged id got.
+    pub acked_seq: BTreeMap<u64, u64>,
+    /// Rounds that ended with a SIGKILL of a running host.
     pub kills: u32,
+    /// Rounds whose host had exited by itself before the SIGKILL.
+    pub exited_by_itself: u32,
     next_id: u64,
 }
 
@@ -281,12 +292,13 @@ impl Ledger {
             tokio::select! {
                 line = host.lines.next_line() => match line? {
                     Some(l) => {
-                        let id = l
-                            .strip_prefix("ack ")
-                            .and_then(|r| r.split(' ').next())
-                            .and_then(|n| n.parse::<u64>().ok())
-                            .ok_or_else(|| Error::Protocol(l.clone()))?;
+                        let mut words = l.strip_prefix("ack ").unwrap_or_default().split(' ');
+                        let mut number = || words.next().and_then(|n| n.parse::<u64>().ok());
+                        let (Some(id), Some(seq)) = (number(), number()) else {
+                            return Err(Error::Protocol(l));
+                        };
                         self.acked.insert(id);
+                        self.acked_seq.insert(id, seq);
                         acks += 1;
                     }
                     None => break,
@@ -294,9 +306,13 @@ impl Ledger {
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        host.kill().await?;
+        let killed = host.kill().await?;
         feeder.abort();
-        self.kills += 1;
+        if killed {
+            self.kills += 1;
+        } else {
+            self.exited_by_itself += 1;
+        }
         Ok(acks)
     }
 
@@ -306,12 +322,27 @@ impl Ledger {
             acked: self.acked.len(),
             sent: self.sent.len(),
             kills: self.kills,
+            exited_by_itself: self.exited_by_itself,
             ..Report::default()
         };
+        // Per key: acknowledged seqs are unique, and applied in seq order.
+        let mut seq_owner: BTreeMap<(String, u64), u64> = BTreeMap::new();
+        for (&id, &seq) in &self.acked_seq {
+            if let Some(other) = seq_owner.insert((key_of(id, keys), seq), id) {
+                report.seq_conflicts.push((other, id));
+            }
+        }
         let mut applied = BTreeSet::new();
         for (key, (count, ids)) in states {
             if *count != ids.len() as u64 {
                 report.count_mismatches.push(key.clone());
+            }
+            let seqs: Vec<u64> = ids
+                .iter()
+                .filter_map(|id| self.acked_seq.get(id).copied())
+                .collect();
+            if let Some(w) = seqs.windows(2).find(|w| w[0] >= w[1]) {
+                report.out_of_order.push((key.clone(), w[0], w[1]));
             }
             for id in ids {
                 if !applied.insert(*id) {
@@ -340,8 +371,15 @@ pub struct Report {
     pub applied: usize,
     /// Applied though never acknowledged (durable when the kill cut the ack): allowed.
     pub applied_unacked: usize,
-    /// SIGKILLs.
+    /// SIGKILLs of a running host.
     pub kills: u32,
+    /// Hosts that exited by themselves before their SIGKILL: must be 0.
+    pub exited_by_itself: u32,
+    /// Two acknowledged ids given the same seq of one key: must be empty.
+    pub seq_conflicts: Vec<(u64, u64)>,
+    /// A key that applied a later acknowledged seq before an earlier one (key, seq, then
+    /// seq): must be empty.
+    pub out_of_order: Vec<(String, u64, u64)>,
     /// Acknowledged but not applied: must be empty.
     pub lost: Vec<u64>,
     /// Applied more than once: must be empty.
@@ -356,6 +394,9 @@ impl Report {
     /// Whether every invariant holds.
     pub fn holds(&self) -> bool {
         self.lost.is_empty()
+            && self.exited_by_itself == 0
+            && self.seq_conflicts.is_empty()
+            && self.out_of_order.is_empty()
             && self.duplicates.is_empty()
             && self.unknown.is_empty()
             && self.count_mismatches.is_empty()
@@ -365,6 +406,9 @@ impl Report {
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "kills (SIGKILL)          {}", self.kills)?;
+        writeln!(f, "hosts that died alone    {}", self.exited_by_itself)?;
+        writeln!(f, "seq given twice          {}", self.seq_conflicts.len())?;
+        writeln!(f, "applied out of seq order {}", self.out_of_order.len())?;
         writeln!(f, "messages sent            {}", self.sent)?;
         writeln!(f, "acknowledged             {}", self.acked)?;
         writeln!(f, "applied (distinct)       {}", self.applied)?;

@@ -1,6 +1,7 @@
 //! Durability under SIGKILL: a child process hosts durable counters; this test feeds them,
 //! SIGKILLs the child at random moments 24 times, restarts it each time, and proves at the
-//! end that every acknowledged message was applied exactly once.
+//! end that every acknowledged message was applied exactly once, in the order of its
+//! sequence number, and that no host died by itself before its SIGKILL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
@@ -33,7 +34,17 @@ async fn sigkill_loses_no_acknowledged_message_and_applies_none_twice() {
     let states = host.dump(&keys).await.unwrap();
     let report = ledger.verify(&states, KEYS);
     println!("{report}");
-    assert!(report.kills >= 20, "{report}");
+    assert_eq!(
+        report.kills, ROUNDS,
+        "every round must end with a SIGKILL of a live host: {report}"
+    );
+    assert_eq!(report.exited_by_itself, 0, "{report}");
+    assert!(report.seq_conflicts.is_empty(), "{report}");
+    assert!(
+        report.out_of_order.is_empty(),
+        "applied out of order: {:?}",
+        report.out_of_order
+    );
     assert!(
         rounds_with_acks >= ROUNDS / 2,
         "kills must land mid-work: {report}"

@@ -66,9 +66,6 @@ pub(crate) struct KeyEntry {
 /// message's attempt is counted durably before it is handled and its commit is flushed.
 #[derive(Debug, Clone, Copy)]
 struct CrashReplay {
-    /// The first pending message, whose attempt the registry already counted (0 once used).
-    first: Seq,
-    attempts: u32,
     until: Seq,
 }
 
@@ -91,32 +88,25 @@ impl KeyEntry {
         }
     }
 
-    /// The key replays after the process died while handling `first` (`attempts` counted
-    /// so far): go carefully up to `until`.
-    pub(crate) fn replay_after_crash(&self, first: Seq, attempts: u32, until: Seq) {
-        *self.crash.lock().unwrap_or_else(|p| p.into_inner()) = Some(CrashReplay {
-            first,
-            attempts,
-            until,
-        });
+    /// The process died while this key replayed, before the replay made durable progress:
+    /// go carefully up to `until`.
+    pub(crate) fn replay_after_crash(&self, until: Seq) {
+        *self.crash.lock().unwrap_or_else(|p| p.into_inner()) = Some(CrashReplay { until });
         self.set_careful_until(until);
     }
 
-    /// Whether `seq` is handled carefully after a crash: `Some(Some(n))` for the first
-    /// message (its `n` attempts already counted, once), `Some(None)` for later ones (count
-    /// the attempt now), `None` when not.
-    pub(crate) fn crash_replay(&self, seq: Seq) -> Option<Option<u32>> {
+    /// Whether `seq` is handled carefully after a crash (its attempt counted durably before
+    /// it is handled, its commit flushed after).
+    pub(crate) fn crash_replay(&self, seq: Seq) -> bool {
         let mut crash = self.crash.lock().unwrap_or_else(|p| p.into_inner());
-        let c = crash.as_mut()?;
-        if seq > c.until {
-            *crash = None;
-            return None;
+        match *crash {
+            Some(c) if seq <= c.until => true,
+            Some(_) => {
+                *crash = None;
+                false
+            }
+            None => false,
         }
-        if seq == c.first {
-            c.first = 0;
-            return Some(Some(c.attempts));
-        }
-        Some(None)
     }
 
     /// Watches the life's state.

@@ -286,17 +286,13 @@ impl<A: DurableActor> Instance<A> {
     ) -> Result<(), ActorProcessingErr> {
         let len = payload.len() as u64;
         let counted = match st.entry.crash_replay(seq) {
-            None => None,
-            Some(known) => {
-                let attempts = match known {
-                    Some(n) => n,
-                    None => {
-                        self.kind
-                            .journal
-                            .record_failure(&st.entry.jkey, seq)
-                            .await?
-                    }
-                };
+            false => None,
+            true => {
+                let attempts = self
+                    .kind
+                    .journal
+                    .record_failure(&st.entry.jkey, seq)
+                    .await?;
                 if attempts > self.kind.options.max_attempts {
                     let error = format!(
                         "the process died while handling it ({} deliveries)",

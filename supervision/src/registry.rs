@@ -257,7 +257,9 @@ impl<A: DurableActor> Shared<A> {
         match exit {
             Exit::Passivated => self.kind.metrics.passivations.increment(1),
             Exit::Failed | Exit::Killed => {
-                tracing::warn!(registry = %self.kind.name, key = %entry.key, ?exit, reason, "actor failed")
+                if !self.stopping.load(Ordering::Acquire) {
+                    tracing::warn!(registry = %self.kind.name, key = %entry.key, ?exit, reason, "actor failed")
+                }
             }
         }
         let pending = entry.in_flight() > 0;
@@ -443,8 +445,10 @@ impl<A: DurableActor> Registry<A> {
     }
 
     /// Actors of the owned ranges with unacknowledged messages come back by themselves. After
-    /// a crash, the first pending message of each counts one delivery attempt (durably, in
-    /// one write): a key whose replay the crash cut short before goes carefully.
+    /// a crash, where each key's replay begins is recorded (durably, in one write); a key
+    /// whose previous replay began at the same message made no durable progress before the
+    /// process died: it replays carefully, so that a message that kills the process is
+    /// counted and ends in the dead letters instead of taking the node down at every start.
     async fn recover(&self, wiring: &Wiring) -> Result<()> {
         let shared = &self.shared;
         let prefix = namespace(&shared.kind.name);
@@ -456,27 +460,34 @@ impl<A: DurableActor> Registry<A> {
             return Ok(());
         }
         tracing::info!(registry = %shared.kind.name, actors = pending.len(), "recovering actors with pending messages");
-        let crashed = wiring.journal.recovered_from_crash();
-        for jkey in pending {
-            let Some(key) = jkey.strip_prefix(&prefix) else {
-                continue;
-            };
-            let entry = shared.entry(key);
-            if crashed {
-                let first = wiring.journal.load(&jkey).await?.applied + 1;
-                let attempts = wiring.journal.record_failure(&jkey, first).await?;
-                if attempts >= 2 {
-                    let last = wiring
-                        .journal
-                        .pending(&jkey, first, usize::MAX)
-                        .await?
-                        .last()
-                        .map_or(first, |e| e.seq);
-                    tracing::warn!(registry = %shared.kind.name, key, seq = first, attempts, "the process died while this key replayed: replaying carefully");
-                    entry.replay_after_crash(first, attempts, last);
-                }
+        let entries: Vec<Arc<KeyEntry>> = pending
+            .iter()
+            .filter_map(|jkey| jkey.strip_prefix(&prefix))
+            .map(|key| shared.entry(key))
+            .collect();
+        if wiring.journal.recovered_from_crash() {
+            let mut firsts = Vec::with_capacity(entries.len());
+            for entry in &entries {
+                let first = wiring.journal.load(&entry.jkey).await?.applied + 1;
+                firsts.push((entry.jkey.clone(), first));
             }
-            shared.apply(&entry, Event::Activate);
+            let stalled = wiring.journal.begin_replays(&firsts).await?;
+            for ((entry, (_, first)), stalled) in entries.iter().zip(firsts).zip(stalled) {
+                if !stalled {
+                    continue;
+                }
+                let last = wiring
+                    .journal
+                    .pending(&entry.jkey, first, usize::MAX)
+                    .await?
+                    .last()
+                    .map_or(first, |e| e.seq);
+                tracing::warn!(registry = %shared.kind.name, key = %entry.key, seq = first, "the process died while this key replayed: replaying carefully");
+                entry.replay_after_crash(last);
+            }
+        }
+        for entry in &entries {
+            shared.apply(entry, Event::Activate);
         }
         Ok(())
     }

@@ -169,6 +169,11 @@ pub trait Journal: Send + Sync + std::fmt::Debug + 'static {
     /// message starts again at 1. Durable when it returns.
     async fn record_failure(&self, key: &str, seq: Seq) -> Result<u32>;
 
+    /// Records, for each key, that its replay after a crash begins at the given seq (durably,
+    /// all in one write); returns per key whether the previous record named the same seq:
+    /// the replay before this one made no durable progress (the process died during it).
+    async fn begin_replays(&self, keys: &[(Arc<str>, Seq)]) -> Result<Vec<bool>>;
+
     /// Atomically moves (`key`, `seq`) from the inbox to the dead letters and acknowledges it,
     /// leaving the committed state as it is; `seq` must be `applied + 1`.
     async fn dead_letter(

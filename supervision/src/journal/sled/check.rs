@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::layout::{
-    DEAD, FAILURES, MARKER_FILE, Marker, OWNER, STATE, TIMER, inbox_dir, read_marker, state_dir,
+    DEAD, FAILURES, MARKER_FILE, Marker, OWNER, REPLAY, STATE, TIMER, inbox_dir, read_marker,
+    state_dir,
 };
 use super::{SledJournal, SledOptions, decode_state_record, open_state_store};
 use crate::codec::unseal;
@@ -247,7 +248,7 @@ fn scan(path: &Path) -> Result<Scan> {
                             .problems
                             .push(format!("{}: state of {key_text}: {d}", state.display())),
                     },
-                    Some(tag @ (FAILURES | DEAD | TIMER | OWNER)) => {
+                    Some(tag @ (FAILURES | DEAD | TIMER | OWNER | REPLAY)) => {
                         if unseal(&v).is_some() {
                             if tag == DEAD {
                                 report.dead_letters += 1;

@@ -23,6 +23,8 @@ pub(super) const STATE: u8 = b's';
 pub(super) const FAILURES: u8 = b'f';
 pub(super) const DEAD: u8 = b'd';
 pub(super) const TIMER: u8 = b't';
+/// Where each key's last replay after a crash began.
+pub(super) const REPLAY: u8 = b'r';
 
 /// The state store (sled) lives here, below the journal directory.
 pub(super) fn state_dir(path: &Path) -> PathBuf {

@@ -16,9 +16,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use self::layout::{
-    DEAD, EPOCH_KEY, FAILURES, FORMAT, FORMAT_KEY, LOG_KEY, Marker, STATE, TIMER_HEAD, check_key,
-    engine_error, inbox_dir, key_prefix, read_marker, seq_key, state_dir, tail_seq, timer_key,
-    timer_prefix, write_marker,
+    DEAD, EPOCH_KEY, FAILURES, FORMAT, FORMAT_KEY, LOG_KEY, Marker, REPLAY, STATE, TIMER_HEAD,
+    check_key, engine_error, inbox_dir, key_prefix, read_marker, seq_key, state_dir, tail_seq,
+    timer_key, timer_prefix, write_marker,
 };
 use self::store::{Inner, StagedCommit};
 use super::inbox::record::Origin;
@@ -570,6 +570,34 @@ impl Journal for SledJournal {
         let key = key.to_string();
         self.blocking(move |inner| inner.record_failure(&key, seq))
             .await
+    }
+
+    async fn begin_replays(&self, keys: &[(Arc<str>, Seq)]) -> Result<Vec<bool>> {
+        for (k, _) in keys {
+            check_key(k)?;
+        }
+        let keys = keys.to_vec();
+        self.blocking(move |inner| {
+            let mut same = Vec::with_capacity(keys.len());
+            let mut write = sled::Batch::default();
+            for (key, seq) in &keys {
+                let raw = key_prefix(REPLAY, key);
+                let before = match inner.db.get(&raw).map_err(|e| inner.engine(e))? {
+                    Some(v) => Some(u64::from_be_bytes(
+                        inner.unseal("replay", &raw, &v)?.try_into().map_err(|_| {
+                            inner.corrupt(format!("replay record of {key} is malformed"))
+                        })?,
+                    )),
+                    None => None,
+                };
+                same.push(before == Some(*seq));
+                write.insert(raw, seal(&seq.to_be_bytes()));
+            }
+            inner.db.apply_batch(write).map_err(|e| inner.engine(e))?;
+            inner.flush()?;
+            Ok(same)
+        })
+        .await
     }
 
     async fn dead_letter(
