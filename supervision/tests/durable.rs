@@ -197,13 +197,14 @@ async fn dead_letter_can_be_redriven() {
     }
 }
 
-#[tokio::test]
+/// On tokio's paused clock: the idle seconds pass at once.
+#[tokio::test(start_paused = true)]
 async fn idle_actor_passivates_and_reactivates_with_its_state() {
     let dir = tempfile::tempdir().unwrap();
     let rt = runtime(&dir).await;
     let (counter, mut events) = Counter::with_events();
     let mut opts = options("counter");
-    opts.passivate_after_ms = Some(20);
+    opts.passivate_after_ms = Some(5_000);
     let reg = rt.registry(counter, opts).await.unwrap();
     let seq = reg.send("k", &Msg::Add(1)).await.unwrap();
     reg.wait_handled("k", seq).await.unwrap();
@@ -221,48 +222,73 @@ async fn idle_actor_passivates_and_reactivates_with_its_state() {
     assert_eq!(reg.state("k").await.unwrap().ids, vec![1, 2]);
 }
 
-#[test]
-fn timer_fires_after_a_restart() {
+/// A timer an hour ahead survives a shutdown and fires after the reopen; on tokio's paused
+/// clock the hour passes at once.
+#[tokio::test(start_paused = true)]
+async fn timer_fires_after_a_shutdown_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("journal");
-    // First life: schedule, then stop the whole process-like runtime before it fires.
     {
-        let tokio_rt = tokio::runtime::Runtime::new().unwrap();
-        tokio_rt.block_on(async {
-            let rt = Runtime::open(RuntimeOptions::new(&path)).await.unwrap();
-            let reg = rt
-                .registry(Counter::new(), options("counter"))
-                .await
-                .unwrap();
-            let seq = reg
-                .send(
-                    "k",
-                    &Msg::Later {
-                        id: 99,
-                        after_ms: 300,
-                    },
-                )
-                .await
-                .unwrap();
-            reg.wait_handled("k", seq).await.unwrap();
-            assert_eq!(reg.state("k").await.unwrap().count, 0);
-            rt.flush().await.unwrap();
-        });
-        tokio_rt.shutdown_timeout(Duration::from_secs(5));
-    }
-    // Second life: the timer is still there and fires into the actor.
-    let tokio_rt = tokio::runtime::Runtime::new().unwrap();
-    tokio_rt.block_on(async {
         let rt = Runtime::open(RuntimeOptions::new(&path)).await.unwrap();
-        let (counter, mut events) = Counter::with_events();
-        let reg = rt.registry(counter, options("counter")).await.unwrap();
-        assert_eq!(
-            next_event(&mut events).await,
-            Event::Activated("k".into(), 0)
-        );
-        reg.wait_handled("k", 2).await.unwrap();
-        assert_eq!(reg.state("k").await.unwrap().ids, vec![99]);
-    });
+        let reg = rt
+            .registry(Counter::new(), options("counter"))
+            .await
+            .unwrap();
+        let seq = reg
+            .send(
+                "k",
+                &Msg::Later {
+                    id: 99,
+                    after_ms: 3_600_000,
+                },
+            )
+            .await
+            .unwrap();
+        reg.wait_handled("k", seq).await.unwrap();
+        assert_eq!(reg.state("k").await.unwrap().count, 0);
+        rt.shutdown().await.unwrap();
+        assert!(matches!(
+            reg.send("k", &Msg::Add(1)).await,
+            Err(Error::Stopped { .. })
+        ));
+    }
+    // The same directory opens again in the same process: nothing outlived the shutdown.
+    let rt = Runtime::open(RuntimeOptions::new(&path)).await.unwrap();
+    let (counter, mut events) = Counter::with_events();
+    let reg = rt.registry(counter, options("counter")).await.unwrap();
+    reg.wait_handled("k", 2).await.unwrap();
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Activated("k".into(), 0)
+    );
+    assert_eq!(reg.state("k").await.unwrap().ids, vec![99]);
+    rt.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stopped_registry_can_be_started_again_under_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir).await;
+    let reg = rt
+        .registry(Counter::new(), options("counter"))
+        .await
+        .unwrap();
+    let seq = reg.send("k", &Msg::Add(1)).await.unwrap();
+    reg.wait_handled("k", seq).await.unwrap();
+    assert!(
+        rt.registry(Counter::new(), options("counter"))
+            .await
+            .is_err(),
+        "one registry per name"
+    );
+    reg.stop().await;
+    let again = rt
+        .registry(Counter::new(), options("counter"))
+        .await
+        .unwrap();
+    let seq = again.send("k", &Msg::Add(2)).await.unwrap();
+    again.wait_handled("k", seq).await.unwrap();
+    assert_eq!(again.state("k").await.unwrap().ids, vec![1, 2]);
 }
 
 #[tokio::test]

@@ -1,4 +1,5 @@
-//! Property: any interleaving of sends, actor kills and whole-runtime restarts applies every
+//! Property: any interleaving of sends, actor kills, crashes of the whole runtime (staged
+//! commits lost, nothing flushed on the way out) and clean shutdowns applies every
 //! acknowledged message exactly once, in sequence order.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use common::{Counter, Msg, options};
 use proptest::prelude::*;
-use soma_supervision::{Registry, Runtime, RuntimeOptions};
+use soma_supervision::{Registry, Runtime, RuntimeOptions, SledJournal};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -18,20 +19,26 @@ enum Op {
     Send { key: u8, n: u8 },
     /// Kill the key's live instance as a crash would.
     Kill { key: u8 },
-    /// Drop the whole runtime (all tasks, the journal handle) without waiting, and reopen.
-    Restart,
+    /// Crash the whole runtime: the journal loses its staged commits and writes nothing
+    /// more, every task is dropped mid-work; then reopen.
+    Crash,
+    /// Shut the runtime down cleanly and reopen.
+    Shutdown,
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         5 => (0u8..3, 1u8..8).prop_map(|(key, n)| Op::Send { key, n }),
         2 => (0u8..3).prop_map(|key| Op::Kill { key }),
-        1 => Just(Op::Restart),
+        1 => Just(Op::Crash),
+        1 => Just(Op::Shutdown),
     ]
 }
 
 struct Life {
     tokio: tokio::runtime::Runtime,
+    journal: SledJournal,
+    rt: Runtime,
     reg: Registry<Counter>,
 }
 
@@ -41,11 +48,21 @@ fn open(path: &Path) -> Life {
         .enable_all()
         .build()
         .unwrap();
-    let reg = tokio.block_on(async {
-        let rt = Runtime::open(RuntimeOptions::new(path)).await.unwrap();
-        rt.registry(Counter::new(), options("p")).await.unwrap()
+    let rt_options = RuntimeOptions::new(path);
+    let journal = SledJournal::open(rt_options.journal.clone()).unwrap();
+    let (rt, reg) = tokio.block_on(async {
+        let rt = Runtime::with_journal(std::sync::Arc::new(journal.clone()), &rt_options)
+            .await
+            .unwrap();
+        let reg = rt.registry(Counter::new(), options("p")).await.unwrap();
+        (rt, reg)
     });
-    Life { tokio, reg }
+    Life {
+        tokio,
+        journal,
+        rt,
+        reg,
+    }
 }
 
 fn run(ops: Vec<Op>) {
@@ -83,9 +100,28 @@ fn run(ops: Vec<Op>) {
             Op::Kill { key } => {
                 life.reg.kill(&format!("k{key}"));
             }
-            Op::Restart => {
-                drop(life.reg);
-                life.tokio.shutdown_timeout(Duration::from_secs(5));
+            Op::Crash => {
+                life.journal.crash();
+                let Life {
+                    tokio,
+                    journal,
+                    rt,
+                    reg,
+                } = life;
+                drop((reg, rt, journal));
+                tokio.shutdown_timeout(Duration::from_secs(5));
+                life = open(&path);
+            }
+            Op::Shutdown => {
+                life.tokio.block_on(life.rt.shutdown()).unwrap();
+                let Life {
+                    tokio,
+                    journal,
+                    rt,
+                    reg,
+                } = life;
+                drop((reg, rt, journal));
+                drop(tokio);
                 life = open(&path);
             }
         }

@@ -242,7 +242,7 @@ async fn rest_for_one_panic_in_stop_restarts_the_child_and_later_ones() {
     case(Strategy::RestForOne, Fault::Stop).await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn normal_stop_of_a_transient_child_is_not_restarted() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let sup = Supervisor::start(
@@ -254,18 +254,25 @@ async fn normal_stop_of_a_transient_child_is_not_restarted() {
     .await
     .unwrap();
     assert_eq!(rx.recv().await, Some(("a", 1)));
-    let children = call!(sup, SupervisorMsg::Children).unwrap();
-    let a: ActorRef<ProbeMsg> = children[0].1.clone().unwrap().into();
-    a.cast(ProbeMsg::StopMe).unwrap();
-    // Wait until the supervisor has seen the exit.
-    loop {
-        let children = call!(sup, SupervisorMsg::Children).unwrap();
-        if children[0].1.is_none() {
-            break;
+    let child = |sup: &ActorRef<SupervisorMsg>| {
+        let sup = sup.clone();
+        async move {
+            let children = call!(sup, SupervisorMsg::Children).unwrap();
+            children[0].1.clone().map(ActorRef::<ProbeMsg>::from)
         }
+    };
+    // Control: a crash of the same transient child does restart it (after its backoff).
+    child(&sup).await.unwrap().cast(ProbeMsg::Crash).unwrap();
+    assert_eq!(rx.recv().await, Some(("a", 2)));
+    child(&sup).await.unwrap().cast(ProbeMsg::StopMe).unwrap();
+    // Wait until the supervisor has seen the exit, then for longer than any backoff (the
+    // clock is paused: this sleep passes at once, and so would a restart's delay).
+    while child(&sup).await.is_some() {
         tokio::task::yield_now().await;
     }
+    tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(rx.try_recv().is_err(), "no restart after a normal stop");
+    assert!(child(&sup).await.is_none());
 }
 
 #[tokio::test]
