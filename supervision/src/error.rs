@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use crate::journal::{Epoch, KeyRange, Seq};
+use crate::ids::{Epoch, KeyRange, Seq};
 
 /// Why the journal refused a write (see [`Error::Fenced`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

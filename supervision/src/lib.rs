@@ -47,6 +47,7 @@ mod clock;
 mod codec;
 mod entry;
 mod error;
+mod ids;
 mod instance;
 mod journal;
 mod keys;

@@ -63,6 +63,15 @@ impl Ownership {
         Ok(epoch)
     }
 
+    pub(crate) async fn acquire_many(&self, ranges: &[KeyRange]) -> Result<()> {
+        let epochs = self.journal.acquire_many(ranges).await?;
+        let mut held = self.held.write().unwrap_or_else(|p| p.into_inner());
+        for (r, e) in ranges.iter().zip(epochs) {
+            held.insert(r.0, e);
+        }
+        Ok(())
+    }
+
     pub(crate) async fn release(&self, range: KeyRange) -> Result<()> {
         let epoch = self
             .held

@@ -102,10 +102,8 @@ impl Runtime {
     }
 
     async fn acquire_all(&self) -> Result<()> {
-        for r in 0..self.wiring.journal.ranges() {
-            self.wiring.owner.acquire(KeyRange(r)).await?;
-        }
-        Ok(())
+        let all: Vec<KeyRange> = (0..self.wiring.journal.ranges()).map(KeyRange).collect();
+        self.wiring.owner.acquire_many(&all).await
     }
 
     /// Starts a runtime on any journal backend owning no range yet: it serves only the

@@ -6,7 +6,6 @@
 //! pass the contract suite in `contract` (feature `test-util`).
 
 mod inbox;
-mod range;
 mod sled;
 
 #[cfg(any(test, feature = "test-util"))]
@@ -20,13 +19,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 
-pub use self::range::{Epoch, KeyRange, range_of};
 pub use self::sled::{
     CheckReport, Durability, SalvageReport, SledJournal, SledOptions, check, salvage,
 };
-
-/// A per-key sequence number: the first message of a key is 1, then 2, 3, ... without gaps.
-pub type Seq = u64;
+pub use crate::ids::{Epoch, KeyRange, Seq, range_of};
 
 /// One message to append to a key's inbox.
 #[derive(Debug, Clone)]
@@ -140,6 +136,16 @@ pub trait Journal: Send + Sync + std::fmt::Debug + 'static {
     /// Takes ownership of `range`: its epoch is bumped durably (fencing every earlier owner)
     /// and what is pending in it is loaded. Returns the new epoch.
     async fn acquire(&self, range: KeyRange) -> Result<Epoch>;
+
+    /// Takes ownership of several ranges at once (see [`Journal::acquire`]); a backend may
+    /// make all the epochs durable in one write.
+    async fn acquire_many(&self, ranges: &[KeyRange]) -> Result<Vec<Epoch>> {
+        let mut out = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            out.push(self.acquire(*r).await?);
+        }
+        Ok(out)
+    }
 
     /// Gives up `range` held at `epoch`: staged commits are made durable, in-memory payloads
     /// of its keys dropped, and further writes at `epoch` refused.

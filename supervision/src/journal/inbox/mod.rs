@@ -263,6 +263,30 @@ impl Inbox {
             .map(|p| p.seq)
     }
 
+    /// Like [`Inbox::pending`], if every payload wanted is in memory (no disk read);
+    /// `None` otherwise.
+    pub(crate) fn pending_in_memory(
+        &self,
+        key: &str,
+        from: Seq,
+        limit: usize,
+    ) -> Option<Vec<Entry>> {
+        let st = self.state();
+        let Some(q) = st.keys.get(key) else {
+            return Some(Vec::new());
+        };
+        let start = q.partition_point(|p| p.seq < from);
+        q.range(start..)
+            .take(limit)
+            .map(|p| {
+                p.memory.as_ref().map(|b| Entry {
+                    seq: p.seq,
+                    payload: b.clone(),
+                })
+            })
+            .collect()
+    }
+
     /// Up to `limit` unacknowledged messages of `key` with `seq >= from`.
     pub(crate) fn pending(&self, key: &str, from: Seq, limit: usize) -> Result<Vec<Entry>> {
         let wanted: Vec<(Seq, Located)> = {

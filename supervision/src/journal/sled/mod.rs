@@ -39,6 +39,8 @@ const MARKER_EVERY: Duration = Duration::from_millis(100);
 /// How often staged commits are written and flushed when no append carries them.
 const COMMIT_EVERY: Duration = Duration::from_millis(50);
 const RANGES_KEY: &[u8] = b"m\0ranges";
+/// Concurrent reads of recovered payloads on the blocking pool.
+const DISK_READERS: usize = 4;
 
 /// When an appended message counts as durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +153,9 @@ impl SledOptions {
 pub struct SledJournal {
     inner: Arc<Inner>,
     background: Arc<Background>,
+    /// Bounds concurrent disk reads of recovered payloads: a thousand keys replaying at once
+    /// must not become a thousand blocking-pool threads.
+    readers: Arc<tokio::sync::Semaphore>,
 }
 
 /// The journal thread: keeps the marker current, syncs in periodic mode, writes staged
@@ -314,7 +319,11 @@ impl SledJournal {
             "journal opened"
         );
         let background = spawn_background(Arc::downgrade(&inner), options.durability);
-        Ok(Self { inner, background })
+        Ok(Self {
+            inner,
+            background,
+            readers: Arc::new(tokio::sync::Semaphore::new(DISK_READERS)),
+        })
     }
 
     /// The journal directory.
@@ -462,7 +471,16 @@ impl Journal for SledJournal {
     }
 
     async fn acquire(&self, range: KeyRange) -> Result<Epoch> {
-        self.blocking(move |inner| inner.acquire(range)).await
+        let epochs = self.blocking(move |inner| inner.acquire(&[range])).await?;
+        epochs
+            .first()
+            .copied()
+            .ok_or(Error::Stopped { what: "journal" })
+    }
+
+    async fn acquire_many(&self, ranges: &[KeyRange]) -> Result<Vec<Epoch>> {
+        let ranges = ranges.to_vec();
+        self.blocking(move |inner| inner.acquire(&ranges)).await
     }
 
     async fn release(&self, range: KeyRange, epoch: Epoch) -> Result<()> {
@@ -485,8 +503,18 @@ impl Journal for SledJournal {
 
     async fn pending(&self, key: &str, from: Seq, limit: usize) -> Result<Vec<Entry>> {
         check_key(key)?;
+        // Acknowledged messages stay in the index until their commit is written: skip them.
+        let from_applied = from.max(self.inner.snapshot(key)?.applied + 1);
+        if let Some(entries) = self.inner.inbox.pending_in_memory(key, from_applied, limit) {
+            return Ok(entries);
+        }
         let key = key.to_string();
-        // Recovered payloads are read from disk: off the async workers.
+        // Recovered payloads are read from disk: off the async workers, a few at a time.
+        let _permit = self
+            .readers
+            .acquire()
+            .await
+            .map_err(|_| Error::Stopped { what: "journal" })?;
         self.blocking(move |inner| {
             // Acknowledged messages stay in the index until their commit is written: skip.
             let from = from.max(inner.snapshot(&key)?.applied + 1);

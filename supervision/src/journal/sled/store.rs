@@ -146,19 +146,21 @@ impl Inner {
         }
     }
 
-    /// Bumps the owner epoch of `range` durably and holds it.
-    pub(super) fn acquire(&self, range: KeyRange) -> Result<Epoch> {
+    /// Bumps the owner epochs of `ranges` durably (one flush) and holds them.
+    pub(super) fn acquire(&self, ranges: &[KeyRange]) -> Result<Vec<Epoch>> {
         self.open_for_writes()?;
-        if range.0 >= self.ranges {
-            return Err(Error::InvalidOption {
-                key: "journal.range",
-                reason: format!("{range} does not exist (the journal has {})", self.ranges),
-            });
-        }
         let mut owners = self.owners.write().unwrap_or_else(|p| p.into_inner());
-        let raw = owner_key(range);
-        let before =
-            match self.db.get(raw).map_err(|e| self.engine(e))? {
+        let mut write = sled::Batch::default();
+        let mut epochs = Vec::with_capacity(ranges.len());
+        for &range in ranges {
+            if range.0 >= self.ranges {
+                return Err(Error::InvalidOption {
+                    key: "journal.range",
+                    reason: format!("{range} does not exist (the journal has {})", self.ranges),
+                });
+            }
+            let raw = owner_key(range);
+            let before = match self.db.get(raw).map_err(|e| self.engine(e))? {
                 Some(v) => {
                     let body = self.unseal("owner", &raw, &v)?;
                     u64::from_be_bytes(body.try_into().map_err(|_| {
@@ -167,13 +169,16 @@ impl Inner {
                 }
                 None => 0,
             };
-        let epoch = before + 1;
-        self.db
-            .insert(raw, crate::codec::seal(&epoch.to_be_bytes()))
-            .map_err(|e| self.engine(e))?;
+            let epoch = before + 1;
+            write.insert(&raw, crate::codec::seal(&epoch.to_be_bytes()));
+            epochs.push(epoch);
+        }
+        self.db.apply_batch(write).map_err(|e| self.engine(e))?;
         self.db.flush().map_err(|e| self.engine(e))?;
-        owners.insert(range.0, epoch);
-        Ok(epoch)
+        for (range, epoch) in ranges.iter().zip(&epochs) {
+            owners.insert(range.0, *epoch);
+        }
+        Ok(epochs)
     }
 
     /// Gives up `range`: staged commits become durable, its payloads leave memory.

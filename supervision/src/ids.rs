@@ -1,9 +1,14 @@
-//! Key ranges and owner epochs: the unit of ownership a node acquires, and the fence that
-//! refuses a former owner's writes.
+//! The runtime's identifiers: sequence numbers, key ranges and owner epochs (the unit of
+//! ownership a node acquires, and the fence that refuses a former owner's writes). A leaf:
+//! it imports nothing of the crate.
 
 use serde::{Deserialize, Serialize};
 
-/// An owner epoch of a key range: bumped by every [`acquire`](super::Journal::acquire).
+/// A per-key sequence number: the first message of a key is 1, then 2, 3, ... without gaps.
+pub type Seq = u64;
+
+/// An owner epoch of a key range: bumped by every
+/// [`acquire`](crate::Journal::acquire).
 pub type Epoch = u64;
 
 /// One of a journal's key ranges (`0..ranges`).
