@@ -50,6 +50,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let last = counters.send(key, &Msg::Add(2)).await?;
     counters.wait_handled(key, last).await?;
     println!("total after a crash: {}", counters.state(key).await?); // 42
+    rt.shutdown().await?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

@@ -164,10 +164,11 @@ pub enum Error {
         retry_ms: u64,
     },
     /// A group-commit batch failed to append; nothing of it was acknowledged.
-    #[error("journal append failed: {detail}")]
+    #[error("journal append failed: {source}")]
     Append {
         /// The backend's error, shared by every message of the batch.
-        detail: String,
+        #[source]
+        source: std::sync::Arc<Error>,
     },
     /// An option failed validation.
     #[error("invalid option {key}: {reason}")]

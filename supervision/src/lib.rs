@@ -6,7 +6,10 @@
 //! - [`Runtime::registry`] gives a [`Registry`] for one [`DurableActor`] type: send to any key,
 //!   read committed state, list and re-drive dead letters.
 //! - [`Supervisor`] supervises ordinary (non-durable) ractor actors with a [`Policy`].
-//! - [`Journal`] is the storage contract; [`SledJournal`] is the embedded backend.
+//! - [`Journal`] is the storage contract (ownership of [`KeyRange`]s by [`Epoch`], fenced
+//!   writes, compare-and-set commits); [`SledJournal`] is the embedded backend; [`check`]
+//!   and [`salvage`] are the operator's tools for a damaged one.
+//! - [`Runtime::shutdown`] ends everything the runtime started and closes the journal.
 //!
 //! The guarantees (ordering, delivery, durability, replay, stop versus kill) are stated in
 //! `docs/semantics.md`.
@@ -38,6 +41,7 @@
 //! let seq = totals.send("tenant/acme/total", &2).await?;
 //! totals.wait_handled("tenant/acme/total", seq).await?;
 //! assert_eq!(totals.state("tenant/acme/total").await?, 42);
+//! rt.shutdown().await?; // every registry stops, the journal closes cleanly
 //! # Ok(())
 //! # }
 //! ```

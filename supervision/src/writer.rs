@@ -226,34 +226,21 @@ async fn write(journal: &dyn Journal, requests: &mut Vec<Request>, stats: &Count
                     }
                     return;
                 }
-                let detail = e.to_string();
+                let single = requests.len() == 1
+                    && matches!(e, Error::TooLarge { .. } | Error::InvalidKey { .. });
+                if single {
+                    if let Some(r) = requests.pop() {
+                        let _ = r.reply.send(Err(e));
+                    }
+                    return;
+                }
+                let shared = Arc::new(e);
                 for r in requests.drain(..) {
-                    let _ = r.reply.send(Err(match &e {
-                        Error::TooLarge { .. } | Error::InvalidKey { .. } => clone_error(&e),
-                        _ => Error::Append {
-                            detail: detail.clone(),
-                        },
+                    let _ = r.reply.send(Err(Error::Append {
+                        source: shared.clone(),
                     }));
                 }
             }
         }
-    }
-}
-
-/// The errors a single refused message is answered with, as they came.
-fn clone_error(e: &Error) -> Error {
-    match e {
-        Error::TooLarge { key, bytes, limit } => Error::TooLarge {
-            key: key.clone(),
-            bytes: *bytes,
-            limit: *limit,
-        },
-        Error::InvalidKey { key, reason } => Error::InvalidKey {
-            key: key.clone(),
-            reason,
-        },
-        other => Error::Append {
-            detail: other.to_string(),
-        },
     }
 }

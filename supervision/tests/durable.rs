@@ -332,8 +332,11 @@ async fn full_mailbox_makes_the_sender_wait_when_configured_to() {
         let reg = reg.clone();
         tokio::spawn(async move { reg.send("k", &Msg::Add(3)).await })
     };
-    for _ in 0..50 {
-        tokio::task::yield_now().await;
+    // Two sends to another key become durable meanwhile (the writer is not what holds the
+    // third send back), and the third is still waiting.
+    for id in [10, 11] {
+        let seq = reg.send("other", &Msg::Add(id)).await.unwrap();
+        reg.wait_handled("other", seq).await.unwrap();
     }
     assert!(!waiting.is_finished(), "the third send waits for room");
     counter.gate.add_permits(2);
