@@ -65,6 +65,19 @@ fn open(path: &Path) -> Life {
     }
 }
 
+/// Ends a life (its tasks dropped wherever they are) and opens the journal again.
+fn reopen(life: Life, path: &Path) -> Life {
+    let Life {
+        tokio,
+        journal,
+        rt,
+        reg,
+    } = life;
+    drop((reg, rt, journal));
+    tokio.shutdown_timeout(Duration::from_secs(5));
+    open(path)
+}
+
 fn run(ops: Vec<Op>) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("journal");
@@ -102,27 +115,11 @@ fn run(ops: Vec<Op>) {
             }
             Op::Crash => {
                 life.journal.crash();
-                let Life {
-                    tokio,
-                    journal,
-                    rt,
-                    reg,
-                } = life;
-                drop((reg, rt, journal));
-                tokio.shutdown_timeout(Duration::from_secs(5));
-                life = open(&path);
+                life = reopen(life, &path);
             }
             Op::Shutdown => {
                 life.tokio.block_on(life.rt.shutdown()).unwrap();
-                let Life {
-                    tokio,
-                    journal,
-                    rt,
-                    reg,
-                } = life;
-                drop((reg, rt, journal));
-                drop(tokio);
-                life = open(&path);
+                life = reopen(life, &path);
             }
         }
     }

@@ -308,3 +308,71 @@ async fn salvage_copies_what_is_readable_and_reports_what_was_lost() {
     assert!(clean.renumbered.is_empty(), "{clean}");
     assert!(clean.messages > report.messages);
 }
+
+/// The child of the first-open test: creates a journal (nothing else) and exits.
+#[test]
+#[ignore = "child process of a_first_open_killed_at_any_moment_opens_again; run by it"]
+fn child_first_open() {
+    let dir = std::env::var_os(CHILD_DIR).unwrap_or_else(|| panic!("{CHILD_DIR} is not set"));
+    let j = SledJournal::open(options(Path::new(&dir))).unwrap();
+    drop(j);
+    std::thread::sleep(std::time::Duration::from_secs(5));
+}
+
+#[test]
+fn a_first_open_killed_at_any_moment_opens_again() {
+    let root = tempfile::tempdir().unwrap();
+    // What a kill can leave, made by hand: only the temporary marker; a fresh marker and no
+    // state store; a fresh marker with a state store that is not one.
+    let tmp_only = root.path().join("tmp-only");
+    std::fs::create_dir_all(&tmp_only).unwrap();
+    std::fs::write(
+        tmp_only.join("SOMA_JOURNAL.tmp"),
+        b"soma-journal format 3\n",
+    )
+    .unwrap();
+    let half_state = root.path().join("half-state");
+    std::fs::create_dir_all(half_state.join("state")).unwrap();
+    std::fs::write(
+        half_state.join("SOMA_JOURNAL"),
+        b"soma-journal format 3\nepoch 0\n",
+    )
+    .unwrap();
+    std::fs::write(half_state.join("state").join("db"), b"half a sled").unwrap();
+    std::fs::create_dir_all(half_state.join("inbox")).unwrap();
+    std::fs::write(
+        half_state.join("inbox").join("00000000000000000001.log"),
+        b"",
+    )
+    .unwrap();
+    for dir in [&tmp_only, &half_state] {
+        let j =
+            SledJournal::open(options(dir)).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        assert!(!j.recovered_from_crash(), "nothing was ever acknowledged");
+    }
+    // And real kills at moments spread over the first open.
+    for i in 0..16u64 {
+        let dir = root.path().join(format!("killed{i}"));
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "child_first_open",
+                "--test-threads=1",
+            ])
+            .env(CHILD_DIR, &dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(i * 1_500));
+        let _ = child.kill();
+        child.wait().unwrap();
+        if let Err(e) = SledJournal::open(options(&dir)) {
+            panic!(
+                "a first open killed after {} us left {}: {e}",
+                i * 1_500,
+                dir.display()
+            );
+        }
+    }
+}
