@@ -56,17 +56,11 @@ pub(crate) struct KeyEntry {
     graceful: Mutex<Option<(u64, Exit)>>,
     /// Callers waiting on this entry (it is not forgotten while any waits).
     pub(crate) watchers: AtomicUsize,
-    /// Set when the key replays after the process died while it replayed before.
-    crash: Mutex<Option<CrashReplay>>,
+    /// Set when the key replays after the process died while it replayed before, until the
+    /// first replay of this process has handled the backlog.
+    crash: std::sync::atomic::AtomicBool,
     /// Follows the life's state, for callers waiting on it.
     state: watch::Sender<State>,
-}
-
-/// A key that replays after a crash cut its previous replay short: up to `until`, each
-/// message's attempt is counted durably before it is handled and its commit is flushed.
-#[derive(Debug, Clone, Copy)]
-struct CrashReplay {
-    until: Seq,
 }
 
 impl KeyEntry {
@@ -83,30 +77,26 @@ impl KeyEntry {
             done: watch::Sender::new(0),
             graceful: Mutex::new(None),
             watchers: AtomicUsize::new(0),
-            crash: Mutex::new(None),
+            crash: std::sync::atomic::AtomicBool::new(false),
             state: watch::Sender::new(State::Passive),
         }
     }
 
     /// The process died while this key replayed, before the replay made durable progress:
-    /// go carefully up to `until`.
-    pub(crate) fn replay_after_crash(&self, until: Seq) {
-        *self.crash.lock().unwrap_or_else(|p| p.into_inner()) = Some(CrashReplay { until });
-        self.set_careful_until(until);
+    /// its next replay goes carefully (each attempt counted durably before the handler runs,
+    /// each commit flushed after).
+    pub(crate) fn replay_after_crash(&self) {
+        self.crash.store(true, Ordering::Release);
     }
 
-    /// Whether `seq` is handled carefully after a crash (its attempt counted durably before
-    /// it is handled, its commit flushed after).
-    pub(crate) fn crash_replay(&self, seq: Seq) -> bool {
-        let mut crash = self.crash.lock().unwrap_or_else(|p| p.into_inner());
-        match *crash {
-            Some(c) if seq <= c.until => true,
-            Some(_) => {
-                *crash = None;
-                false
-            }
-            None => false,
-        }
+    /// Whether the key replays carefully after a crash.
+    pub(crate) fn crash_replay(&self) -> bool {
+        self.crash.load(Ordering::Acquire)
+    }
+
+    /// The careful replay handled the backlog.
+    pub(crate) fn end_crash_replay(&self) {
+        self.crash.store(false, Ordering::Release);
     }
 
     /// Watches the life's state.
@@ -116,6 +106,25 @@ impl KeyEntry {
 
     fn life(&self) -> MutexGuard<'_, Life<Handle>> {
         self.life.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies the event `make` builds, under the life's lock (so that what it reads, such as
+    /// the messages in flight, cannot change before it is applied); returns what to do.
+    pub(crate) fn on_with(
+        &self,
+        make: impl FnOnce(&Self) -> Event<Handle>,
+        intensity: &Intensity,
+        backoff: &Backoff,
+    ) -> Action<Handle> {
+        let mut life = self.life();
+        let action = life.on(make(self), intensity, backoff);
+        let now = life.state();
+        self.state.send_if_modified(|s| {
+            let changed = *s != now;
+            *s = now;
+            changed
+        });
+        action
     }
 
     /// Applies `event` to the key's life; returns what to do.
@@ -156,11 +165,20 @@ impl KeyEntry {
 
     /// Messages accepted for this key and not yet committed or dead-lettered.
     pub(crate) fn in_flight(&self) -> usize {
+        // `queued` first: `appended` raises `last_appended` before it lowers `queued`, so a
+        // message moving from one to the other is counted twice at worst, never missed.
+        let queued = self.queued.load(Ordering::Acquire);
         let appended = self.last_appended.load(Ordering::Acquire);
         let baseline = self
             .last_done()
             .max(self.first_seen.load(Ordering::Acquire).saturating_sub(1));
-        self.queued.load(Ordering::Acquire) + appended.saturating_sub(baseline) as usize
+        queued + appended.saturating_sub(baseline) as usize
+    }
+
+    /// Whether a message of `len` bytes would fit now (what `try_reserve` checks).
+    pub(crate) fn fits(&self, limit: usize, byte_limit: u64, len: u64) -> bool {
+        let bytes = self.in_flight_bytes();
+        self.in_flight() < limit && (bytes == 0 || bytes + len <= byte_limit)
     }
 
     /// Payload bytes accepted through this entry and not yet handled.

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -39,6 +40,8 @@ pub(crate) struct Kind<A: DurableActor> {
     pub(crate) clock: Clock,
     /// Running instances: their entry and generation (for their exit events).
     instances: Mutex<HashMap<ActorId, (Arc<KeyEntry>, u64)>>,
+    /// Set when the registry stops: nothing new starts, replays end between messages.
+    pub(crate) stopping: AtomicBool,
 }
 
 impl<A: DurableActor> Kind<A> {
@@ -61,6 +64,7 @@ impl<A: DurableActor> Kind<A> {
             owner,
             clock,
             instances: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -137,6 +141,11 @@ impl<A: DurableActor> Instance<A> {
         replayed: bool,
     ) -> Result<(), ActorProcessingErr> {
         loop {
+            if self.kind.stopping.load(Ordering::Acquire) {
+                // A graceful stop waits for the message in hand, not for a whole backlog:
+                // the rest stays in the journal.
+                return Ok(());
+            }
             let entries = self
                 .kind
                 .journal
@@ -155,7 +164,10 @@ impl<A: DurableActor> Instance<A> {
                     self.kind.metrics.replayed.increment(1);
                 }
                 let len = e.payload.len() as u64;
-                if e.seq <= careful_until {
+                if self.kind.stopping.load(Ordering::Acquire) {
+                    return self.commit_batch(st, batch.take()).await;
+                }
+                if e.seq <= careful_until || st.entry.crash_replay() {
                     self.commit_batch(st, batch.take()).await?;
                     self.process(st, e.seq, &e.payload, replayed).await?;
                     continue;
@@ -233,8 +245,9 @@ impl<A: DurableActor> Instance<A> {
             })
             .await?;
         st.next = seq + 1;
-        st.entry.done(seq);
+        // Bytes first: a sender woken by the progress must see the room.
         st.entry.release_bytes(bytes);
+        st.entry.done(seq);
         kind.metrics.handled.increment(seq - from + 1);
         if let Some(at) = earliest {
             kind.timers.scheduled(at);
@@ -285,7 +298,7 @@ impl<A: DurableActor> Instance<A> {
         replayed: bool,
     ) -> Result<(), ActorProcessingErr> {
         let len = payload.len() as u64;
-        let counted = match st.entry.crash_replay(seq) {
+        let counted = match st.entry.crash_replay() {
             false => None,
             true => {
                 let attempts = self
@@ -368,8 +381,8 @@ impl<A: DurableActor> Instance<A> {
         let snapshot = kind.journal.load(&st.entry.jkey).await?;
         st.state = self.load_state(&st.entry.key, snapshot.state)?;
         st.next = seq + 1;
-        st.entry.done(seq);
         st.entry.release_bytes(len);
+        st.entry.done(seq);
         kind.metrics.dead_lettered.increment(1);
         Ok(())
     }
@@ -427,7 +440,9 @@ impl<A: DurableActor> Actor for Instance<A> {
         _myself: ActorRef<InstanceMsg>,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        self.rescan(st, true).await
+        self.rescan(st, true).await?;
+        st.entry.end_crash_replay();
+        Ok(())
     }
 
     async fn handle(

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -45,7 +45,6 @@ pub(crate) struct Shared<A: DurableActor> {
     routes: WeakRoutes,
     entries: Mutex<HashMap<Arc<str>, Arc<KeyEntry>>>,
     supervisor: Mutex<Option<ActorCell>>,
-    stopping: AtomicBool,
     stopped: watch::Sender<bool>,
     /// Spawns and delayed restarts: ended (aborted) by `stop`.
     tasks: Mutex<JoinSet<()>>,
@@ -235,6 +234,12 @@ impl<A: DurableActor> Shared<A> {
         let me = self.clone();
         self.spawn_task(async move {
             let Some(sup) = me.supervisor() else { return };
+            if me.kind.stopping.load(Ordering::Acquire) {
+                // Stopping: nothing new starts (the key ends `Stopped`).
+                me.apply(&entry, Event::Stop);
+                me.apply(&entry, Event::SpawnFailed { generation });
+                return;
+            }
             let instance = Instance {
                 kind: me.kind.clone(),
             };
@@ -257,24 +262,35 @@ impl<A: DurableActor> Shared<A> {
         match exit {
             Exit::Passivated => self.kind.metrics.passivations.increment(1),
             Exit::Failed | Exit::Killed => {
-                if !self.stopping.load(Ordering::Acquire) {
+                if !self.kind.stopping.load(Ordering::Acquire) {
                     tracing::warn!(registry = %self.kind.name, key = %entry.key, ?exit, reason, "actor failed")
                 }
             }
         }
-        let pending = entry.in_flight() > 0;
-        self.apply(
-            &entry,
-            Event::Exited {
+        let o = &self.kind.options;
+        // Whether anything waits is read under the life's lock: an arrival racing the exit
+        // is either counted here or applied after it (and starts an instance).
+        let action = entry.on_with(
+            |e| Event::Exited {
                 generation,
                 exit,
-                pending,
+                pending: e.in_flight() > 0,
             },
+            &o.intensity,
+            &o.backoff,
         );
+        self.perform(&entry, action, None);
     }
 
+    /// Stops the registry in a task of its own: a caller that stops waiting does not leave
+    /// it half stopped (and later callers wait for the same stop).
     async fn stop(self: &Arc<Self>) {
-        if self.stopping.swap(true, Ordering::AcqRel) {
+        let me = self.clone();
+        let _ = tokio::spawn(async move { me.stop_inner().await }).await;
+    }
+
+    async fn stop_inner(self: &Arc<Self>) {
+        if self.kind.stopping.swap(true, Ordering::AcqRel) {
             // Someone else stops it: wait for that to finish.
             let mut stopped = self.stopped.subscribe();
             let _ = stopped.wait_for(|s| *s).await;
@@ -416,7 +432,6 @@ impl<A: DurableActor> Registry<A> {
             routes: wiring.routes.downgrade(),
             entries: Mutex::new(HashMap::new()),
             supervisor: Mutex::new(None),
-            stopping: AtomicBool::new(false),
             stopped: watch::Sender::new(false),
             tasks: Mutex::new(JoinSet::new()),
             myself: me.clone(),
@@ -473,17 +488,10 @@ impl<A: DurableActor> Registry<A> {
             }
             let stalled = wiring.journal.begin_replays(&firsts).await?;
             for ((entry, (_, first)), stalled) in entries.iter().zip(firsts).zip(stalled) {
-                if !stalled {
-                    continue;
+                if stalled {
+                    tracing::warn!(registry = %shared.kind.name, key = %entry.key, seq = first, "the process died while this key replayed: replaying carefully");
+                    entry.replay_after_crash();
                 }
-                let last = wiring
-                    .journal
-                    .pending(&entry.jkey, first, usize::MAX)
-                    .await?
-                    .last()
-                    .map_or(first, |e| e.seq);
-                tracing::warn!(registry = %shared.kind.name, key = %entry.key, seq = first, "the process died while this key replayed: replaying carefully");
-                entry.replay_after_crash(last);
             }
         }
         for entry in &entries {
@@ -507,7 +515,7 @@ impl<A: DurableActor> Registry<A> {
         let len = payload.len() as u64;
         let shared = &self.shared;
         let stopped = || Error::Stopped { what: "registry" };
-        if shared.stopping.load(Ordering::Acquire) {
+        if shared.kind.stopping.load(Ordering::Acquire) {
             return Err(stopped());
         }
         let entry = loop {
@@ -523,9 +531,8 @@ impl<A: DurableActor> Registry<A> {
                     WhenFull::Wait => {
                         let mut progress = entry.watch();
                         let mut halt = shared.stopped.subscribe();
-                        if entry.in_flight() < shared.kind.options.max_in_flight
-                            && entry.in_flight_bytes() < shared.kind.options.max_in_flight_bytes
-                        {
+                        let o = &shared.kind.options;
+                        if entry.fits(o.max_in_flight, o.max_in_flight_bytes, len) {
                             continue;
                         }
                         tokio::select! {
@@ -548,17 +555,30 @@ impl<A: DurableActor> Registry<A> {
             payload: payload.clone(),
             epoch,
         };
-        let seq = match shared.writer.append(append).await {
-            Ok(seq) => seq,
-            Err(e) => {
-                entry.unreserve(len);
-                return Err(e);
-            }
-        };
-        entry.appended(seq);
-        shared.kind.metrics.enqueued.increment(1);
-        shared.arrived(&entry, seq, Some(payload));
-        Ok(seq)
+        // From the hand-over to the writer on, the send runs to its end even if the caller
+        // stops waiting (a timeout, a select): the message may be durable, so its place is
+        // given back or it is delivered, never left half done.
+        let me = shared.clone();
+        let finish = tokio::spawn(async move {
+            let seq = match me.writer.append(append).await {
+                Ok(seq) => seq,
+                Err(e) => {
+                    entry.unreserve(len);
+                    if matches!(e, Error::OutcomeUnknown { .. }) {
+                        // It may be there: let the key look.
+                        me.arrived(&entry, 0, None);
+                    }
+                    return Err(e);
+                }
+            };
+            entry.appended(seq);
+            me.kind.metrics.enqueued.increment(1);
+            me.arrived(&entry, seq, Some(payload));
+            Ok(seq)
+        });
+        finish.await.map_err(|_| Error::OutcomeUnknown {
+            what: "registry send",
+        })?
     }
 
     /// Waits until the actor `key` has handled (or dead-lettered) every message up to `seq`.
@@ -647,7 +667,7 @@ impl<A: DurableActor> Registry<A> {
         check_key(key)?;
         let shared = &self.shared;
         loop {
-            if shared.stopping.load(Ordering::Acquire) {
+            if shared.kind.stopping.load(Ordering::Acquire) {
                 return Err(Error::Stopped { what: "registry" });
             }
             let watching = shared.watch_entry(key);

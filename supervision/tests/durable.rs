@@ -693,3 +693,48 @@ async fn a_reactivated_key_does_not_count_its_history_as_in_flight() {
     reg.wait_handled("k", last).await.unwrap();
     assert_eq!(reg.state("k").await.unwrap().count, 12);
 }
+
+/// The byte budget: a message that does not fit waits (on a current-thread runtime, where a
+/// sender that spun instead of waiting would starve the actor for good) and goes in once the
+/// actor made room.
+#[tokio::test]
+async fn a_message_over_the_byte_budget_waits_for_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir).await;
+    let mut opts = options("counter");
+    opts.max_in_flight_bytes = 4;
+    opts.when_full = WhenFull::Wait;
+    let counter = Counter::new();
+    let reg = rt.registry(counter.clone(), opts).await.unwrap();
+    // One message always fits an empty mailbox; the gate holds it in flight.
+    reg.send("k", &Msg::Gated(1)).await.unwrap();
+    let big = reg.clone();
+    let waiting = tokio::spawn(async move {
+        // Its payload alone is over the budget once anything is in flight.
+        big.send(
+            "k",
+            &Msg::FailThenAdd {
+                id: u64::MAX - 1,
+                fail_times: 0,
+            },
+        )
+        .await
+    });
+    // Let it try while only the first message is in flight (a spinning sender would never
+    // give the thread back from here).
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!waiting.is_finished());
+    let small = reg.send("k", &Msg::Add(2)).await;
+    assert!(small.is_ok(), "a message that fits is not held back");
+    counter.gate.add_permits(1);
+    let seq = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting send never got in")
+        .unwrap()
+        .unwrap();
+    reg.wait_handled("k", seq).await.unwrap();
+    let ids = reg.state("k").await.unwrap().ids;
+    assert_eq!(ids.len(), 3, "{ids:?}");
+}

@@ -107,6 +107,8 @@ struct State {
     files: Map<u64, Arc<File>>,
     /// Bytes of payloads held in memory.
     memory_bytes: u64,
+    /// Emptied segments about to be deleted: markers no longer list them.
+    deleting: std::collections::BTreeSet<u64>,
 }
 
 /// The inbox log. All methods take `&self`; one lock orders appends and acknowledgements.
@@ -244,7 +246,12 @@ impl Inbox {
         let st = self.state();
         LogMarks {
             active: Some((st.active_id, st.synced_len)),
-            closed: st.closed.clone(),
+            closed: st
+                .closed
+                .iter()
+                .filter(|(id, _)| !st.deleting.contains(id))
+                .map(|(id, len)| (*id, *len))
+                .collect(),
         }
     }
 
@@ -414,7 +421,14 @@ impl Inbox {
         std::mem::take(&mut self.state().emptied)
     }
 
+    /// Markers leave `ids` out from now on: their acknowledgements are durable and they are
+    /// about to be deleted.
+    pub(crate) fn begin_delete(&self, ids: &[u64]) {
+        self.state().deleting.extend(ids.iter().copied());
+    }
+
     /// The marks as they will be once `ids` are deleted.
+    #[cfg(test)]
     pub(crate) fn marks_without(&self, ids: &[u64]) -> LogMarks {
         let mut marks = self.marks();
         for id in ids {
@@ -439,6 +453,7 @@ impl Inbox {
                 st.closed.remove(&id);
                 st.files.remove(&id);
             }
+            st.deleting.remove(&id);
         }
         drop(st);
         if deleted {
@@ -449,7 +464,11 @@ impl Inbox {
 
     /// Gives back emptied segments whose deletion did not happen (a failed flush).
     pub(crate) fn restore_emptied(&self, ids: Vec<u64>) {
-        self.state().emptied.extend(ids);
+        let mut st = self.state();
+        for id in &ids {
+            st.deleting.remove(id);
+        }
+        st.emptied.extend(ids);
     }
 
     /// Messages held in the index (unacknowledged), for tests and metrics.

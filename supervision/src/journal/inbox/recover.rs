@@ -167,7 +167,15 @@ impl Inbox {
         let mut live: BTreeMap<u64, u64> = BTreeMap::new();
         let mut closed: BTreeMap<u64, u64> = BTreeMap::new();
         let mut report = Recovered::default();
-        let newest = read.last().copied();
+        // The newest segment holding anything: an empty one after it is a roll that failed
+        // half-way (or was never written to), not what a torn tail can be in.
+        let mut newest = read.last().copied();
+        for &id in read.iter().rev() {
+            if file_len(&segment_path(dir, id))?.unwrap_or(0) > 0 {
+                newest = Some(id);
+                break;
+            }
+        }
         let mut files: Map<u64, Arc<File>> = Map::default();
         let mut buf = vec![0u8; READ_BUFFER];
         for &id in &read {
@@ -268,8 +276,29 @@ impl Inbox {
         };
         let active = create_segment(dir, &segment_path(dir, active_id))?;
         live.insert(active_id, 0);
+        let mut buf = vec![0u8; 64 * 1024];
         for id in &leftovers {
             let path = segment_path(dir, *id);
+            // The marker stopped listing it because every message in it was acknowledged:
+            // check that before removing it, rather than trust it.
+            let file = File::open(&path).map_err(|e| Error::storage(&path, e))?;
+            scan_segment(&file, &mut buf, |offset, _, record| {
+                if record.seq > applied(record.key)? {
+                    return Err(corrupt(
+                        &path,
+                        format!(
+                            "segment is not listed by the marker but holds {:?} seq {} at \
+                             offset {offset}, which is not acknowledged",
+                            record.key, record.seq
+                        ),
+                    ));
+                }
+                Ok(())
+            })
+            .map_err(|e| match e {
+                ScanError::Io(e) => Error::storage(&path, e),
+                ScanError::Record(e) => e,
+            })?;
             tracing::info!(path = %path.display(), "removing an emptied segment whose deletion was interrupted");
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -295,6 +324,7 @@ impl Inbox {
                     emptied,
                     files,
                     memory_bytes: 0,
+                    deleting: Default::default(),
                 }),
             },
             report,

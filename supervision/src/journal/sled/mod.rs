@@ -527,13 +527,13 @@ impl Journal for SledJournal {
         check_key(&commit.key)?;
         let inner = &self.inner;
         inner.open_for_writes()?;
-        inner.check_epoch(&commit.key, commit.epoch)?;
         // The state record, holding the applied seq, is the commit point. It is staged and
         // written with other commits by the journal thread (or the next flush): one state
         // store batch for many commits, one state write per key however many messages it
         // handled in between. A commit lost in a crash is replayed: its messages are in the
         // inbox until the commit is durable.
         if commit.timers.is_empty() {
+            let _owner = inner.hold_epoch(&commit.key, commit.epoch)?;
             let mut staged = inner.staged();
             let applied = match staged.get(&commit.key) {
                 Some(c) => c.applied,
@@ -566,9 +566,10 @@ impl Journal for SledJournal {
             seq,
             state,
             timers,
-            ..
+            epoch,
         } = commit;
         self.blocking(move |inner| {
+            let _owner = inner.hold_epoch(&key, epoch)?;
             let range = range_of(&key, inner.ranges);
             inner.write_staged(|taken, write| {
                 let applied = inner.snapshot_in(taken, &key)?.applied;
@@ -638,10 +639,10 @@ impl Journal for SledJournal {
     ) -> Result<()> {
         check_key(key)?;
         self.inner.open_for_writes()?;
-        self.inner.check_epoch(key, epoch)?;
         let key_arc: Arc<str> = Arc::from(key);
         let error = error.to_string();
         self.blocking(move |inner| {
+            let _owner = inner.hold_epoch(&key_arc, epoch)?;
             let Some(payload) = inner.inbox.payload(&key_arc, seq)? else {
                 return Err(inner.corrupt(format!(
                     "dead-lettering {key_arc} seq {seq}: not in the inbox"
@@ -704,9 +705,9 @@ impl Journal for SledJournal {
     async fn redrive(&self, key: &str, seq: Seq, epoch: Epoch) -> Result<Seq> {
         check_key(key)?;
         self.inner.open_for_writes()?;
-        self.inner.check_epoch(key, epoch)?;
         let key: Arc<str> = Arc::from(key);
         self.blocking(move |inner| {
+            let _owner = inner.hold_epoch(&key, epoch)?;
             let mut seqs = inner.seqs();
             let dead_key = seq_key(DEAD, &key, seq);
             let Some(record) = inner.db.get(&dead_key).map_err(|e| inner.engine(e))? else {
@@ -786,9 +787,9 @@ impl Journal for SledJournal {
     async fn fire_timer(&self, timer: &Timer, epoch: Epoch) -> Result<Option<Seq>> {
         check_key(&timer.key)?;
         self.inner.open_for_writes()?;
-        self.inner.check_epoch(&timer.key, epoch)?;
         let timer = timer.clone();
         self.blocking(move |inner| {
+            let _owner = inner.hold_epoch(&timer.key, epoch)?;
             // The commit that scheduled the timer must be durable before its message is:
             // otherwise a crash could replay that commit and fire the timer twice.
             inner.flush()?;

@@ -14,8 +14,8 @@ use super::layout::{
 use super::{Durability, read_snapshot, state_record};
 use crate::codec::unseal;
 use crate::error::{Error, Fence, Result};
+use crate::journal::inbox::Inbox;
 use crate::journal::inbox::record::Origin;
-use crate::journal::inbox::{Inbox, LogMarks};
 use crate::journal::{Append, Bytes, Epoch, KeyRange, Seq, Snapshot, range_of};
 
 const SEQ_CACHE_LIMIT: usize = 100_000;
@@ -115,15 +115,22 @@ impl Inner {
         read_snapshot(&self.db, &self.path, key)
     }
 
-    /// Refuses a write of `key` at `epoch` unless this journal holds its range at `epoch`.
-    pub(super) fn check_epoch(&self, key: &str, epoch: Epoch) -> Result<()> {
+    /// Refuses a write of `key` at `epoch` unless this journal holds its range at `epoch`;
+    /// otherwise returns the owners' read guard, to hold until the write is done (a release
+    /// waits for it, so nothing passes the check and lands after the release).
+    pub(super) fn hold_epoch(
+        &self,
+        key: &str,
+        epoch: Epoch,
+    ) -> Result<std::sync::RwLockReadGuard<'_, HashMap<u32, Epoch>>> {
+        let owners = self.owners.read().unwrap_or_else(|p| p.into_inner());
+        self.check_in(&owners, key, epoch)?;
+        Ok(owners)
+    }
+
+    fn check_in(&self, owners: &HashMap<u32, Epoch>, key: &str, epoch: Epoch) -> Result<()> {
         let range = range_of(key, self.ranges);
-        let current = self
-            .owners
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&range.0)
-            .copied();
+        let current = owners.get(&range.0).copied();
         if current == Some(epoch) {
             return Ok(());
         }
@@ -243,10 +250,12 @@ impl Inner {
 
     pub(super) fn append(&self, batch: &[Append]) -> Result<Vec<Seq>> {
         self.open_for_writes()?;
+        // Held until the batch is in the log: see `hold_epoch`.
+        let owners = self.owners.read().unwrap_or_else(|p| p.into_inner());
         for a in batch {
             super::layout::check_key(&a.key)?;
             self.check_size(&a.key, a.payload.len())?;
-            self.check_epoch(&a.key, a.epoch)?;
+            self.check_in(&owners, &a.key, a.epoch)?;
         }
         let mut seqs = self.seqs();
         let mut assigned: HashMap<Arc<str>, Seq> = HashMap::new();
@@ -267,9 +276,11 @@ impl Inner {
         }
         seqs.extend(assigned);
         drop(seqs);
+        drop(owners);
         if appended.rolled {
-            // A closed segment's length goes into the marker before anything relies on it.
-            self.mark()?;
+            // A closed segment's length goes into the marker now. The batch is durable either
+            // way: a failure here is the journal thread's to retry, not the senders'.
+            self.mark_after_roll();
         }
         Ok(entries.iter().map(|e| e.1).collect())
     }
@@ -288,7 +299,7 @@ impl Inner {
             .append(&[(key.clone(), seq, origin, payload)], true)?;
         seqs.insert(key.clone(), seq);
         if appended.rolled {
-            self.mark()?;
+            self.mark_after_roll();
         }
         Ok(seq)
     }
@@ -373,8 +384,11 @@ impl Inner {
         self.db.flush().map_err(|e| self.engine(e))?;
         self.epoch.store(next, Ordering::Release);
         if !emptied.is_empty() {
-            // The marker must stop listing a segment before it goes.
-            self.mark_with(self.inbox.marks_without(emptied), false)?;
+            // The acknowledgements that emptied them are durable now: the marker must stop
+            // listing the segments before they go (every marker written from here on leaves
+            // them out).
+            self.inbox.begin_delete(emptied);
+            self.mark_with(false)?;
             self.inbox.delete(emptied)?;
         }
         Ok(())
@@ -389,20 +403,24 @@ impl Inner {
 
     /// Records the durable epoch and the log's segments in the marker file if they moved.
     pub(super) fn mark(&self) -> Result<()> {
-        self.mark_with(self.inbox.marks(), false)
+        self.mark_with(false)
     }
 
-    fn mark_with(&self, log: LogMarks, clean: bool) -> Result<()> {
+    fn mark_after_roll(&self) {
+        if let Err(e) = self.mark() {
+            tracing::error!(path = %self.path.display(), error = %e, "cannot record a segment roll in the marker (retried by the journal thread)");
+        }
+    }
+
+    /// Writes the marker from the log as it is now, read under the marker's lock: markers
+    /// are written in the order their contents were read, so a stale one never lands last.
+    fn mark_with(&self, clean: bool) -> Result<()> {
         let mut marked = self.marked.lock().unwrap_or_else(|p| p.into_inner());
-        let mut now = Marker {
+        let now = Marker {
             epoch: self.epoch.load(Ordering::Acquire).max(marked.epoch),
-            log,
+            log: self.inbox.marks(),
             clean,
         };
-        // Never move the durable position backwards (marks read before a newer one).
-        if now.log.active < marked.log.active {
-            now.log.active = marked.log.active;
-        }
         if *marked != now {
             write_marker(&self.path, now.clone())?;
             *marked = now;
@@ -415,7 +433,7 @@ impl Inner {
         self.flush()?;
         self.inbox.sync()?;
         self.closed.store(true, Ordering::Release);
-        self.mark_with(self.inbox.marks(), true)
+        self.mark_with(true)
     }
 
     /// A crash between appending a moved message and removing its source leaves both:
