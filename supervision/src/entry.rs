@@ -149,6 +149,14 @@ impl KeyEntry {
         self.life().live().cloned()
     }
 
+    /// Marks the live instance as ending for `exit` and returns it to stop.
+    pub(crate) fn end_live(&self, exit: Exit) -> Option<Handle> {
+        let life = self.life();
+        let (handle, generation) = life.live_generation()?;
+        self.ending(generation, exit);
+        Some(handle.clone())
+    }
+
     /// Forgets the entry if it is idle: passive, nothing in flight, nobody waiting.
     pub(crate) fn retire_if_idle(&self, intensity: &Intensity, backoff: &Backoff) -> bool {
         let mut life = self.life();
@@ -262,6 +270,14 @@ impl KeyEntry {
     /// The instance of `generation` records how it ends before it stops gracefully.
     pub(crate) fn ending(&self, generation: u64, exit: Exit) {
         *self.graceful.lock().unwrap_or_else(|p| p.into_inner()) = Some((generation, exit));
+    }
+
+    /// Whether the instance of `generation` was asked to end (its range released).
+    pub(crate) fn released(&self, generation: u64) -> bool {
+        matches!(
+            *self.graceful.lock().unwrap_or_else(|p| p.into_inner()),
+            Some((g, Exit::Released)) if g == generation
+        )
     }
 
     /// How the instance of `generation` ended: as it recorded, or killed.

@@ -141,7 +141,7 @@ impl<A: DurableActor> Instance<A> {
         replayed: bool,
     ) -> Result<(), ActorProcessingErr> {
         loop {
-            if self.kind.stopping.load(Ordering::Acquire) {
+            if self.kind.stopping.load(Ordering::Acquire) || st.entry.released(st.generation) {
                 // A graceful stop waits for the message in hand, not for a whole backlog:
                 // the rest stays in the journal.
                 return Ok(());
@@ -164,7 +164,7 @@ impl<A: DurableActor> Instance<A> {
                     self.kind.metrics.replayed.increment(1);
                 }
                 let len = e.payload.len() as u64;
-                if self.kind.stopping.load(Ordering::Acquire) {
+                if self.kind.stopping.load(Ordering::Acquire) || st.entry.released(st.generation) {
                     return self.commit_batch(st, batch.take()).await;
                 }
                 if e.seq <= careful_until || st.entry.crash_replay() {

@@ -22,6 +22,8 @@ use crate::policy::{Backoff, Intensity, RestartWindow};
 pub(crate) enum Exit {
     /// It stopped itself for idleness.
     Passivated,
+    /// Its key's range was released: it stopped gracefully and must not start again here.
+    Released,
     /// Its handler, activation or replay failed (error or panic).
     Failed,
     /// It was killed (no graceful stop): counts as a failure.
@@ -30,7 +32,7 @@ pub(crate) enum Exit {
 
 impl Exit {
     fn graceful(self) -> bool {
-        matches!(self, Exit::Passivated)
+        matches!(self, Exit::Passivated | Exit::Released)
     }
 }
 
@@ -162,8 +164,13 @@ impl<H: Clone> Life<H> {
 
     /// The live instance, if any.
     pub(crate) fn live(&self) -> Option<&H> {
+        self.live_generation().map(|(h, _)| h)
+    }
+
+    /// The live instance and its generation, if any.
+    pub(crate) fn live_generation(&self) -> Option<(&H, u64)> {
         match &self.phase {
-            Phase::Live { handle, .. } => Some(handle),
+            Phase::Live { handle, generation } => Some((handle, *generation)),
             _ => None,
         }
     }
@@ -235,7 +242,7 @@ impl<H: Clone> Life<H> {
                 },
             ) if *g == generation => {
                 if exit.graceful() {
-                    if pending {
+                    if pending && exit != Exit::Released {
                         self.start()
                     } else {
                         self.phase = P::Passive;

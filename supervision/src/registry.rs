@@ -19,7 +19,7 @@ use crate::codec::{decode, encode_message};
 use crate::entry::{Handle, InstanceMsg, KeyEntry};
 use crate::error::{Error, Result};
 use crate::instance::{Instance, Kind};
-use crate::journal::{Append, DeadLetter, Journal, Seq};
+use crate::journal::{Append, DeadLetter, Journal, KeyRange, Seq};
 use crate::keys::{check_key, journal_key, namespace};
 use crate::life::{Action, Event, Exit, State};
 use crate::options::{RegistryOptions, WhenFull};
@@ -37,6 +37,8 @@ pub(crate) struct Wiring {
     pub(crate) owner: Arc<Ownership>,
     pub(crate) routes: Routes,
     pub(crate) clock: Clock,
+    /// Registry names that already recovered after this process's unclean open.
+    pub(crate) crash_recovered: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 pub(crate) struct Shared<A: DurableActor> {
@@ -261,6 +263,7 @@ impl<A: DurableActor> Shared<A> {
         let exit = entry.exit_of(generation, failed);
         match exit {
             Exit::Passivated => self.kind.metrics.passivations.increment(1),
+            Exit::Released => {}
             Exit::Failed | Exit::Killed => {
                 if !self.kind.stopping.load(Ordering::Acquire) {
                     tracing::warn!(registry = %self.kind.name, key = %entry.key, ?exit, reason, "actor failed")
@@ -339,7 +342,89 @@ impl<A: DurableActor> Shared<A> {
     }
 }
 
+impl<A: DurableActor> Shared<A> {
+    /// Actors of `ranges` with unacknowledged messages come back by themselves. After a
+    /// crash (`after_crash`), where each key's replay begins is recorded (durably, in one
+    /// write); a key whose previous replay began at the same message made no durable progress
+    /// before the process died: it replays carefully, so that a message that kills the
+    /// process is counted and ends in the dead letters instead of taking the node down at
+    /// every start.
+    async fn recover(
+        self: &Arc<Self>,
+        ranges: impl Iterator<Item = KeyRange>,
+        after_crash: bool,
+    ) -> Result<()> {
+        let journal = &self.kind.journal;
+        let prefix = namespace(&self.kind.name);
+        let mut pending = Vec::new();
+        for range in ranges {
+            pending.extend(journal.keys_with_pending(range, &prefix).await?);
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(registry = %self.kind.name, actors = pending.len(), "recovering actors with pending messages");
+        let entries: Vec<Arc<KeyEntry>> = pending
+            .iter()
+            .filter_map(|jkey| jkey.strip_prefix(&prefix))
+            .map(|key| self.entry(key))
+            .collect();
+        if after_crash {
+            let mut firsts = Vec::with_capacity(entries.len());
+            for entry in &entries {
+                let first = journal.load(&entry.jkey).await?.applied + 1;
+                firsts.push((entry.jkey.clone(), first));
+            }
+            let stalled = journal.begin_replays(&firsts).await?;
+            for ((entry, (_, first)), stalled) in entries.iter().zip(firsts).zip(stalled) {
+                if stalled {
+                    tracing::warn!(registry = %self.kind.name, key = %entry.key, seq = first, "the process died while this key replayed: replaying carefully");
+                    entry.replay_after_crash();
+                }
+            }
+        }
+        for entry in &entries {
+            self.apply(entry, Event::Activate);
+        }
+        Ok(())
+    }
+
+    /// Stops the instances of `range`'s keys gracefully; they do not start again here.
+    async fn release(self: &Arc<Self>, range: KeyRange) {
+        let journal = &self.kind.journal;
+        let handles: Vec<Handle> = self
+            .entries()
+            .values()
+            .filter(|e| journal.range_of(&e.jkey) == range)
+            .filter_map(|e| e.end_live(Exit::Released))
+            .collect();
+        let stops = handles.into_iter().map(|h| async move {
+            let _ = h
+                .stop_and_wait(Some("range released".into()), Some(Duration::from_secs(10)))
+                .await;
+        });
+        futures_util::future::join_all(stops).await;
+    }
+}
+
 impl<A: DurableActor> Routed for Shared<A> {
+    fn acquired(&self, range: KeyRange) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
+        Box::pin(async move {
+            match self.myself.upgrade() {
+                Some(me) => me.recover(std::iter::once(range), false).await,
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn releasing(&self, range: KeyRange) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            if let Some(me) = self.myself.upgrade() {
+                me.release(range).await;
+            }
+        })
+    }
+
     fn appended(&self, key: &str, seq: Seq) {
         if let Some(me) = self.myself.upgrade() {
             let entry = me.entry(key);
@@ -454,55 +539,31 @@ impl<A: DurableActor> Registry<A> {
             return Err(e);
         }
         wiring.timers.poke();
-        let registry = Self { shared };
-        registry.recover(&wiring).await?;
-        Ok(registry)
-    }
-
-    /// Actors of the owned ranges with unacknowledged messages come back by themselves. After
-    /// a crash, where each key's replay begins is recorded (durably, in one write); a key
-    /// whose previous replay began at the same message made no durable progress before the
-    /// process died: it replays carefully, so that a message that kills the process is
-    /// counted and ends in the dead letters instead of taking the node down at every start.
-    async fn recover(&self, wiring: &Wiring) -> Result<()> {
-        let shared = &self.shared;
-        let prefix = namespace(&shared.kind.name);
-        let mut pending = Vec::new();
-        for (range, _) in wiring.owner.held() {
-            pending.extend(wiring.journal.keys_with_pending(range, &prefix).await?);
-        }
-        if pending.is_empty() {
-            return Ok(());
-        }
-        tracing::info!(registry = %shared.kind.name, actors = pending.len(), "recovering actors with pending messages");
-        let entries: Vec<Arc<KeyEntry>> = pending
-            .iter()
-            .filter_map(|jkey| jkey.strip_prefix(&prefix))
-            .map(|key| shared.entry(key))
-            .collect();
-        if wiring.journal.recovered_from_crash() {
-            let mut firsts = Vec::with_capacity(entries.len());
-            for entry in &entries {
-                let first = wiring.journal.load(&entry.jkey).await?.applied + 1;
-                firsts.push((entry.jkey.clone(), first));
-            }
-            let stalled = wiring.journal.begin_replays(&firsts).await?;
-            for ((entry, (_, first)), stalled) in entries.iter().zip(firsts).zip(stalled) {
-                if stalled {
-                    tracing::warn!(registry = %shared.kind.name, key = %entry.key, seq = first, "the process died while this key replayed: replaying carefully");
-                    entry.replay_after_crash();
-                }
-            }
-        }
-        for entry in &entries {
-            shared.apply(entry, Event::Activate);
-        }
-        Ok(())
+        // After a crash, replay starts are recorded by the first start of each registry
+        // name in this process only (a later one would take this process's own progress
+        // for a stalled replay).
+        let after_crash = wiring.journal.recovered_from_crash()
+            && wiring
+                .crash_recovered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.clone());
+        shared
+            .recover(wiring.owner.held().into_iter().map(|(r, _)| r), after_crash)
+            .await?;
+        Ok(Self { shared })
     }
 
     /// The registry's name.
     pub fn name(&self) -> &str {
         &self.shared.kind.name
+    }
+
+    /// The key range `key` belongs to (for [`Runtime::acquire`](crate::Runtime::acquire) and
+    /// [`release`](crate::Runtime::release)).
+    pub fn range_of(&self, key: &str) -> KeyRange {
+        let kind = &self.shared.kind;
+        kind.journal.range_of(&journal_key(&kind.name, key))
     }
 
     /// Sends `msg` to the actor `key`, activating it if needed. Returns the message's sequence

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
-use crate::journal::Seq;
+use crate::journal::{KeyRange, Seq};
 
 /// What the runtime needs of a running registry.
 pub(crate) trait Routed: Send + Sync {
@@ -15,6 +15,10 @@ pub(crate) trait Routed: Send + Sync {
     fn appended(&self, key: &str, seq: Seq);
     /// Stops the registry (see `Registry::stop`).
     fn stop(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// The runtime acquired `range`: activate its keys with pending messages.
+    fn acquired(&self, range: KeyRange) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>>;
+    /// The runtime is about to release `range`: stop its instances gracefully.
+    fn releasing(&self, range: KeyRange) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }
 
 /// The registries of a runtime.

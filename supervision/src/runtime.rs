@@ -124,20 +124,31 @@ impl Runtime {
                 owner,
                 routes,
                 clock,
+                crash_recovered: Default::default(),
             },
             shut: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// Takes ownership of `range` (fencing its previous owner) and returns its new epoch.
+    /// Takes ownership of `range` (fencing its previous owner) and returns its new epoch;
+    /// every running registry activates the range's keys with pending messages, and its
+    /// timers fire here from now on.
     pub async fn acquire(&self, range: KeyRange) -> Result<Epoch> {
         let epoch = self.wiring.owner.acquire(range).await?;
         self.wiring.timers.poke();
+        for registry in self.wiring.routes.all() {
+            registry.acquired(range).await?;
+        }
         Ok(epoch)
     }
 
-    /// Gives up `range`: the journal refuses this runtime's further writes to it.
+    /// Gives up `range`: the instances of its keys stop gracefully (they finish the message
+    /// in hand and commit), then the journal flushes and refuses this runtime's further
+    /// writes to it. Sends to its keys fail with `Error::NotOwned`.
     pub async fn release(&self, range: KeyRange) -> Result<()> {
+        for registry in self.wiring.routes.all() {
+            registry.releasing(range).await;
+        }
         self.wiring.owner.release(range).await
     }
 

@@ -738,3 +738,52 @@ async fn a_message_over_the_byte_budget_waits_for_room() {
     let ids = reg.state("k").await.unwrap().ids;
     assert_eq!(ids.len(), 3, "{ids:?}");
 }
+
+/// Releasing a key's range stops its instance gracefully (the message in hand finishes and
+/// commits) and leaves the rest in the journal; sends are refused as not owned; acquiring the
+/// range again replays what was left, without a new message.
+#[tokio::test]
+async fn a_released_range_stops_its_keys_and_a_reacquired_one_replays_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime(&dir).await;
+    let (counter, mut events) = Counter::with_events();
+    let reg = rt
+        .registry(counter.clone(), options("counter"))
+        .await
+        .unwrap();
+    reg.send("k", &Msg::Gated(1)).await.unwrap();
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Activated("k".into(), 0)
+    );
+    // The handler is blocked on the gate with message 1; 2 and 3 queue behind it.
+    reg.send("k", &Msg::Add(2)).await.unwrap();
+    let last = reg.send("k", &Msg::Add(3)).await.unwrap();
+    let range = reg.range_of("k");
+    let releasing = {
+        let rt = rt.clone();
+        tokio::spawn(async move { rt.release(range).await })
+    };
+    // One thread: once the release task has run to its first wait, the stop is sent; only
+    // then does the handler get its permit (the stop goes before the queued messages).
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !releasing.is_finished(),
+        "the release waits for the message in hand"
+    );
+    counter.gate.add_permits(1);
+    releasing.await.unwrap().unwrap();
+    assert_eq!(next_event(&mut events).await, Event::Stopped("k".into()));
+    match reg.send("k", &Msg::Add(4)).await {
+        Err(Error::NotOwned { range: r, .. }) => assert_eq!(r, range),
+        other => panic!("expected NotOwned, got {other:?}"),
+    }
+    let handled = reg.state("k").await.unwrap().ids;
+    assert_eq!(handled, vec![1], "the rest waits in the journal");
+    assert!(!rt.owned().iter().any(|(r, _)| *r == range));
+    rt.acquire(range).await.unwrap();
+    reg.wait_handled("k", last).await.unwrap();
+    assert_eq!(reg.state("k").await.unwrap().ids, vec![1, 2, 3]);
+}
