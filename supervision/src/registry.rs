@@ -26,7 +26,7 @@ use crate::options::{RegistryOptions, WhenFull};
 use crate::owner::Ownership;
 use crate::routes::{Routed, Routes, WeakRoutes};
 use crate::timers::TimerHandle;
-use crate::writer::WriterHandle;
+use crate::writer::{Orphan, WriterHandle};
 
 /// What a registry gets from its runtime.
 #[derive(Debug, Clone)]
@@ -389,6 +389,32 @@ impl<A: DurableActor> Shared<A> {
         Ok(())
     }
 
+    /// After a send's append: count and deliver it, or give its place back.
+    fn finish_send(
+        self: &Arc<Self>,
+        entry: &Arc<KeyEntry>,
+        len: u64,
+        payload: bytes::Bytes,
+        result: Result<Seq>,
+    ) -> Result<Seq> {
+        match result {
+            Ok(seq) => {
+                entry.appended(seq);
+                self.kind.metrics.enqueued.increment(1);
+                self.arrived(entry, seq, Some(payload));
+                Ok(seq)
+            }
+            Err(e) => {
+                entry.unreserve(len);
+                if matches!(e, Error::OutcomeUnknown { .. }) {
+                    // It may be there: let the key look.
+                    self.arrived(entry, 0, None);
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Stops the instances of `range`'s keys gracefully; they do not start again here.
     async fn release(self: &Arc<Self>, range: KeyRange) {
         let journal = &self.kind.journal;
@@ -616,30 +642,19 @@ impl<A: DurableActor> Registry<A> {
             payload: payload.clone(),
             epoch,
         };
-        // From the hand-over to the writer on, the send runs to its end even if the caller
-        // stops waiting (a timeout, a select): the message may be durable, so its place is
-        // given back or it is delivered, never left half done.
-        let me = shared.clone();
-        let finish = tokio::spawn(async move {
-            let seq = match me.writer.append(append).await {
-                Ok(seq) => seq,
-                Err(e) => {
-                    entry.unreserve(len);
-                    if matches!(e, Error::OutcomeUnknown { .. }) {
-                        // It may be there: let the key look.
-                        me.arrived(&entry, 0, None);
-                    }
-                    return Err(e);
-                }
-            };
-            entry.appended(seq);
-            me.kind.metrics.enqueued.increment(1);
-            me.arrived(&entry, seq, Some(payload));
-            Ok(seq)
-        });
-        finish.await.map_err(|_| Error::OutcomeUnknown {
-            what: "registry send",
-        })?
+        // From the hand-over to the writer on, the send is finished even if the caller stops
+        // waiting (a timeout, a select): the writer hands the answer to `orphan`, which gives
+        // the place back or delivers, so that nothing is left half done.
+        let orphan: Orphan = {
+            let me = shared.clone();
+            let entry = entry.clone();
+            let payload = payload.clone();
+            Box::new(move |result| {
+                let _ = me.finish_send(&entry, len, payload, result);
+            })
+        };
+        let result = shared.writer.append(append, orphan).await;
+        shared.finish_send(&entry, len, payload, result)
     }
 
     /// Waits until the actor `key` has handled (or dead-lettered) every message up to `seq`.

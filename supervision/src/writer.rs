@@ -11,9 +11,21 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Fence, Result};
 use crate::journal::{Append, Journal, Seq};
 
+/// What to do with an answer nobody waits for any more (the sender was cancelled).
+pub(crate) type Orphan = Box<dyn FnOnce(Result<Seq>) + Send>;
+
 struct Request {
     append: Append,
     reply: oneshot::Sender<Result<Seq>>,
+    orphan: Orphan,
+}
+
+impl Request {
+    fn answer(self, result: Result<Seq>) {
+        if let Err(result) = self.reply.send(result) {
+            (self.orphan)(result);
+        }
+    }
 }
 
 impl std::fmt::Debug for Request {
@@ -93,10 +105,19 @@ impl WriterHandle {
         }
     }
 
-    /// Appends one message; its sequence number once durable.
-    pub(crate) async fn append(&self, append: Append) -> Result<Seq> {
+    /// Appends one message; its sequence number once durable. If the caller stops waiting
+    /// after the hand-over, `orphan` gets the answer instead.
+    pub(crate) async fn append(&self, append: Append, orphan: Orphan) -> Result<Seq> {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Request { append, reply }).is_err() {
+        if self
+            .tx
+            .send(Request {
+                append,
+                reply,
+                orphan,
+            })
+            .is_err()
+        {
             return Err(Error::Stopped {
                 what: "journal writer",
             });
@@ -163,12 +184,12 @@ async fn run(
     }
     rx.close();
     while let Ok(r) = rx.try_recv() {
-        let _ = r.reply.send(Err(Error::Stopped {
+        r.answer(Err(Error::Stopped {
             what: "journal writer",
         }));
     }
     if let Some(r) = held {
-        let _ = r.reply.send(Err(Error::Stopped {
+        r.answer(Err(Error::Stopped {
             what: "journal writer",
         }));
     }
@@ -196,7 +217,7 @@ async fn write(journal: &dyn Journal, requests: &mut Vec<Request>, stats: &Count
                     .messages
                     .fetch_add(seqs.len() as u64, Ordering::Relaxed);
                 for (r, seq) in requests.drain(..).zip(seqs) {
-                    let _ = r.reply.send(Ok(seq));
+                    r.answer(Ok(seq));
                 }
             }
             Err(Error::Fenced {
@@ -207,10 +228,8 @@ async fn write(journal: &dyn Journal, requests: &mut Vec<Request>, stats: &Count
                     .drain(..)
                     .partition(|r| journal.range_of(&r.append.key) == range);
                 for r in refused {
-                    let _ = r.reply.send(Err(Error::NotOwned {
-                        key: r.append.key.to_string(),
-                        range,
-                    }));
+                    let key = r.append.key.to_string();
+                    r.answer(Err(Error::NotOwned { key, range }));
                 }
                 *requests = rest;
             }
@@ -230,13 +249,13 @@ async fn write(journal: &dyn Journal, requests: &mut Vec<Request>, stats: &Count
                     && matches!(e, Error::TooLarge { .. } | Error::InvalidKey { .. });
                 if single {
                     if let Some(r) = requests.pop() {
-                        let _ = r.reply.send(Err(e));
+                        r.answer(Err(e));
                     }
                     return;
                 }
                 let shared = Arc::new(e);
                 for r in requests.drain(..) {
-                    let _ = r.reply.send(Err(Error::Append {
+                    r.answer(Err(Error::Append {
                         source: shared.clone(),
                     }));
                 }

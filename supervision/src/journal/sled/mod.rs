@@ -284,7 +284,7 @@ impl SledJournal {
         let started = Instant::now();
         let (inbox, recovered) =
             Inbox::open(&inbox_dir(&path), &marks, options.segment_bytes, |key| {
-                Ok(read_snapshot(&db, &path, key)?.applied)
+                read_applied(&db, &path, key)
             })?;
         let inner = Arc::new(Inner {
             db,
@@ -374,6 +374,28 @@ fn read_snapshot(db: &sled::Db, path: &Path, key: &str) -> Result<Snapshot> {
         path: state_dir(path),
         detail: format!("state of {key}: {detail}"),
     })
+}
+
+/// The applied seq of `key`, without copying its state.
+fn read_applied(db: &sled::Db, path: &Path, key: &str) -> Result<Seq> {
+    let raw_key = key_prefix(STATE, key);
+    let Some(record) = db
+        .get(&raw_key)
+        .map_err(|e| engine_error(&state_dir(path), e))?
+    else {
+        return Ok(0);
+    };
+    let corrupt = |detail: &str| Error::Corrupt {
+        path: state_dir(path),
+        detail: format!("state of {key}: {detail}"),
+    };
+    let body = unseal(&record).ok_or_else(|| corrupt("checksum mismatch"))?;
+    let applied = body
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| corrupt("record is too short"))?;
+    Ok(applied)
 }
 
 fn decode_state_record(record: &[u8]) -> Result<Snapshot, &'static str> {
@@ -504,7 +526,7 @@ impl Journal for SledJournal {
     async fn pending(&self, key: &str, from: Seq, limit: usize) -> Result<Vec<Entry>> {
         check_key(key)?;
         // Acknowledged messages stay in the index until their commit is written: skip them.
-        let from_applied = from.max(self.inner.snapshot(key)?.applied + 1);
+        let from_applied = from.max(self.inner.applied(key)? + 1);
         if let Some(entries) = self.inner.inbox.pending_in_memory(key, from_applied, limit) {
             return Ok(entries);
         }
@@ -517,7 +539,7 @@ impl Journal for SledJournal {
             .map_err(|_| Error::Stopped { what: "journal" })?;
         self.blocking(move |inner| {
             // Acknowledged messages stay in the index until their commit is written: skip.
-            let from = from.max(inner.snapshot(&key)?.applied + 1);
+            let from = from.max(inner.applied(&key)? + 1);
             inner.inbox.pending(&key, from, limit)
         })
         .await
@@ -537,7 +559,7 @@ impl Journal for SledJournal {
             let mut staged = inner.staged();
             let applied = match staged.get(&commit.key) {
                 Some(c) => c.applied,
-                None => read_snapshot(&inner.db, &inner.path, &commit.key)?.applied,
+                None => read_applied(&inner.db, &inner.path, &commit.key)?,
             };
             if commit.from != applied + 1 {
                 drop(staged);
@@ -823,7 +845,7 @@ impl Journal for SledJournal {
             .inbox
             .keys(|k| k.starts_with(prefix) && range_of(k, ranges) == range)
         {
-            if last > self.inner.snapshot(&key)?.applied {
+            if last > self.inner.applied(&key)? {
                 out.push(key.to_string());
             }
         }

@@ -115,6 +115,14 @@ impl Inner {
         read_snapshot(&self.db, &self.path, key)
     }
 
+    /// The committed seq of `key` (staged or written), without copying its state.
+    pub(super) fn applied(&self, key: &str) -> Result<Seq> {
+        if let Some(c) = self.staged().get(key) {
+            return Ok(c.applied);
+        }
+        super::read_applied(&self.db, &self.path, key)
+    }
+
     /// Refuses a write of `key` at `epoch` unless this journal holds its range at `epoch`;
     /// otherwise returns the owners' read guard, to hold until the write is done (a release
     /// waits for it, so nothing passes the check and lands after the release).
@@ -223,8 +231,8 @@ impl Inner {
             return Ok(*s);
         }
         let last = match self.inbox.last_seq(key) {
-            Some(s) => s.max(self.snapshot(key)?.applied),
-            None => self.snapshot(key)?.applied,
+            Some(s) => s.max(self.applied(key)?),
+            None => self.applied(key)?,
         };
         if seqs.len() >= SEQ_CACHE_LIMIT {
             seqs.clear();
