@@ -10,11 +10,9 @@ use soma_supervision::{Append, Durability, Error, Journal, SledJournal, SledOpti
 struct Harness {
     options: fn(&std::path::Path) -> SledOptions,
     dirs: Mutex<Vec<tempfile::TempDir>>,
-    open: Mutex<Vec<(usize, SledJournal)>>,
-}
-
-fn addr(j: &Arc<dyn Journal>) -> usize {
-    Arc::as_ptr(j) as *const () as usize
+    /// Each open journal, by the handle the contract holds (a freed handle's address may be
+    /// reused: compare live handles, never addresses).
+    open: Mutex<Vec<(std::sync::Weak<dyn Journal>, SledJournal)>>,
 }
 
 impl Harness {
@@ -29,7 +27,7 @@ impl Harness {
     fn open(&self, path: &std::path::Path) -> Arc<dyn Journal> {
         let j = SledJournal::open((self.options)(path)).unwrap();
         let shared: Arc<dyn Journal> = Arc::new(j.clone());
-        self.open.lock().unwrap().push((addr(&shared), j));
+        self.open.lock().unwrap().push((Arc::downgrade(&shared), j));
         shared
     }
 
@@ -42,10 +40,12 @@ impl Harness {
 
     /// Crashes the journal (nothing flushed or marked on the way out) and reopens it.
     async fn crash(&self, j: Arc<dyn Journal>) -> Arc<dyn Journal> {
-        let at = addr(&j);
         let sled = {
             let mut open = self.open.lock().unwrap();
-            let i = open.iter().position(|(a, _)| *a == at).unwrap();
+            let i = open
+                .iter()
+                .position(|(w, _)| w.upgrade().is_some_and(|live| Arc::ptr_eq(&live, &j)))
+                .unwrap();
             open.remove(i).1
         };
         sled.crash();

@@ -475,7 +475,13 @@ where
         .iter()
         .map(|e| e.seq)
         .collect();
-    assert_eq!(pending, ((k.applied + 1)..=5).collect::<Vec<_>>());
+    assert_eq!(
+        pending,
+        ((k.applied + 1)..=5).collect::<Vec<_>>(),
+        "applied {} (pending keys {:?})",
+        k.applied,
+        j.keys_with_pending(j.range_of("k"), "").await
+    );
     let f = j.load("f").await.unwrap();
     assert_eq!(f.applied, 1, "a flushed commit survives");
     let h = hold(&*j, &["k"]).await;

@@ -39,6 +39,8 @@ const MARKER_EVERY: Duration = Duration::from_millis(100);
 /// How often staged commits are written and flushed when no append carries them.
 const COMMIT_EVERY: Duration = Duration::from_millis(50);
 const RANGES_KEY: &[u8] = b"m\0ranges";
+/// How long an open waits for a state store still locked by this process's last close.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// Concurrent reads of recovered payloads on the blocking pool.
 const DISK_READERS: usize = 4;
 
@@ -352,13 +354,26 @@ fn open_state_store(path: &Path, cache: u64) -> Result<sled::Db> {
         .path(&dir)
         .cache_capacity(cache)
         .flush_every_ms(None);
-    match std::panic::catch_unwind(AssertUnwindSafe(|| config.open())) {
-        Ok(Ok(db)) => Ok(db),
-        Ok(Err(e)) => Err(engine_error(&dir, e)),
-        Err(panic) => Err(Error::Corrupt {
-            path: dir,
-            detail: format!("storage engine failed to open: {}", panic_text(&*panic)),
-        }),
+    // sled's worker threads let go of the directory's lock a moment after the last handle
+    // is dropped: an open right after a close in the same process waits for it (bounded).
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| config.open())) {
+            Ok(Ok(db)) => return Ok(db),
+            Ok(Err(sled::Error::Io(e)))
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(Err(e)) => return Err(engine_error(&dir, e)),
+            Err(panic) => {
+                return Err(Error::Corrupt {
+                    path: dir,
+                    detail: format!("storage engine failed to open: {}", panic_text(&*panic)),
+                });
+            }
+        }
     }
 }
 
