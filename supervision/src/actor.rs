@@ -79,6 +79,9 @@ pub trait DurableActor: Send + Sync + 'static {
     }
 }
 
+/// The most timers one handler may schedule for one message.
+pub const MAX_TIMERS_PER_MESSAGE: usize = 1024;
+
 /// What a handler knows about the message it handles, and what it can ask for.
 #[derive(Debug)]
 pub struct Context<M> {
@@ -128,6 +131,18 @@ impl<M: Serialize> Context<M> {
     /// exists only if the handler succeeds, and it fires after any restart.
     pub fn schedule(&mut self, after: Duration, msg: &M) -> Result<()> {
         let fire_at_ms = self.clock.now_ms() + after.as_millis() as u64;
+        self.push_timer(fire_at_ms, msg)
+    }
+
+    fn push_timer(&mut self, fire_at_ms: u64, msg: &M) -> Result<()> {
+        if self.timers.len() >= MAX_TIMERS_PER_MESSAGE {
+            return Err(crate::error::Error::InvalidOption {
+                key: "context.schedule",
+                reason: format!(
+                    "a handler schedules at most {MAX_TIMERS_PER_MESSAGE} timers per message"
+                ),
+            });
+        }
         self.timers.push(NewTimer {
             fire_at_ms,
             payload: encode_message(msg)?,
@@ -141,10 +156,6 @@ impl<M: Serialize> Context<M> {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        self.timers.push(NewTimer {
-            fire_at_ms,
-            payload: encode_message(msg)?,
-        });
-        Ok(())
+        self.push_timer(fire_at_ms, msg)
     }
 }

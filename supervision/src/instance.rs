@@ -27,6 +27,9 @@ use crate::owner::Ownership;
 use crate::timers::TimerHandle;
 
 const REPLAY_CHUNK: usize = 1024;
+/// A replay batch commits early past this many timers (the journal numbers a commit's timers
+/// in 16 bits).
+const MAX_TIMERS_PER_COMMIT: usize = 65_536 - crate::actor::MAX_TIMERS_PER_MESSAGE;
 
 /// What every instance of one registry shares.
 pub(crate) struct Kind<A: DurableActor> {
@@ -180,6 +183,10 @@ impl<A: DurableActor> Instance<A> {
                         *bytes += len;
                         all.extend(timers);
                         st.next = e.seq + 1;
+                        // Timer ids are unique within one commit up to 65,536 timers.
+                        if all.len() > MAX_TIMERS_PER_COMMIT {
+                            self.commit_batch(st, batch.take()).await?;
+                        }
                     }
                     Outcome::Undecodable(error) => {
                         self.commit_batch(st, batch.take()).await?;

@@ -67,7 +67,7 @@ mod supervisor;
 mod timers;
 mod writer;
 
-pub use actor::{Context, DurableActor, HandlerError};
+pub use actor::{Context, DurableActor, HandlerError, MAX_TIMERS_PER_MESSAGE};
 pub use codec::MAX_MESSAGE_BYTES;
 pub use error::{Error, Fence, Result};
 #[cfg(any(test, feature = "test-util"))]

@@ -595,6 +595,16 @@ impl Journal for SledJournal {
             );
             return Ok(());
         }
+        // Timers are numbered in 16 bits within a commit.
+        if commit.timers.len() > 1 << 16 {
+            return Err(Error::InvalidOption {
+                key: "commit.timers",
+                reason: format!(
+                    "{} timers in one commit, at most 65536",
+                    commit.timers.len()
+                ),
+            });
+        }
         // Timers must be visible to the timer task at once, and atomic with their state:
         // one batch with both.
         let Commit {
