@@ -134,6 +134,12 @@ impl<A: DurableActor> Instance<A> {
         }
     }
 
+    /// Whether a replay must end before its next message: the registry stops, or the key's
+    /// range is released (a graceful stop waits for the message in hand, not the backlog).
+    fn must_yield(&self, st: &InstanceState<A>) -> bool {
+        self.kind.stopping.load(Ordering::Acquire) || st.entry.released(st.generation)
+    }
+
     /// Handles everything the journal holds from `next` on. Messages are committed in
     /// batches (one state write per chunk); a failure inside a batch discards the batch and
     /// restarts the instance, which then goes one message at a time up to the failing one,
@@ -144,7 +150,7 @@ impl<A: DurableActor> Instance<A> {
         replayed: bool,
     ) -> Result<(), ActorProcessingErr> {
         loop {
-            if self.kind.stopping.load(Ordering::Acquire) || st.entry.released(st.generation) {
+            if self.must_yield(st) {
                 // A graceful stop waits for the message in hand, not for a whole backlog:
                 // the rest stays in the journal.
                 return Ok(());
@@ -167,7 +173,7 @@ impl<A: DurableActor> Instance<A> {
                     self.kind.metrics.replayed.increment(1);
                 }
                 let len = e.payload.len() as u64;
-                if self.kind.stopping.load(Ordering::Acquire) || st.entry.released(st.generation) {
+                if self.must_yield(st) {
                     return self.commit_batch(st, batch.take()).await;
                 }
                 if e.seq <= careful_until || st.entry.crash_replay() {

@@ -54,22 +54,14 @@ impl Ownership {
         out
     }
 
-    pub(crate) async fn acquire(&self, range: KeyRange) -> Result<Epoch> {
-        let epoch = self.journal.acquire(range).await?;
-        self.held
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(range.0, epoch);
-        Ok(epoch)
-    }
-
-    pub(crate) async fn acquire_many(&self, ranges: &[KeyRange]) -> Result<()> {
+    /// Acquires `ranges` (one durable write) and holds them; their new epochs.
+    pub(crate) async fn acquire(&self, ranges: &[KeyRange]) -> Result<Vec<Epoch>> {
         let epochs = self.journal.acquire_many(ranges).await?;
         let mut held = self.held.write().unwrap_or_else(|p| p.into_inner());
-        for (r, e) in ranges.iter().zip(epochs) {
-            held.insert(r.0, e);
+        for (r, e) in ranges.iter().zip(&epochs) {
+            held.insert(r.0, *e);
         }
-        Ok(())
+        Ok(epochs)
     }
 
     pub(crate) async fn release(&self, range: KeyRange) -> Result<()> {

@@ -129,6 +129,18 @@ impl<A: DurableActor> Shared<A> {
         self.perform(entry, action, Some((seq, payload)));
     }
 
+    /// A message reached `entry` at `seq` without a place reserved on it (a timer, a
+    /// re-drive, a send rerouted from a forgotten entry): count it, then as `arrived`.
+    fn arrived_outside(
+        self: &Arc<Self>,
+        entry: &Arc<KeyEntry>,
+        seq: Seq,
+        payload: Option<bytes::Bytes>,
+    ) {
+        entry.seen(seq);
+        self.arrived(entry, seq, payload);
+    }
+
     /// Carries out what the key's life decided.
     fn perform(
         self: &Arc<Self>,
@@ -190,10 +202,7 @@ impl<A: DurableActor> Shared<A> {
             Action::Reroute => {
                 let current = self.entry(&entry.key);
                 match arrival {
-                    Some((seq, payload)) => {
-                        current.seen(seq);
-                        self.arrived(&current, seq, payload);
-                    }
+                    Some((seq, payload)) => self.arrived_outside(&current, seq, payload),
                     None => self.apply(&current, Event::Activate),
                 }
             }
@@ -453,9 +462,7 @@ impl<A: DurableActor> Routed for Shared<A> {
 
     fn appended(&self, key: &str, seq: Seq) {
         if let Some(me) = self.myself.upgrade() {
-            let entry = me.entry(key);
-            entry.seen(seq);
-            me.arrived(&entry, seq, None);
+            me.arrived_outside(&me.entry(key), seq, None);
         }
     }
 
@@ -731,8 +738,7 @@ impl<A: DurableActor> Registry<A> {
                 },
                 other => other,
             })?;
-        entry.seen(new_seq);
-        shared.arrived(&entry, new_seq, None);
+        shared.arrived_outside(&entry, new_seq, None);
         Ok(new_seq)
     }
 

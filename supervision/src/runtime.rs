@@ -103,7 +103,7 @@ impl Runtime {
 
     async fn acquire_all(&self) -> Result<()> {
         let all: Vec<KeyRange> = (0..self.wiring.journal.ranges()).map(KeyRange).collect();
-        self.wiring.owner.acquire_many(&all).await
+        self.wiring.owner.acquire(&all).await.map(|_| ())
     }
 
     /// Starts a runtime on any journal backend owning no range yet: it serves only the
@@ -134,7 +134,14 @@ impl Runtime {
     /// every running registry activates the range's keys with pending messages, and its
     /// timers fire here from now on.
     pub async fn acquire(&self, range: KeyRange) -> Result<Epoch> {
-        let epoch = self.wiring.owner.acquire(range).await?;
+        let epoch = self
+            .wiring
+            .owner
+            .acquire(&[range])
+            .await?
+            .first()
+            .copied()
+            .ok_or(Error::Stopped { what: "journal" })?;
         self.wiring.timers.poke();
         for registry in self.wiring.routes.all() {
             registry.acquired(range).await?;

@@ -29,7 +29,7 @@ use self::record::{Origin, encode_record, segment_path};
 use super::{Entry, Seq};
 use crate::error::{Error, Result};
 
-pub(crate) use self::recover::list_segments;
+pub(crate) use self::recover::{first_with_data, list_segments};
 
 /// The segment ids in `dir`, none if it does not exist.
 pub(crate) fn list_segments_if_any(dir: &Path) -> Result<Vec<u64>> {
@@ -37,20 +37,6 @@ pub(crate) fn list_segments_if_any(dir: &Path) -> Result<Vec<u64>> {
         return Ok(Vec::new());
     }
     list_segments(dir)
-}
-
-/// Whether every segment of `ids` in `dir` is empty.
-pub(crate) fn all_empty(dir: &Path, ids: &[u64]) -> Result<bool> {
-    for &id in ids {
-        let path = segment_path(dir, id);
-        let len = std::fs::metadata(&path)
-            .map_err(|e| Error::storage(&path, e))?
-            .len();
-        if len > 0 {
-            return Ok(false);
-        }
-    }
-    Ok(true)
 }
 
 /// A segment is closed and a new one started past this size (by default).

@@ -143,6 +143,16 @@ pub(crate) enum ScanError {
     Record(crate::error::Error),
 }
 
+impl ScanError {
+    /// The crate error, an I/O failure naming the segment at `path`.
+    pub(crate) fn at(self, path: &Path) -> crate::error::Error {
+        match self {
+            ScanError::Io(e) => crate::error::Error::storage(path, e),
+            ScanError::Record(e) => e,
+        }
+    }
+}
+
 /// Reads a segment's records in order through `buf` (grown for a record larger than it),
 /// calling `on_record(record offset, payload offset, record)`. Returns the offset of the
 /// first torn or damaged record, if any.

@@ -11,9 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use super::record::{
-    Origin, READ_BUFFER, ScanError, next_valid, scan_segment, segment_id, segment_path,
-};
+use super::record::{Origin, READ_BUFFER, next_valid, scan_segment, segment_id, segment_path};
 use super::{Inbox, LogMarks, Map, Pending, State, create_segment, sync_dir};
 use crate::error::{Error, Result};
 use crate::journal::Seq;
@@ -47,6 +45,17 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>> {
     Ok(ids)
 }
 
+/// The first of the segments `ids` in `dir` that holds anything.
+pub(crate) fn first_with_data(dir: &Path, ids: &[u64]) -> Result<Option<std::path::PathBuf>> {
+    for &id in ids {
+        let path = segment_path(dir, id);
+        if file_len(&path)?.unwrap_or(0) > 0 {
+            return Ok(Some(path));
+        }
+    }
+    Ok(None)
+}
+
 fn file_len(path: &Path) -> Result<Option<u64>> {
     match std::fs::metadata(path) {
         Ok(m) => Ok(Some(m.len())),
@@ -61,16 +70,13 @@ fn plan(dir: &Path, marks: &LogMarks, on_disk: &[u64]) -> Result<(Vec<u64>, Vec<
     let Some((active, durable)) = marks.active else {
         // The first open never finished: nothing was ever acknowledged. Segments it left
         // are empty; anything else is not what this journal wrote.
-        for &id in on_disk {
-            let path = segment_path(dir, id);
-            if file_len(&path)?.unwrap_or(0) > 0 {
-                return Err(corrupt(
-                    &path,
-                    "segment holds data but the marker records no log: the marker was \
-                     replaced or damaged"
-                        .into(),
-                ));
-            }
+        if let Some(path) = first_with_data(dir, on_disk)? {
+            return Err(corrupt(
+                &path,
+                "segment holds data but the marker records no log: the marker was replaced \
+                 or damaged"
+                    .into(),
+            ));
         }
         return Ok((Vec::new(), on_disk.to_vec()));
     };
@@ -230,10 +236,7 @@ impl Inbox {
                 count += 1;
                 Ok(())
             })
-            .map_err(|e| match e {
-                ScanError::Io(e) => Error::storage(&path, e),
-                ScanError::Record(e) => e,
-            })?;
+            .map_err(|e| e.at(&path))?;
             let len = file.metadata().map_err(|e| Error::storage(&path, e))?.len();
             let mut kept = len;
             if let Some(at) = end {
@@ -295,10 +298,7 @@ impl Inbox {
                 }
                 Ok(())
             })
-            .map_err(|e| match e {
-                ScanError::Io(e) => Error::storage(&path, e),
-                ScanError::Record(e) => e,
-            })?;
+            .map_err(|e| e.at(&path))?;
             tracing::info!(path = %path.display(), "removing an emptied segment whose deletion was interrupted");
             match std::fs::remove_file(&path) {
                 Ok(()) => {}

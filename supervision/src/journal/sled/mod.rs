@@ -208,7 +208,7 @@ impl SledJournal {
             // The first open never finished: nothing was acknowledged. Start the state store
             // again (the inbox check refuses segments that hold data).
             let ids = super::inbox::list_segments_if_any(&inbox_dir(&path))?;
-            if ids.is_empty() || super::inbox::all_empty(&inbox_dir(&path), &ids)? {
+            if super::inbox::first_with_data(&inbox_dir(&path), &ids)?.is_none() {
                 match std::fs::remove_dir_all(state_dir(&path)) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -377,46 +377,50 @@ fn open_state_store(path: &Path, cache: u64) -> Result<sled::Db> {
     }
 }
 
-fn read_snapshot(db: &sled::Db, path: &Path, key: &str) -> Result<Snapshot> {
-    let raw_key = key_prefix(STATE, key);
-    let Some(record) = db
-        .get(&raw_key)
-        .map_err(|e| engine_error(&state_dir(path), e))?
-    else {
-        return Ok(Snapshot::default());
-    };
-    decode_state_record(&record).map_err(|detail| Error::Corrupt {
+/// The raw state record of `key`, if it has one.
+fn get_state_record(db: &sled::Db, path: &Path, key: &str) -> Result<Option<sled::IVec>> {
+    db.get(key_prefix(STATE, key))
+        .map_err(|e| engine_error(&state_dir(path), e))
+}
+
+fn state_corrupt(path: &Path, key: &str, detail: &str) -> Error {
+    Error::Corrupt {
         path: state_dir(path),
         detail: format!("state of {key}: {detail}"),
-    })
+    }
+}
+
+fn read_snapshot(db: &sled::Db, path: &Path, key: &str) -> Result<Snapshot> {
+    match get_state_record(db, path, key)? {
+        None => Ok(Snapshot::default()),
+        Some(record) => {
+            decode_state_record(&record).map_err(|detail| state_corrupt(path, key, detail))
+        }
+    }
 }
 
 /// The applied seq of `key`, without copying its state.
 fn read_applied(db: &sled::Db, path: &Path, key: &str) -> Result<Seq> {
-    let raw_key = key_prefix(STATE, key);
-    let Some(record) = db
-        .get(&raw_key)
-        .map_err(|e| engine_error(&state_dir(path), e))?
-    else {
-        return Ok(0);
-    };
-    let corrupt = |detail: &str| Error::Corrupt {
-        path: state_dir(path),
-        detail: format!("state of {key}: {detail}"),
-    };
-    let body = unseal(&record).ok_or_else(|| corrupt("checksum mismatch"))?;
-    let applied = body
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| corrupt("record is too short"))?;
-    Ok(applied)
+    match get_state_record(db, path, key)? {
+        None => Ok(0),
+        Some(record) => split_state_record(&record)
+            .map(|(applied, _)| applied)
+            .map_err(|detail| state_corrupt(path, key, detail)),
+    }
+}
+
+/// A state record's applied seq, and what follows it (the state flag and the state).
+fn split_state_record(record: &[u8]) -> Result<(Seq, &[u8]), &'static str> {
+    let body = unseal(record).ok_or("checksum mismatch")?;
+    let (applied, rest) = body.split_at_checked(8).ok_or("record is too short")?;
+    Ok((
+        u64::from_be_bytes(applied.try_into().unwrap_or([0; 8])),
+        rest,
+    ))
 }
 
 fn decode_state_record(record: &[u8]) -> Result<Snapshot, &'static str> {
-    let body = unseal(record).ok_or("checksum mismatch")?;
-    let (applied, rest) = body.split_at_checked(8).ok_or("record is too short")?;
-    let applied = u64::from_be_bytes(applied.try_into().unwrap_or([0; 8]));
+    let (applied, rest) = split_state_record(record)?;
     let state = match rest.split_first() {
         Some((1, s)) => Some(s.to_vec()),
         Some((0, _)) => None,
@@ -658,15 +662,7 @@ impl Journal for SledJournal {
             let mut write = sled::Batch::default();
             for (key, seq) in &keys {
                 let raw = key_prefix(REPLAY, key);
-                let before = match inner.db.get(&raw).map_err(|e| inner.engine(e))? {
-                    Some(v) => Some(u64::from_be_bytes(
-                        inner.unseal("replay", &raw, &v)?.try_into().map_err(|_| {
-                            inner.corrupt(format!("replay record of {key} is malformed"))
-                        })?,
-                    )),
-                    None => None,
-                };
-                same.push(before == Some(*seq));
+                same.push(inner.sealed_u64("replay", &raw)? == Some(*seq));
                 write.insert(raw, seal(&seq.to_be_bytes()));
             }
             inner.db.apply_batch(write).map_err(|e| inner.engine(e))?;

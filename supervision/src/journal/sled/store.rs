@@ -94,6 +94,21 @@ impl Inner {
         })
     }
 
+    /// A sealed big-endian u64 record (owner epochs, replay starts), if present.
+    pub(super) fn sealed_u64(&self, what: &str, raw: &[u8]) -> Result<Option<u64>> {
+        let Some(v) = self.db.get(raw).map_err(|e| self.engine(e))? else {
+            return Ok(None);
+        };
+        let body = self.unseal(what, raw, &v)?;
+        let bytes = body.try_into().map_err(|_| {
+            self.corrupt(format!(
+                "{what} record {:?} is malformed",
+                String::from_utf8_lossy(raw)
+            ))
+        })?;
+        Ok(Some(u64::from_be_bytes(bytes)))
+    }
+
     pub(super) fn open_for_writes(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Stopped { what: "journal" });
@@ -175,16 +190,7 @@ impl Inner {
                 });
             }
             let raw = owner_key(range);
-            let before = match self.db.get(raw).map_err(|e| self.engine(e))? {
-                Some(v) => {
-                    let body = self.unseal("owner", &raw, &v)?;
-                    u64::from_be_bytes(body.try_into().map_err(|_| {
-                        self.corrupt(format!("owner record of {range} is malformed"))
-                    })?)
-                }
-                None => 0,
-            };
-            let epoch = before + 1;
+            let epoch = self.sealed_u64("owner", &raw)?.unwrap_or(0) + 1;
             write.insert(&raw, crate::codec::seal(&epoch.to_be_bytes()));
             epochs.push(epoch);
         }
