@@ -556,12 +556,8 @@ impl Journal for SledJournal {
             .acquire()
             .await
             .map_err(|_| Error::Stopped { what: "journal" })?;
-        self.blocking(move |inner| {
-            // Acknowledged messages stay in the index until their commit is written: skip.
-            let from = from.max(inner.applied(&key)? + 1);
-            inner.inbox.pending(&key, from, limit)
-        })
-        .await
+        self.blocking(move |inner| inner.inbox.pending(&key, from_applied, limit))
+            .await
     }
 
     async fn commit(&self, commit: Commit) -> Result<()> {
