@@ -71,7 +71,8 @@ struct Pending {
     offset: u64,
     len: u32,
     /// The payload, while it is held in memory (appended by this process, range owned).
-    memory: Option<Bytes>,
+    /// Boxed to keep the index small: recovery indexes millions of these, none in memory.
+    memory: Option<Box<Bytes>>,
 }
 
 #[derive(Debug)]
@@ -174,7 +175,7 @@ impl Inbox {
                 segment: id,
                 offset: before + offset,
                 len: payload.len() as u32,
-                memory: Some(payload.clone()),
+                memory: Some(Box::new(payload.clone())),
             });
         }
         *st.live.entry(id).or_default() += entries.len() as u64;
@@ -274,7 +275,7 @@ impl Inbox {
             .map(|p| {
                 p.memory.as_ref().map(|b| Entry {
                     seq: p.seq,
-                    payload: b.clone(),
+                    payload: Bytes::clone(b),
                 })
             })
             .collect()
@@ -484,7 +485,7 @@ enum Located {
 impl State {
     fn locate(&self, dir: &Path, p: &Pending) -> Result<Located> {
         if let Some(b) = &p.memory {
-            return Ok(Located::Memory(b.clone()));
+            return Ok(Located::Memory(Bytes::clone(b)));
         }
         let file = match self.files.get(&p.segment) {
             Some(file) => file.clone(),

@@ -13,7 +13,7 @@ use super::super::Seq;
 pub(crate) const MAX_RECORD: usize = crate::codec::MAX_RECORD_BYTES;
 pub(crate) const HEADER: usize = 8;
 /// Recovery reads segments through a buffer of this size.
-pub(crate) const READ_BUFFER: usize = 4 * 1024 * 1024;
+pub(crate) const READ_BUFFER: usize = 256 * 1024;
 
 /// Why a message entered the inbox; recovery uses it to finish an interrupted move.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use super::record::{Origin, READ_BUFFER, next_valid, scan_segment, segment_id, segment_path};
@@ -152,13 +153,219 @@ fn plan(dir: &Path, marks: &LogMarks, on_disk: &[u64]) -> Result<(Vec<u64>, Vec<
     Ok((read, leftovers))
 }
 
-/// Per key while scanning: its name, applied seq, unacknowledged messages.
-type KeyScan = (Arc<str>, Seq, VecDeque<Pending>);
+/// Records handed from the reading thread to the indexing one, in log order.
+enum Scanned {
+    /// Whole, checked records of the segment being read.
+    Records(Batch),
+    /// The segment was read to its end; `damaged` is the offset of its first unreadable
+    /// record, if any (what [`scan_segment`] returns).
+    End { damaged: Option<u64> },
+    /// Reading failed.
+    Failed(Error),
+}
+
+/// Up to [`BATCH`] records. The reader numbers keys in the order it first meets them;
+/// `new_keys` are the keys first met in this batch, in that order.
+#[derive(Default)]
+struct Batch {
+    new_keys: Vec<Arc<str>>,
+    records: Vec<Meta>,
+}
+
+struct Meta {
+    /// The record's key, by number.
+    slot: u32,
+    seq: Seq,
+    origin: Origin,
+    offset: u64,
+    payload_offset: u64,
+    len: u32,
+}
+
+const BATCH: usize = 4096;
+/// Batches in flight between the two threads.
+const BATCHES: usize = 32;
+
+/// The reading half of recovery, on its own thread: reads each segment of `read` in order,
+/// checks every record's checksum and sends what it found. It stops when the indexing half
+/// hangs up (an error there).
+fn read_segments(dir: &Path, read: &[u64], tx: SyncSender<Scanned>, spare: Receiver<Batch>) {
+    let mut buf = vec![0u8; READ_BUFFER];
+    let mut slot_of: Map<Arc<str>, u32> = Map::default();
+    for &id in read {
+        let path = segment_path(dir, id);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) => {
+                let _ = tx.send(Scanned::Failed(Error::storage(&path, e)));
+                return;
+            }
+        };
+        let mut batch = fresh(&spare);
+        let mut hung_up = false;
+        let end = scan_segment(&file, &mut buf, |offset, payload_offset, record| {
+            let slot = match slot_of.get(record.key) {
+                Some(slot) => *slot,
+                None => {
+                    let slot = u32::try_from(slot_of.len()).map_err(|_| {
+                        corrupt(&path, "more than 2^32 keys in the log".to_string())
+                    })?;
+                    let key: Arc<str> = Arc::from(record.key);
+                    slot_of.insert(key.clone(), slot);
+                    batch.new_keys.push(key);
+                    slot
+                }
+            };
+            batch.records.push(Meta {
+                slot,
+                seq: record.seq,
+                origin: record.origin,
+                offset,
+                payload_offset,
+                len: record.payload.len() as u32,
+            });
+            if batch.records.len() == BATCH
+                && tx
+                    .send(Scanned::Records(std::mem::replace(
+                        &mut batch,
+                        fresh(&spare),
+                    )))
+                    .is_err()
+            {
+                hung_up = true;
+                return Err(Error::Stopped {
+                    what: "journal recovery",
+                });
+            }
+            Ok(())
+        });
+        if hung_up {
+            return;
+        }
+        let last = match end {
+            Ok(damaged) => {
+                if !batch.records.is_empty() && tx.send(Scanned::Records(batch)).is_err() {
+                    return;
+                }
+                Scanned::End { damaged }
+            }
+            Err(e) => Scanned::Failed(e.at(&path)),
+        };
+        if tx.send(last).is_err() {
+            return;
+        }
+    }
+}
+
+/// An empty batch: one the indexer is done with, or a new one.
+fn fresh(spare: &Receiver<Batch>) -> Batch {
+    let mut batch = spare.try_recv().unwrap_or_default();
+    batch.new_keys.clear();
+    batch.records.clear();
+    batch
+}
+
+/// Per key while indexing.
+struct KeyScan {
+    key: Arc<str>,
+    /// Its committed seq: older messages are acknowledged.
+    applied: Seq,
+    /// The seq its next unacknowledged message must have.
+    next: Seq,
+    queue: VecDeque<Pending>,
+}
+
+/// The indexing half of recovery: every key's unacknowledged messages, in order, with no
+/// gap after its committed seq.
+struct Index<F> {
+    applied: F,
+    keys: Vec<KeyScan>,
+    unfinished: Vec<(Arc<str>, Origin)>,
+}
+
+impl<F: FnMut(&str) -> Result<Seq>> Index<F> {
+    /// Indexes one record of segment `id`; true if it is unacknowledged.
+    fn add(&mut self, path: &Path, id: u64, m: &Meta) -> Result<bool> {
+        let Some(scan) = self.keys.get_mut(m.slot as usize) else {
+            return Err(corrupt(
+                path,
+                format!("record at offset {} names no key", m.offset),
+            ));
+        };
+        // A moved message's source is removed after its append: finish that even if the
+        // message was handled since (removing a removed source is harmless).
+        if m.origin != Origin::Send {
+            self.unfinished.push((Arc::clone(&scan.key), m.origin));
+        }
+        if m.seq <= scan.applied {
+            return Ok(false);
+        }
+        let expected = scan.next;
+        if m.seq != expected {
+            let (seq, offset, key) = (m.seq, m.offset, &scan.key);
+            let detail = if seq > expected {
+                format!(
+                    "key {key:?}: seq {seq} at offset {offset} follows {}: messages \
+                     {expected}..={} are missing",
+                    expected - 1,
+                    seq - 1
+                )
+            } else {
+                format!(
+                    "key {key:?}: seq {seq} at offset {offset} is out of order (expected \
+                     {expected})"
+                )
+            };
+            return Err(corrupt(path, detail));
+        }
+        scan.next = expected + 1;
+        scan.queue.push_back(Pending {
+            seq: m.seq,
+            segment: id,
+            offset: m.payload_offset,
+            len: m.len,
+            memory: None,
+        });
+        Ok(true)
+    }
+
+    /// Indexes a batch of segment `id`.
+    fn add_batch(&mut self, path: &Path, id: u64, batch: &Batch) -> Result<u64> {
+        for key in &batch.new_keys {
+            let applied = (self.applied)(key)?;
+            self.keys.push(KeyScan {
+                key: key.clone(),
+                applied,
+                next: applied + 1,
+                queue: VecDeque::new(),
+            });
+        }
+        let mut count = 0;
+        for m in &batch.records {
+            if self.add(path, id, m)? {
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+}
+
+/// What the per-segment half of recovery leaves.
+struct Segments {
+    files: Map<u64, Arc<File>>,
+    live: BTreeMap<u64, u64>,
+    closed: BTreeMap<u64, u64>,
+    torn: Option<(u64, u64, u64)>,
+    pending: u64,
+}
 
 impl Inbox {
     /// Opens the log in `dir`, reading every live segment. `applied` gives each key's
     /// committed seq: older messages are acknowledged and skipped. `marks` is what the marker
     /// recorded (see [`LogMarks`]).
+    ///
+    /// One thread reads the segments and checks their records while this one indexes them:
+    /// recovery time is what the slower half takes, not the sum.
     pub(crate) fn open(
         dir: &Path,
         marks: &LogMarks,
@@ -168,11 +375,6 @@ impl Inbox {
         std::fs::create_dir_all(dir).map_err(|e| Error::storage(dir, e))?;
         let on_disk = list_segments(dir)?;
         let (read, leftovers) = plan(dir, marks, &on_disk)?;
-        let mut recovered: Vec<KeyScan> = Vec::new();
-        let mut slot_of: Map<Arc<str>, usize> = Map::default();
-        let mut live: BTreeMap<u64, u64> = BTreeMap::new();
-        let mut closed: BTreeMap<u64, u64> = BTreeMap::new();
-        let mut report = Recovered::default();
         // The newest segment holding anything: an empty one after it is a roll that failed
         // half-way (or was never written to), not what a torn tail can be in.
         let mut newest = read.last().copied();
@@ -182,82 +384,36 @@ impl Inbox {
                 break;
             }
         }
-        let mut files: Map<u64, Arc<File>> = Map::default();
-        let mut buf = vec![0u8; READ_BUFFER];
-        for &id in &read {
-            let path = segment_path(dir, id);
-            let file = File::open(&path).map_err(|e| Error::storage(&path, e))?;
-            let mut count = 0u64;
-            let end = scan_segment(&file, &mut buf, |offset, payload_offset, record| {
-                let slot = match slot_of.get(record.key) {
-                    Some(i) => *i,
-                    None => {
-                        let k: Arc<str> = Arc::from(record.key);
-                        recovered.push((k.clone(), applied(record.key)?, VecDeque::new()));
-                        slot_of.insert(k, recovered.len() - 1);
-                        recovered.len() - 1
-                    }
-                };
-                let (key, applied_seq, queue) = &mut recovered[slot];
-                // A moved message's source is removed after its append: finish that even if
-                // the message was handled since (removing a removed source is harmless).
-                if record.origin != Origin::Send {
-                    report.unfinished.push((Arc::clone(key), record.origin));
-                }
-                if record.seq <= *applied_seq {
-                    return Ok(());
-                }
-                let expected = queue.back().map_or(*applied_seq + 1, |p| p.seq + 1);
-                if record.seq != expected {
-                    let detail = if record.seq > expected {
-                        format!(
-                            "key {key:?}: seq {} at offset {offset} follows {}: messages \
-                             {expected}..={} are missing",
-                            record.seq,
-                            expected - 1,
-                            record.seq - 1
-                        )
-                    } else {
-                        format!(
-                            "key {key:?}: seq {} at offset {offset} is out of order (expected \
-                             {expected})",
-                            record.seq
-                        )
-                    };
-                    return Err(corrupt(&path, detail));
-                }
-                queue.push_back(Pending {
-                    seq: record.seq,
-                    segment: id,
-                    offset: payload_offset,
-                    len: record.payload.len() as u32,
-                    memory: None,
-                });
-                count += 1;
-                Ok(())
-            })
-            .map_err(|e| e.at(&path))?;
-            let len = file.metadata().map_err(|e| Error::storage(&path, e))?.len();
-            let mut kept = len;
-            if let Some(at) = end {
-                check_torn(&path, &file, id, at, len, newest, marks)?;
-                tracing::warn!(path = %path.display(), offset = at, dropped = len - at, "cutting a torn write at the end of the inbox log");
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| Error::storage(&path, e))?;
-                f.set_len(at).map_err(|e| Error::storage(&path, e))?;
-                report.torn = Some((id, at, len - at));
-                kept = at;
-            }
-            // What a killed process wrote may still be only in the page cache: make it
-            // durable before anything is built on it.
-            file.sync_data().map_err(|e| Error::storage(&path, e))?;
-            report.pending += count;
-            files.insert(id, Arc::new(file));
-            live.insert(id, count);
-            closed.insert(id, kept);
-        }
+        let mut index = Index {
+            applied: &mut applied,
+            keys: Vec::new(),
+            unfinished: Vec::new(),
+        };
+        let (tx, rx) = mpsc::sync_channel(BATCHES);
+        let (spare_tx, spare_rx) = mpsc::channel();
+        let segments = std::thread::scope(|s| {
+            let reader = std::thread::Builder::new()
+                .name("soma-journal-recovery".into())
+                .spawn_scoped(s, || read_segments(dir, &read, tx, spare_rx))
+                .map_err(|e| Error::storage(dir, e))?;
+            // `rx` is dropped when indexing ends, so that a reader blocked on a full channel
+            // sees the hang-up and the scope can join it.
+            let segments = index_segments(dir, &read, newest, marks, &mut index, rx, spare_tx);
+            let _ = reader.join();
+            segments
+        })?;
+        let Segments {
+            files,
+            mut live,
+            closed,
+            torn,
+            pending,
+        } = segments;
+        let report = Recovered {
+            unfinished: index.unfinished,
+            torn,
+            pending,
+        };
         // Segments with nothing unacknowledged go at the first flush, once the marker names
         // the new active segment.
         let emptied: Vec<u64> = live
@@ -265,10 +421,11 @@ impl Inbox {
             .filter(|(_, n)| **n == 0)
             .map(|(id, _)| *id)
             .collect();
-        let keys: Map<Arc<str>, VecDeque<Pending>> = recovered
+        let keys: Map<Arc<str>, VecDeque<Pending>> = index
+            .keys
             .into_iter()
-            .filter(|(_, _, q)| !q.is_empty())
-            .map(|(k, _, q)| (k, q))
+            .filter(|s| !s.queue.is_empty())
+            .map(|s| (s.key, s.queue))
             .collect();
         let last = newest.max(on_disk.last().copied());
         let active_id = match last {
@@ -330,6 +487,68 @@ impl Inbox {
             report,
         ))
     }
+}
+
+/// Indexes what the reader sends, segment by segment of `read`: each segment's damage
+/// is checked (only a torn tail is cut), and its file made durable.
+fn index_segments<F: FnMut(&str) -> Result<Seq>>(
+    dir: &Path,
+    read: &[u64],
+    newest: Option<u64>,
+    marks: &LogMarks,
+    index: &mut Index<F>,
+    rx: Receiver<Scanned>,
+    spare: Sender<Batch>,
+) -> Result<Segments> {
+    let mut out = Segments {
+        files: Map::default(),
+        live: BTreeMap::new(),
+        closed: BTreeMap::new(),
+        torn: None,
+        pending: 0,
+    };
+    for &id in read {
+        let path = segment_path(dir, id);
+        let mut count = 0u64;
+        let damaged = loop {
+            match rx.recv() {
+                Ok(Scanned::Records(batch)) => {
+                    count += index.add_batch(&path, id, &batch)?;
+                    let _ = spare.send(batch);
+                }
+                Ok(Scanned::End { damaged }) => break damaged,
+                Ok(Scanned::Failed(e)) => return Err(e),
+                Err(_) => {
+                    return Err(Error::storage(
+                        &path,
+                        std::io::Error::other("the recovery reader ended before this segment"),
+                    ));
+                }
+            }
+        };
+        let file = File::open(&path).map_err(|e| Error::storage(&path, e))?;
+        let len = file.metadata().map_err(|e| Error::storage(&path, e))?.len();
+        let mut kept = len;
+        if let Some(at) = damaged {
+            check_torn(&path, &file, id, at, len, newest, marks)?;
+            tracing::warn!(path = %path.display(), offset = at, dropped = len - at, "cutting a torn write at the end of the inbox log");
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| Error::storage(&path, e))?;
+            f.set_len(at).map_err(|e| Error::storage(&path, e))?;
+            out.torn = Some((id, at, len - at));
+            kept = at;
+        }
+        // What a killed process wrote may still be only in the page cache: make it
+        // durable before anything is built on it.
+        file.sync_data().map_err(|e| Error::storage(&path, e))?;
+        out.pending += count;
+        out.files.insert(id, Arc::new(file));
+        out.live.insert(id, count);
+        out.closed.insert(id, kept);
+    }
+    Ok(out)
 }
 
 /// Damage at `at` in segment `id` may be cut only if it is a torn tail: in the newest

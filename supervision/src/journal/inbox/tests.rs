@@ -370,3 +370,55 @@ fn scanning_handles_records_across_and_beyond_the_buffer() {
         .collect();
     assert_eq!(seen, expected);
 }
+
+#[test]
+fn a_gap_early_in_a_long_log_fails_the_open_without_waiting_for_the_reader() {
+    // More records after the gap than the reader can hand over before blocking: the open
+    // must end (with the error) rather than wait for a reader stuck on a full channel.
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    inbox
+        .append(&[entry("a", 1, b"x"), entry("a", 3, b"z")], true)
+        .unwrap();
+    let many: Vec<NewEntry> = (1..=40_000).map(|s| entry("b", s, b"p")).collect();
+    inbox.append(&many, true).unwrap();
+    let marks = crash(inbox);
+    let e = err_text(open_with(dir.path(), &marks, 0));
+    assert!(e.contains("messages 2..=2 are missing"), "{e}");
+}
+
+#[test]
+fn recovery_across_many_batches_and_segments_keeps_every_key_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small segments: the log rolls many times, and recovery hands over many batches.
+    let inbox = Inbox::open(dir.path(), &LogMarks::default(), 64 * 1024, |_| Ok(0))
+        .unwrap()
+        .0;
+    let keys = 7u64;
+    let per_key = 3_000u64;
+    for round in 0..per_key / 100 {
+        let batch: Vec<NewEntry> = (0..100 * keys)
+            .map(|i| {
+                let seq = round * 100 + i / keys + 1;
+                entry(&format!("k{}", i % keys), seq, &seq.to_le_bytes())
+            })
+            .collect();
+        inbox.append(&batch, true).unwrap();
+    }
+    let marks = crash(inbox);
+    let (inbox, report) = Inbox::open(dir.path(), &marks, 64 * 1024, |_| Ok(0)).unwrap();
+    assert_eq!(report.pending, keys * per_key);
+    for k in 0..keys {
+        let got = inbox.pending(&format!("k{k}"), 1, usize::MAX).unwrap();
+        let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=per_key).collect::<Vec<_>>(), "key k{k}");
+        for e in &got {
+            assert_eq!(
+                e.payload.as_ref(),
+                e.seq.to_le_bytes(),
+                "payload of k{k} seq {}",
+                e.seq
+            );
+        }
+    }
+}
