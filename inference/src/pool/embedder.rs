@@ -145,6 +145,7 @@ pub struct EmbedderPool {
     replicas: Arc<Replicas<Batch>>,
     dimension: usize,
     max_texts: usize,
+    model: Arc<EmbeddingModel>,
     batcher: tokio::task::JoinHandle<()>,
 }
 
@@ -163,6 +164,7 @@ impl EmbedderPool {
         check_threads(config.threads)?;
         let dimension = model.dimension();
         let model = Arc::new(model);
+        let shared = model.clone();
         let mut replicas = Replicas::new(POOL, config.replicas);
         replicas
             .start(move |ctx| {
@@ -183,8 +185,19 @@ impl EmbedderPool {
             replicas,
             dimension,
             max_texts: config.max_texts,
+            model: shared,
             batcher,
         })
+    }
+
+    /// The model the replicas run (for its tokenizer: token counts of inputs).
+    pub fn model(&self) -> &EmbeddingModel {
+        &self.model
+    }
+
+    /// Most texts in one request.
+    pub fn max_texts(&self) -> usize {
+        self.max_texts
     }
 
     /// Length of the vectors.

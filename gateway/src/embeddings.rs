@@ -1,0 +1,165 @@
+//! `POST /v1/embeddings` over the embedder pool.
+
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+use axum::response::Json;
+use base64::Engine as _;
+use serde_json::{Value, json};
+use tracing::Instrument as _;
+
+use crate::chat::record_usage;
+use crate::error::ApiError;
+use crate::keys::Principal;
+use crate::models::Served;
+use crate::server::{AppState, body_error, parse_object};
+
+fn wrong(field: &str, expected: &str) -> ApiError {
+    ApiError::invalid("invalid_type", field, format!("{field} must be {expected}"))
+}
+
+/// The handler.
+pub(crate) async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    Extension(principal): Extension<Principal>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body.map_err(body_error)?;
+    let o = parse_object(&body)?;
+    for key in o.keys() {
+        if !matches!(
+            key.as_str(),
+            "model" | "input" | "encoding_format" | "dimensions" | "user"
+        ) {
+            return Err(ApiError::invalid(
+                "unknown_parameter",
+                key.clone(),
+                format!("{key}: unknown parameter"),
+            ));
+        }
+    }
+    let model = match o.get("model") {
+        Some(Value::String(m)) => m.clone(),
+        Some(_) => return Err(wrong("model", "a string")),
+        None => {
+            return Err(ApiError::invalid(
+                "missing_parameter",
+                "model",
+                "model is required",
+            ));
+        }
+    };
+    let texts: Vec<String> = match o.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) if !a.is_empty() => a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok(s.clone()),
+                Value::Number(_) | Value::Array(_) => Err(ApiError::invalid(
+                    "unsupported_parameter",
+                    format!("input[{i}]"),
+                    "token-id input is not supported; send text",
+                )),
+                _ => Err(wrong(&format!("input[{i}]"), "a string")),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid(
+                "invalid_value",
+                "input",
+                "input must not be empty",
+            ));
+        }
+        Some(_) => return Err(wrong("input", "a string or an array of strings")),
+        None => {
+            return Err(ApiError::invalid(
+                "missing_parameter",
+                "input",
+                "input is required",
+            ));
+        }
+    };
+    let base64 = match o.get("encoding_format") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(f)) if f == "float" => false,
+        Some(Value::String(f)) if f == "base64" => true,
+        Some(_) => return Err(wrong("encoding_format", "\"float\" or \"base64\"")),
+    };
+    let pool = match state.models.get(&model) {
+        Some(Served::Embedder(p)) => p.clone(),
+        Some(Served::Generator(_)) => {
+            return Err(ApiError::invalid(
+                "model_not_embedding",
+                "model",
+                format!("{model} is a chat model; use /v1/chat/completions"),
+            ));
+        }
+        None => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!("The model `{model}` does not exist"),
+            )
+            .with_param("model"));
+        }
+    };
+    match o.get("dimensions") {
+        None | Some(Value::Null) => {}
+        Some(d) => match d.as_u64() {
+            Some(n) if n as usize == pool.dimension() => {}
+            Some(n) => {
+                return Err(ApiError::invalid(
+                    "unsupported_dimensions",
+                    "dimensions",
+                    format!(
+                        "{model} has {} dimensions and cannot produce {n}",
+                        pool.dimension()
+                    ),
+                ));
+            }
+            None => return Err(wrong("dimensions", "a positive integer")),
+        },
+    }
+    if texts.len() > pool.max_texts() {
+        return Err(ApiError::invalid(
+            "too_many_inputs",
+            "input",
+            format!(
+                "{} inputs in one request; at most {}",
+                texts.len(),
+                pool.max_texts()
+            ),
+        ));
+    }
+    let span = tracing::info_span!("gateway.embeddings", tenant = %principal.tenant, model = %model, inputs = texts.len());
+    let mut tokens = 0usize;
+    for t in &texts {
+        tokens += pool.model().token_ids(t)?.len();
+    }
+    let vectors = pool.embed_many(texts).instrument(span).await?;
+    record_usage(&principal, &model, tokens, 0);
+    let data: Vec<Value> = vectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })))
+}
