@@ -347,6 +347,7 @@ async fn terminated() {
 
 /// Runs one node until SIGTERM or ctrl-c: journal open, models loaded, gateway up.
 pub(crate) async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    soma_inference::check_environment()?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;

@@ -690,6 +690,18 @@ fn configuration_is_file_then_environment_then_flags_and_errors_name_the_key() {
         err.contains("rate_limit") && err.contains("soma.toml"),
         "{err}"
     );
+    // So does a bad value of the inference pool's variable, at start.
+    let out = soma(data.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("SOMA_INFERENCE_ISA", "avx9000")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("SOMA_INFERENCE_ISA") && err.contains("avx9000"),
+        "{err}"
+    );
     // A value out of range names its key.
     std::fs::write(&file, "listen = \"nowhere\"\n").unwrap();
     let err = String::from_utf8(print(&[], &[]).stderr).unwrap();

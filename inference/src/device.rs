@@ -118,3 +118,19 @@ pub(crate) fn replica_pool(name: &str, index: usize) -> Result<rayon::ThreadPool
         .build()
         .map_err(|e| Error::Config(format!("compute threads for {name} replica {index}: {e}")))
 }
+
+/// Checks the environment variables the pool reads: `SOMA_INFERENCE_ISA` must be
+/// `portable`, `avx2` or `avx512vnni` if set (an unknown value is an error naming it, not
+/// silently the default).
+pub fn check_environment() -> Result<()> {
+    match std::env::var("SOMA_INFERENCE_ISA") {
+        Err(std::env::VarError::NotPresent) => Ok(()),
+        Ok(v) if matches!(v.as_str(), "" | "portable" | "avx2" | "avx512vnni") => Ok(()),
+        Ok(v) => Err(Error::Config(format!(
+            "SOMA_INFERENCE_ISA={v:?}: expected portable, avx2 or avx512vnni"
+        ))),
+        Err(std::env::VarError::NotUnicode(_)) => Err(Error::Config(
+            "SOMA_INFERENCE_ISA is not valid UTF-8".into(),
+        )),
+    }
+}

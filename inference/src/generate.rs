@@ -161,10 +161,30 @@ pub struct GenerationModel {
     /// The tokens in the cache after `next_token_logits` (empty after a generation).
     scored: Vec<u32>,
     tokenizer: Arc<TextTokenizer>,
-    template: Option<String>,
+    /// The chat template, compiled once at load.
+    template: Option<Arc<minijinja::Environment<'static>>>,
+    /// Marks a message's text in a rendered chat (private-use characters and a per-load
+    /// nonce: no text a client sends contains it by chance).
+    marker: Arc<str>,
     context_length: usize,
     path: PathBuf,
     device: Device,
+}
+
+fn compile_template(path: &Path, source: String) -> Result<Arc<minijinja::Environment<'static>>> {
+    let mut env = minijinja::Environment::new();
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template_owned("chat", source)
+        .map_err(|e| Error::model(path, format!("chat template: {e}")))?;
+    Ok(Arc::new(env))
 }
 
 impl std::fmt::Debug for GenerationModel {
@@ -205,7 +225,10 @@ impl GenerationModel {
         let template = content
             .metadata
             .get("tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok().cloned());
+            .and_then(|v| v.to_string().ok().cloned())
+            .map(|source| compile_template(path, source))
+            .transpose()?;
+        let marker: Arc<str> = Arc::from(format!("\u{E000}soma{:016x}\u{E001}", fastrand::u64(..)));
         let vocab = content
             .tensor_infos
             .get("token_embd.weight")
@@ -244,6 +267,7 @@ impl GenerationModel {
             scored: Vec::new(),
             tokenizer: Arc::new(tokenizer),
             template,
+            marker,
             context_length,
             path: path.to_path_buf(),
             device: device.clone(),
@@ -262,7 +286,11 @@ impl GenerationModel {
 
     /// The prompt text a chat renders to, by the model's own template.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
-        let template = self.template.as_deref().ok_or_else(|| {
+        self.render(messages)
+    }
+
+    fn render(&self, messages: &[ChatMessage]) -> Result<String> {
+        let env = self.template.as_deref().ok_or_else(|| {
             Error::InvalidRequest("the model has no chat template: send a text prompt".into())
         })?;
         if messages.is_empty() {
@@ -270,18 +298,6 @@ impl GenerationModel {
                 "a chat needs at least one message".into(),
             ));
         }
-        let mut env = minijinja::Environment::new();
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", template)
-            .map_err(|e| Error::model(&self.path, format!("chat template: {e}")))?;
         let tmpl = env
             .get_template("chat")
             .map_err(|e| Error::model(&self.path, format!("chat template: {e}")))?;
@@ -292,15 +308,46 @@ impl GenerationModel {
         .map_err(|e| Error::InvalidRequest(format!("chat template refused the messages: {e}")))
     }
 
+    /// The prompt tokens of a chat: the template's own text with its control tokens, each
+    /// message's text with none (`<|im_end|>` typed by a user stays text).
+    pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let marked: Vec<ChatMessage> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                ChatMessage::new(m.role.clone(), format!("{}{i}{}", self.marker, self.marker))
+            })
+            .collect();
+        let rendered = self.render(&marked)?;
+        let mut tokens = Vec::new();
+        let mut parts = rendered.split(&*self.marker);
+        let head = parts.next().unwrap_or_default();
+        tokens.extend(self.tokenizer.encode(head)?);
+        while let (Some(index), Some(after)) = (parts.next(), parts.next()) {
+            let i: usize = index.parse().map_err(|_| {
+                Error::InvalidRequest("the chat template changed a message's text".into())
+            })?;
+            let text = &messages
+                .get(i)
+                .ok_or_else(|| {
+                    Error::InvalidRequest("the chat template changed a message's text".into())
+                })?
+                .content;
+            tokens.extend(self.tokenizer.encode_plain(text)?);
+            tokens.extend(self.tokenizer.encode_template(after)?);
+        }
+        Ok(tokens)
+    }
+
     /// Checks a request and tokenizes its prompt.
     pub(crate) fn prepare(&self, req: GenerateRequest) -> Result<Prepared> {
         req.params.validate()?;
-        let text = match &req.prompt {
+        let tokens = match &req.prompt {
             Prompt::Text(t) if t.is_empty() => {
                 return Err(Error::InvalidRequest("the prompt is empty".into()));
             }
-            Prompt::Text(t) => t.clone(),
-            Prompt::Chat(m) => self.render_chat(m)?,
+            Prompt::Text(t) => self.tokenizer.encode(t)?,
+            Prompt::Chat(m) => self.chat_tokens(m)?,
         };
         let schema = req.schema.as_ref().map(JsonSchema::compile).transpose()?;
         if schema.is_some() && !req.params.stop.is_empty() {
@@ -308,7 +355,6 @@ impl GenerationModel {
                 "stop sequences cannot be combined with a schema".into(),
             ));
         }
-        let tokens = self.tokenizer.encode(&text)?;
         if tokens.is_empty() {
             return Err(Error::InvalidRequest("the prompt has no tokens".into()));
         }

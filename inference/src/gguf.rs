@@ -182,6 +182,9 @@ fn byte_to_char() -> [char; 256] {
 #[derive(Debug)]
 pub(crate) struct TextTokenizer {
     pub(crate) inner: Tokenizer,
+    /// The same tokenizer reading control-token text (`<|im_end|>`) as plain text: what the
+    /// text of a chat message is tokenized with, so that a user cannot inject one.
+    plain: Tokenizer,
     /// Bytes of each token; `None` for control tokens.
     pub(crate) bytes: Vec<Option<Vec<u8>>>,
     /// Control tokens (end of text, end of turn, ...): generating one ends the output.
@@ -208,6 +211,32 @@ impl TextTokenizer {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// The ids of `text` with every control-token string in it read as plain text (no
+    /// beginning-of-sequence token either).
+    pub(crate) fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .plain
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer {
+                origin: self.origin.clone(),
+                detail: e.to_string(),
+            })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The ids of template text (control-token strings are control tokens), with no
+    /// beginning-of-sequence token.
+    pub(crate) fn encode_template(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer {
+                origin: self.origin.clone(),
+                detail: e.to_string(),
+            })?;
+        Ok(enc.get_ids().to_vec())
     }
 
     pub(crate) fn vocab_size(&self) -> usize {
@@ -336,8 +365,11 @@ impl TextTokenizer {
                 })
             })
             .collect();
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
         Ok(Self {
             inner,
+            plain,
             bytes,
             control,
             bos,
@@ -380,8 +412,11 @@ impl TextTokenizer {
                 _ => None,
             });
         }
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
         Ok(Self {
             inner,
+            plain,
             bytes,
             control,
             bos: None,

@@ -21,7 +21,7 @@ mod pool;
 mod sample;
 mod schema;
 
-pub use device::{DeviceChoice, Engine, cpu_threads};
+pub use device::{DeviceChoice, Engine, check_environment, cpu_threads};
 pub use embed::EmbeddingModel;
 pub use error::{Error, Result};
 pub use generate::{
