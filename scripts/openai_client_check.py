@@ -83,14 +83,51 @@ print("404 ok")
 
 try:
     client.chat.completions.create(
-        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "hi"}], tools=[
-            {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
-        ]
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "hi"}], logit_bias={"1": 5}
     )
-    raise SystemExit("tools were accepted")
+    raise SystemExit("logit_bias was accepted")
 except openai.BadRequestError as e:
-    assert e.param == "tools", e
+    assert e.param == "logit_bias", e
 print("400 ok")
+
+weather = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+called = client.chat.completions.create(
+    model="SmolLM2-135M-Instruct",
+    messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+    tools=[weather],
+    tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    max_tokens=60,
+)
+choice = called.choices[0]
+assert choice.finish_reason == "tool_calls", choice
+call = choice.message.tool_calls[0]
+args = json.loads(call.function.arguments)
+assert call.function.name == "get_weather" and isinstance(args["city"], str) and args["unit"] in ("c", "f"), call
+answer = client.chat.completions.create(
+    model="SmolLM2-135M-Instruct",
+    messages=[
+        {"role": "user", "content": "What is the weather in Paris?"},
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"},
+    ],
+    tools=[weather],
+    tool_choice="none",
+    max_tokens=20,
+)
+assert answer.choices[0].message.content, answer
+print("tool call ok:", call.function.arguments)
 
 models = [m.id for m in client.models.list()]
 assert models == ["SmolLM2-135M-Instruct", "all-MiniLM-L6-v2"], models

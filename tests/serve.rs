@@ -322,6 +322,59 @@ async fn the_openai_api_answers_chat_embeddings_and_models() {
         "{value}"
     );
 
+    // Tool calls: named, required among two (streamed), and auto.
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                           "required": ["city"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time", "description": "The time in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                           "required": ["city"], "additionalProperties": false}}}
+    ]);
+    let mut req = chat("What is the weather in Paris?", 60);
+    req["tools"] = tools.clone();
+    req["tool_choice"] = json!({"type": "function", "function": {"name": "get_time"}});
+    let (status, body) = post(&s, &key, "/v1/chat/completions", req).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
+    let call = &body["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_time");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args["city"].is_string(), "{args}");
+    let mut req = chat("What is the weather in Paris?", 60);
+    req["tools"] = tools.clone();
+    req["tool_choice"] = json!("required");
+    let (_, finish, _, events) = read_stream(stream(&s, &key, req).await).await;
+    assert_eq!(finish.as_deref(), Some("tool_calls"));
+    let streamed_call = events
+        .iter()
+        .find_map(|e| {
+            e["choices"][0]["delta"]["tool_calls"][0]
+                .as_object()
+                .cloned()
+        })
+        .unwrap();
+    let name = streamed_call["function"]["name"].as_str().unwrap();
+    assert!(name == "get_weather" || name == "get_time", "{name}");
+    let mut req = chat("What is the weather in Paris?", 60);
+    req["tools"] = tools.clone();
+    let (status, body) = post(&s, &key, "/v1/chat/completions", req).await;
+    assert_eq!(status, 200, "{body}");
+    let f = body["choices"][0]["finish_reason"].as_str().unwrap();
+    assert!(
+        f == "tool_calls" || body["choices"][0]["message"]["content"].is_string(),
+        "{body}"
+    );
+    let mut req = chat("hi", 5);
+    req["tools"] = json!([{"type": "function", "function": {"name": "bad", "parameters": {"type": "object", "patternProperties": {}}}}]);
+    let (status, body) = post(&s, &key, "/v1/chat/completions", req).await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("tools[0].function.parameters")),
+        "{body}"
+    );
+
     // Embeddings, float and base64: the same vectors, unit length.
     let (status, float) = post(
         &s,

@@ -44,6 +44,9 @@ const KNOWN: &[&str] = &[
     "logprobs",
     "response_format",
     "user",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 ];
 
 /// A checked chat request.
@@ -55,6 +58,7 @@ pub(crate) struct ChatRequest {
     pub(crate) include_usage: bool,
     pub(crate) params: SamplingParams,
     pub(crate) schema: Option<Value>,
+    pub(crate) tools: Option<(Vec<crate::tools::Tool>, crate::tools::Choice)>,
 }
 
 fn unsupported(field: &str, why: &str) -> ApiError {
@@ -115,9 +119,7 @@ pub(crate) fn parse(o: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
     for key in o.keys() {
         if !KNOWN.contains(&key.as_str()) {
             let why = match key.as_str() {
-                "tools" | "tool_choice" | "parallel_tool_calls" | "functions" | "function_call" => {
-                    "tool calls are not implemented yet"
-                }
+                "functions" | "function_call" => "deprecated by OpenAI; use tools and tool_choice",
                 "logit_bias" | "top_logprobs" => "not implemented yet",
                 _ => "unknown parameter",
             };
@@ -176,12 +178,7 @@ pub(crate) fn parse(o: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
                     r
                 }
             }
-            Some("tool") => {
-                return Err(unsupported(
-                    &format!("{at}.role"),
-                    "tool messages need tool calls, which are not implemented yet",
-                ));
-            }
+            Some("tool") => "tool",
             Some(other) => {
                 return Err(ApiError::invalid(
                     "invalid_value",
@@ -192,14 +189,35 @@ pub(crate) fn parse(o: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
             None => return Err(wrong(&format!("{at}.role"), "a string")),
         };
         for key in m.keys() {
-            if !matches!(key.as_str(), "role" | "content" | "name") {
+            let allowed = match key.as_str() {
+                "role" | "content" | "name" => true,
+                "tool_calls" | "refusal" => role == "assistant",
+                "tool_call_id" => role == "tool",
+                _ => false,
+            };
+            if !allowed {
                 return Err(unsupported(&format!("{at}.{key}"), "not supported"));
             }
         }
-        let content = content_text(
+        let mut content = content_text(
             m.get("content").unwrap_or(&Value::Null),
             &format!("{at}.content"),
         )?;
+        if let Some(calls) = m.get("tool_calls").filter(|v| !v.is_null()) {
+            let text = crate::tools::calls_text(calls, &format!("{at}.tool_calls"))?;
+            content = if content.is_empty() {
+                text
+            } else {
+                format!("{content}\n{text}")
+            };
+        }
+        if role == "tool" {
+            let id = m
+                .get("tool_call_id")
+                .and_then(Value::as_str)
+                .ok_or_else(|| wrong(&format!("{at}.tool_call_id"), "a string"))?;
+            content = format!("Result of tool call {id}: {content}");
+        }
         messages.push(ChatMessage::new(role, content));
     }
     let stream = match o.get("stream") {
@@ -349,6 +367,14 @@ pub(crate) fn parse(o: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
             e.to_string(),
         )
     })?;
+    let tools = crate::tools::parse(o)?;
+    if tools.is_some() && schema.is_some() {
+        return Err(ApiError::invalid(
+            "invalid_value",
+            "response_format",
+            "response_format json_schema cannot be combined with tools",
+        ));
+    }
     Ok(ChatRequest {
         model,
         messages,
@@ -356,6 +382,7 @@ pub(crate) fn parse(o: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
         include_usage,
         params,
         schema,
+        tools,
     })
 }
 
@@ -384,7 +411,7 @@ pub(crate) async fn completions(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
     let o = parse_object(&body)?;
-    let req = parse(&o)?;
+    let mut req = parse(&o)?;
     let pool = match state.models.get(&req.model) {
         Some(Served::Generator(p)) => p.clone(),
         Some(Served::Embedder(_)) => {
@@ -406,6 +433,30 @@ pub(crate) async fn completions(
     let span = tracing::info_span!("gateway.chat", tenant = %principal.tenant, model = %req.model, stream = req.stream);
     metrics::counter!("soma_gateway_chat_requests_total", "tenant" => principal.tenant.clone(), "model" => req.model.clone()).increment(1);
     let started = Instant::now();
+    let created = state.models.created;
+    if let Some((tools, choice)) = req.tools.take() {
+        if choice != crate::tools::Choice::None {
+            crate::tools::describe(&mut req.messages, &tools);
+        }
+        let outcome = crate::tools::decide(&pool, &req.messages, &req.params, &tools, &choice)
+            .instrument(span.clone())
+            .await?;
+        if let crate::tools::Outcome::Call {
+            name,
+            arguments,
+            usage,
+        } = outcome
+        {
+            record_usage(
+                &principal,
+                &req.model,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            );
+            metrics::counter!("soma_gateway_tool_calls_total", "tenant" => principal.tenant.clone(), "tool" => name.clone()).increment(1);
+            return Ok(tool_call_response(&req, created, &name, &arguments, usage));
+        }
+    }
     let stream = pool
         .generate(GenerateRequest {
             prompt: Prompt::Chat(req.messages),
@@ -415,7 +466,6 @@ pub(crate) async fn completions(
         .instrument(span.clone())
         .await?;
     let id = completion_id();
-    let created = state.models.created;
     if req.stream {
         return Ok(sse(Streaming {
             inner: Some(stream),
@@ -456,6 +506,71 @@ pub(crate) async fn completions(
         },
     }))
     .into_response())
+}
+
+/// A tool call as OpenAI returns it: in one body, or as a stream of chunks (the call in one
+/// delta: it was generated whole, under its schema).
+fn tool_call_response(
+    req: &ChatRequest,
+    created: u64,
+    name: &str,
+    arguments: &str,
+    usage: soma_inference::Usage,
+) -> Response {
+    let id = completion_id();
+    let call_id = format!("call_{:016x}", fastrand_u64());
+    let usage_json = json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+    });
+    if !req.stream {
+        return Json(json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": req.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": null, "refusal": null, "tool_calls": [{
+                    "id": call_id, "type": "function",
+                    "function": {"name": name, "arguments": arguments},
+                }]},
+                "logprobs": null,
+                "finish_reason": "tool_calls",
+            }],
+            "usage": usage_json,
+        }))
+        .into_response();
+    }
+    let chunk = |delta: Value, finish: Option<&str>| {
+        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": req.model,
+               "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+        .to_string()
+    };
+    let mut events = vec![
+        chunk(json!({"role": "assistant", "content": null}), None),
+        chunk(
+            json!({"tool_calls": [{"index": 0, "id": call_id, "type": "function",
+                                   "function": {"name": name, "arguments": arguments}}]}),
+            None,
+        ),
+        chunk(json!({}), Some("tool_calls")),
+    ];
+    if req.include_usage {
+        events.push(
+            json!({"id": id, "object": "chat.completion.chunk", "created": created,
+                   "model": req.model, "choices": [], "usage": usage_json})
+            .to_string(),
+        );
+    }
+    events.push("[DONE]".to_string());
+    let stream = stream::iter(
+        events
+            .into_iter()
+            .map(|e| Ok::<_, Infallible>(Event::default().data(e))),
+    );
+    Sse::new(stream).into_response()
 }
 
 pub(crate) fn record_usage(principal: &Principal, model: &str, input: usize, output: usize) {

@@ -163,6 +163,9 @@ impl From<soma_inference::Error> for ApiError {
             I::Schema { .. } => {
                 ApiError::invalid("unsupported_schema", "response_format", e.to_string())
             }
+            I::IncompleteStructured(_) => {
+                ApiError::invalid("structured_output_incomplete", "max_tokens", e.to_string())
+            }
             I::QueueFull(_) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", e.to_string())
                     .retry_after(1)

@@ -13,6 +13,7 @@ mod error;
 mod keys;
 mod models;
 mod server;
+mod tools;
 
 pub use config::GatewayConfig;
 pub use error::{ApiError, Error, Result};
