@@ -61,9 +61,15 @@ fn md<'a>(ct: &'a gguf_file::Content, key: &str, path: &Path) -> Result<&'a gguf
 /// read once; without re-quantization its bytes are what the engines read their tensors
 /// from.
 pub(crate) fn load(path: &Path, quant: Quantization) -> Result<Loaded> {
-    let mut file = Cursor::new(std::fs::read(path).map_err(|e| Error::model(path, e))?);
-    let ct = gguf_file::Content::read(&mut file)
-        .map_err(|e| Error::model(path, format!("not a GGUF model file: {e}")))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::model(path, e))?;
+    crate::gguf_check::check_header(&bytes).map_err(|e| Error::model(path, e))?;
+    let mut file = Cursor::new(bytes);
+    // The header was checked; a panic in the reader would still be an error, not a crash.
+    let ct = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gguf_file::Content::read(&mut file)
+    }))
+    .map_err(|_| Error::model(path, "the GGUF reader failed on this file"))?
+    .map_err(|e| Error::model(path, format!("not a GGUF model file: {e}")))?;
     let arch = md(&ct, "general.architecture", path)?
         .to_string()
         .map_err(|e| Error::model(path, e))?
@@ -97,6 +103,22 @@ pub(crate) fn load(path: &Path, quant: Quantization) -> Result<Loaded> {
     }
     if !ct.tensor_infos.contains_key("token_embd.weight") {
         return Err(Error::model(path, "tensor `token_embd.weight` is missing"));
+    }
+    for key in ["llama.rope.scaling.type", "llama.rope.scaling.factor"] {
+        if let Some(v) = ct.metadata.get(key) {
+            let neutral = match key {
+                "llama.rope.scaling.type" => v.to_string().is_ok_and(|s| s == "none"),
+                _ => v.to_f32().is_ok_and(|f| f == 1.0),
+            };
+            if !neutral {
+                return Err(Error::model(
+                    path,
+                    format!(
+                        "`{key}` = {v:?}: rope scaling is not supported (the output would be wrong)"
+                    ),
+                ));
+            }
+        }
     }
     let context_length = ct
         .metadata
@@ -324,6 +346,14 @@ impl TextTokenizer {
             .and_then(|v| v.to_string().ok().cloned())
             .unwrap_or_default();
         let byte_level = ByteLevel::new(false, true, true);
+        if !matches!(
+            pre.as_str(),
+            "" | "default" | "gpt2" | "smollm" | "starcoder" | "refact"
+        ) {
+            return Err(err(format!(
+                "pre-tokenizer `{pre}` is not supported (pass a tokenizer.json)"
+            )));
+        }
         if pre == "smollm" || pre == "starcoder" || pre == "refact" {
             inner.with_pre_tokenizer(Some(Sequence::new(vec![
                 Digits::new(true).into(),

@@ -15,6 +15,7 @@ mod embed;
 mod error;
 mod generate;
 mod gguf;
+mod gguf_check;
 mod metrics;
 mod native;
 mod pool;
