@@ -20,21 +20,18 @@ pub(crate) struct ModelsConfig {
     /// Folder whose sub-folders are served by name: a GGUF file makes a chat model, a
     /// BERT folder (`config.json`, `model.safetensors`) an embedding model.
     pub(crate) dir: PathBuf,
-    /// Replicas per chat model.
-    pub(crate) generator_replicas: usize,
-    /// Replicas per embedding model.
-    pub(crate) embedder_replicas: usize,
-    /// Requests queued per model before 429.
-    pub(crate) queue: usize,
+    /// The pool of each chat model.
+    pub(crate) generator: GeneratorConfig,
+    /// The pool of each embedding model.
+    pub(crate) embedder: EmbedderConfig,
 }
 
 impl Default for ModelsConfig {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("models"),
-            generator_replicas: 1,
-            embedder_replicas: 1,
-            queue: 256,
+            generator: GeneratorConfig::default(),
+            embedder: EmbedderConfig::default(),
         }
     }
 }
@@ -139,13 +136,15 @@ impl ServeConfig {
             }
             other => err(origin, "gateway", other.to_string()),
         })?;
-        for (key, n) in [
-            ("models.generator_replicas", self.models.generator_replicas),
-            ("models.embedder_replicas", self.models.embedder_replicas),
-            ("models.queue", self.models.queue),
+        for checked in [
+            self.models.generator.validate(),
+            self.models.embedder.validate(),
         ] {
-            if n == 0 {
-                return Err(err(origin, key, "must be at least 1"));
+            if let Err(e) = checked {
+                let text = e.to_string();
+                let text = text.strip_prefix("configuration: ").unwrap_or(&text);
+                let (key, reason) = text.split_once(": ").unwrap_or(("models", text));
+                return Err(err(origin, format!("models.{key}"), reason));
             }
         }
         if self.data.as_os_str().is_empty() {
@@ -290,15 +289,7 @@ async fn load_models(config: &ModelsConfig) -> anyhow::Result<Models> {
                 )
             })
             .await??;
-            let pool = GeneratorPool::start(
-                model,
-                GeneratorConfig {
-                    replicas: config.generator_replicas,
-                    queue: config.queue,
-                    threads: None,
-                },
-            )
-            .await?;
+            let pool = GeneratorPool::start(model, config.generator.clone()).await?;
             tracing::info!(model = %id, kind = "chat", "model loaded");
             models.add_generator(id, pool);
         } else if dir.join("config.json").exists() && dir.join("model.safetensors").exists() {
@@ -307,15 +298,7 @@ async fn load_models(config: &ModelsConfig) -> anyhow::Result<Models> {
                 EmbeddingModel::load(&d, &DeviceChoice::Cpu.device()?)
             })
             .await??;
-            let pool = EmbedderPool::start(
-                model,
-                EmbedderConfig {
-                    replicas: config.embedder_replicas,
-                    queue: config.queue,
-                    ..Default::default()
-                },
-            )
-            .await?;
+            let pool = EmbedderPool::start(model, config.embedder.clone()).await?;
             tracing::info!(model = %id, kind = "embedding", "model loaded");
             models.add_embedder(id, pool);
         }

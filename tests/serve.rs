@@ -743,6 +743,19 @@ fn configuration_is_file_then_environment_then_flags_and_errors_name_the_key() {
         err.contains("rate_limit") && err.contains("soma.toml"),
         "{err}"
     );
+    // A pool setting: by its key under models.
+    std::fs::write(&file, "[models.generator]\nreplicas = 2\n").unwrap();
+    let text = String::from_utf8(print(&[], &[]).stdout).unwrap();
+    assert!(text.contains("replicas = 2"), "{text}");
+    let err =
+        String::from_utf8(print(&[("SOMA_MODELS_GENERATOR_REPLICAS", "0")], &[]).stderr).unwrap();
+    assert!(err.contains("models.generator.replicas"), "{err}");
+    std::fs::write(&file, "[models.embedder]\nmax_wait = 5\n").unwrap();
+    let err = String::from_utf8(print(&[], &[]).stderr).unwrap();
+    assert!(
+        err.contains("max_wait") && err.contains("soma.toml"),
+        "{err}"
+    );
     // So does a bad value of the inference pool's variable, at start.
     let out = soma(data.path())
         .args(["serve", "--listen", "127.0.0.1:0"])

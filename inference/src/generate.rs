@@ -17,7 +17,8 @@ use crate::sample::{Sampler, SamplingParams};
 use crate::schema::JsonSchema;
 
 /// How to load a generation model.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct GeneratorOptions {
     /// Which implementation runs the model.
     pub engine: Engine,

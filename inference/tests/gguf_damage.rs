@@ -14,7 +14,11 @@ fn load(bytes: &[u8]) -> Result<GenerationModel, soma_inference::Error> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
     std::fs::write(&path, bytes).unwrap();
-    GenerationModel::load(&path, &DeviceChoice::Cpu.device().unwrap(), &GeneratorOptions::default())
+    GenerationModel::load(
+        &path,
+        &DeviceChoice::Cpu.device().unwrap(),
+        &GeneratorOptions::default(),
+    )
 }
 
 fn original() -> &'static [u8] {
@@ -26,7 +30,9 @@ fn original() -> &'static [u8] {
 fn a_truncated_model_is_an_error_naming_the_file() {
     let bytes = original();
     for cut in [0, 3, 24, 100, HEADER, bytes.len() / 2, bytes.len() - 1] {
-        let e = load(&bytes[..cut]).err().unwrap_or_else(|| panic!("cut at {cut} loaded"));
+        let e = load(&bytes[..cut])
+            .err()
+            .unwrap_or_else(|| panic!("cut at {cut} loaded"));
         assert!(e.to_string().contains("m.gguf"), "cut at {cut}: {e}");
     }
 }

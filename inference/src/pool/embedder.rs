@@ -17,13 +17,16 @@ use crate::metrics as m;
 const POOL: &str = "embedder";
 
 /// How the embedder pool runs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct EmbedderConfig {
     /// Replicas (actors) serving batches; each runs one batch at a time.
     pub replicas: usize,
     /// Most texts in one forward pass (a request's texts are never split).
     pub max_batch: usize,
-    /// Longest a request waits for others to batch with, once a replica is free.
+    /// Longest a request waits for others to batch with, once a replica is free (in
+    /// configuration files: milliseconds, `max_wait_ms`).
+    #[serde(rename = "max_wait_ms", with = "crate::device::millis")]
     pub max_wait: Duration,
     /// Most requests waiting; more are refused with [`Error::QueueFull`].
     pub queue: usize,
@@ -43,6 +46,23 @@ impl Default for EmbedderConfig {
             max_texts: 256,
             threads: None,
         }
+    }
+}
+
+impl EmbedderConfig {
+    /// Checks every value; the error names the key.
+    pub fn validate(&self) -> Result<()> {
+        for (key, n) in [
+            ("replicas", self.replicas),
+            ("max_batch", self.max_batch),
+            ("queue", self.queue),
+            ("max_texts", self.max_texts),
+        ] {
+            if n == 0 {
+                return Err(Error::Config(format!("embedder.{key}: must be at least 1")));
+            }
+        }
+        check_threads(self.threads).map_err(|e| Error::Config(format!("embedder.threads: {e}")))
     }
 }
 
@@ -152,16 +172,7 @@ pub struct EmbedderPool {
 impl EmbedderPool {
     /// Starts `config.replicas` replicas sharing `model`'s weights, and the batcher.
     pub async fn start(model: EmbeddingModel, config: EmbedderConfig) -> Result<Self> {
-        if config.replicas == 0
-            || config.max_batch == 0
-            || config.queue == 0
-            || config.max_texts == 0
-        {
-            return Err(Error::Config(
-                "replicas, max_batch, queue and max_texts must be at least 1".into(),
-            ));
-        }
-        check_threads(config.threads)?;
+        config.validate()?;
         let dimension = model.dimension();
         let model = Arc::new(model);
         let shared = model.clone();

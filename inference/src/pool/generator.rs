@@ -26,7 +26,8 @@ const POOL: &str = "generator";
 const STREAM_BUFFER: usize = 64;
 
 /// How the generator pool runs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct GeneratorConfig {
     /// Replicas (actors), each serving one generation at a time.
     pub replicas: usize,
@@ -44,6 +45,20 @@ impl Default for GeneratorConfig {
             queue: 256,
             threads: None,
         }
+    }
+}
+
+impl GeneratorConfig {
+    /// Checks every value; the error names the key.
+    pub fn validate(&self) -> Result<()> {
+        for (key, n) in [("replicas", self.replicas), ("queue", self.queue)] {
+            if n == 0 {
+                return Err(Error::Config(format!(
+                    "generator.{key}: must be at least 1"
+                )));
+            }
+        }
+        check_threads(self.threads).map_err(|e| Error::Config(format!("generator.threads: {e}")))
     }
 }
 
@@ -270,12 +285,7 @@ pub struct GeneratorPool {
 impl GeneratorPool {
     /// Starts `config.replicas` replicas sharing `model`'s weights.
     pub async fn start(model: GenerationModel, config: GeneratorConfig) -> Result<Self> {
-        if config.replicas == 0 || config.queue == 0 {
-            return Err(Error::Config(
-                "replicas and queue must be at least 1".into(),
-            ));
-        }
-        check_threads(config.threads)?;
+        config.validate()?;
         let base = Arc::new(model);
         let mut replicas = Replicas::new(POOL, config.replicas);
         let model = base.clone();
