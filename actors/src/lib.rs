@@ -1,4 +1,17 @@
 //! The domain of SomaAgent as durable actors: tenants, sessions, agents, KAMACHIQ projects,
 //! tool calls, and each tenant's constitution (Rego policies) gating every action.
 //!
-//! Not built yet: this crate holds no code until its issue comes.
+//! Built so far: [`Constitution`]s — versioned, content-hashed Rego policies with a JSON data
+//! document, compiled once per hash and evaluated in-process with `regorus` into a
+//! [`Decision`] (allow, deny with reasons, escalate with reasons) for one documented
+//! [`DecisionInput`]; [`Governance`] holds each tenant's current one and swaps it only for
+//! one that compiles. Tenants, sessions, agents and tool calls as actors are not built yet.
+
+mod constitution;
+mod error;
+
+pub use constitution::{
+    Action, Compiled, Constitution, DEFAULT_DATA, DEFAULT_POLICY, Decision, DecisionInput,
+    Governance, Principal, PrincipalKind, Verdict,
+};
+pub use error::{Error, Result};

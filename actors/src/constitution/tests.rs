@@ -1,0 +1,183 @@
+#![allow(clippy::unwrap_used)]
+
+use serde_json::json;
+
+use super::*;
+
+fn input(action: Action, resource: serde_json::Value, context: serde_json::Value) -> DecisionInput {
+    DecisionInput {
+        tenant: "acme".into(),
+        principal: Principal {
+            kind: PrincipalKind::Agent,
+            id: "agent-1".into(),
+            roles: vec![],
+        },
+        actor: "session/1".into(),
+        action,
+        resource,
+        context,
+    }
+}
+
+fn ctx() -> serde_json::Value {
+    json!({"tokens_today": 10, "budget_left": 5.0, "now_ms": 0})
+}
+
+fn governed() -> Governance {
+    let g = Governance::new();
+    g.update("acme", Constitution::default_for_tenant())
+        .unwrap();
+    g
+}
+
+#[test]
+fn the_default_constitution_allows_denies_and_escalates() {
+    let g = governed();
+    let d = |a, r, c| g.decide(&input(a, r, c)).unwrap().decision;
+    assert_eq!(
+        d(Action::ModelGenerate, json!({"model": "m"}), ctx()),
+        Decision::Allow
+    );
+    assert_eq!(
+        d(Action::ToolCall, json!({"tool": "memory.recall"}), ctx()),
+        Decision::Allow
+    );
+    assert_eq!(
+        d(Action::ToolCall, json!({"tool": "shell.exec"}), ctx()),
+        Decision::Deny {
+            reasons: vec!["tool shell.exec is not allowed".into()]
+        }
+    );
+    assert_eq!(
+        d(Action::ToolCall, json!({"tool": "http.request"}), ctx()),
+        Decision::Escalate {
+            reasons: vec!["tool http.request needs a human approval".into()]
+        }
+    );
+    assert_eq!(
+        d(
+            Action::ModelGenerate,
+            json!({}),
+            json!({"tokens_today": 0, "budget_left": 0})
+        ),
+        Decision::Deny {
+            reasons: vec!["the tenant's budget is spent".into()]
+        }
+    );
+    assert_eq!(
+        d(
+            Action::ModelGenerate,
+            json!({}),
+            json!({"tokens_today": 1_000_000, "budget_left": 9})
+        ),
+        Decision::Deny {
+            reasons: vec!["the daily token quota of 1000000 is used up".into()]
+        }
+    );
+    assert_eq!(
+        d(Action::MemoryRead, json!({"tenant": "other"}), ctx()),
+        Decision::Deny {
+            reasons: vec!["the resource belongs to another tenant".into()]
+        }
+    );
+    assert_eq!(
+        d(Action::MemoryErase, json!({}), ctx()),
+        Decision::Deny {
+            reasons: vec!["agents may not erase memory".into()]
+        }
+    );
+    // Two reasons at once: both are given.
+    match d(
+        Action::ToolCall,
+        json!({"tool": "shell.exec", "tenant": "other"}),
+        ctx(),
+    ) {
+        Decision::Deny { reasons } => assert_eq!(reasons.len(), 2, "{reasons:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_constitution_that_does_not_compile_is_refused_and_the_old_one_stays() {
+    let g = governed();
+    let before = g.current("acme").unwrap();
+    let bad = Constitution {
+        version: 2,
+        policy: "package soma\nallow if {".into(),
+        data: json!({}),
+    };
+    let e = g.update("acme", bad).unwrap_err();
+    assert!(matches!(e, Error::PolicyCompile { .. }), "{e}");
+    assert_eq!(g.current("acme").unwrap(), before);
+    let still = g
+        .decide(&input(
+            Action::ToolCall,
+            json!({"tool": "shell.exec"}),
+            ctx(),
+        ))
+        .unwrap();
+    assert_eq!(still.constitution, before.hash());
+    assert!(matches!(still.decision, Decision::Deny { .. }));
+}
+
+#[test]
+fn an_update_takes_effect_for_the_next_decision_and_changes_the_hash() {
+    let g = governed();
+    let first = g
+        .decide(&input(Action::TaskStart, json!({}), ctx()))
+        .unwrap();
+    assert_eq!(first.decision, Decision::Allow);
+    let mut c = Constitution::default_for_tenant();
+    c.version = 2;
+    c.policy.push_str(
+        "\ndeny contains \"no tasks on this tenant\" if input.action == \"task.start\"\n",
+    );
+    let hash = g.update("acme", c).unwrap();
+    let next = g
+        .decide(&input(Action::TaskStart, json!({}), ctx()))
+        .unwrap();
+    assert_eq!(
+        next.decision,
+        Decision::Deny {
+            reasons: vec!["no tasks on this tenant".into()]
+        }
+    );
+    assert_eq!(next.constitution, hash);
+    assert_ne!(next.constitution, first.constitution);
+    assert_eq!(next.version, 2);
+}
+
+#[test]
+fn nothing_is_allowed_that_no_rule_allows_and_tenants_are_apart() {
+    let g = Governance::new();
+    g.update(
+        "empty",
+        Constitution {
+            version: 1,
+            policy: "package soma\n".into(),
+            data: json!({}),
+        },
+    )
+    .unwrap();
+    let mut i = input(Action::ModelGenerate, json!({}), ctx());
+    i.tenant = "empty".into();
+    assert_eq!(
+        g.decide(&i).unwrap().decision,
+        Decision::Deny {
+            reasons: vec!["no rule allows this action".into()]
+        }
+    );
+    i.tenant = "nobody".into();
+    assert!(matches!(g.decide(&i), Err(Error::NoConstitution(_))));
+    assert!(matches!(
+        g.update(
+            "x",
+            Constitution {
+                version: 1,
+                policy: "package soma\n".into(),
+                data: json!([1])
+            }
+        ),
+        Err(Error::PolicyData)
+    ));
+}
