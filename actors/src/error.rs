@@ -20,6 +20,36 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// An id is not 1-64 of `a-z 0-9 - _`.
+    #[error("{0:?} is not an id (1-64 of a-z, 0-9, '-', '_')")]
+    InvalidId(String),
+    /// No such entity (of this tenant).
+    #[error("no {what} {id:?}")]
+    NotFound {
+        /// What was looked for.
+        what: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// The entity exists already.
+    #[error("{what} {id:?} exists already")]
+    AlreadyExists {
+        /// What.
+        what: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// A constitution's version must be above the current one.
+    #[error("constitution version {given} is not above the current {current}")]
+    StaleVersion {
+        /// The current version.
+        current: u64,
+        /// The version given.
+        given: u64,
+    },
+    /// The durable-actor runtime failed.
+    #[error(transparent)]
+    Runtime(#[from] soma_supervision::Error),
     /// The tenant has no constitution.
     #[error("tenant {0:?} has no constitution")]
     NoConstitution(String),

@@ -5,13 +5,20 @@
 //! document, compiled once per hash and evaluated in-process with `regorus` into a
 //! [`Decision`] (allow, deny with reasons, escalate with reasons) for one documented
 //! [`DecisionInput`]; [`Governance`] holds each tenant's current one and swaps it only for
-//! one that compiles. Tenants, sessions, agents and tool calls as actors are not built yet.
+//! one that compiles. [`Tenants`]: each tenant a durable actor (settings, flags, quotas, budget
+//! and prices, its constitution, metered usage), deciding by its constitution with a context
+//! from its state. Sessions, agents and tool calls as actors are not built yet.
 
 mod constitution;
 mod error;
+mod tenant;
 
 pub use constitution::{
     Action, Compiled, Constitution, DEFAULT_DATA, DEFAULT_POLICY, Decision, DecisionInput,
     Governance, Principal, PrincipalKind, Verdict,
 };
 pub use error::{Error, Result};
+pub use tenant::{
+    ModelUsage, Price, Quotas, Tenant, TenantActor, TenantMsg, TenantSettings, TenantState,
+    Tenants, UsageReport,
+};

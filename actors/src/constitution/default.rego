@@ -24,10 +24,11 @@ deny contains "the tenant's budget is spent" if {
 	input.context.budget_left <= 0
 }
 
-# 4. ... or the daily token quota is used up.
-deny contains sprintf("the daily token quota of %d is used up", [data.limits.tokens_per_day]) if {
+# 4. ... or the daily token quota is used up (the tenant's quota, else data.limits).
+deny contains sprintf("the daily token quota of %d is used up", [quota]) if {
 	input.action == "model.generate"
-	input.context.tokens_today >= data.limits.tokens_per_day
+	quota := object.get(input.context, "tokens_per_day", data.limits.tokens_per_day)
+	input.context.tokens_today >= quota
 }
 
 # 5. Only the tools the tenant allows run.

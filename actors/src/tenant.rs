@@ -1,0 +1,487 @@
+//! Tenants as durable actors: settings, feature flags, quotas, budget and prices, the
+//! current constitution, and metered usage, keyed by tenant id in registry `tenant`.
+//!
+//! Every change is a durable message to the tenant's actor; [`Tenants`] waits until it is
+//! handled, so what a call returns is what the next read sees. Decisions for a tenant are
+//! made by its current constitution with a context built from its state (tokens used today,
+//! budget left, whether it is suspended).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use soma_supervision::{Context, DurableActor, HandlerError, Registry, RegistryOptions, Runtime};
+
+use crate::constitution::{Action, Compiled, Constitution, DecisionInput, Principal, Verdict};
+use crate::error::{Error, Result};
+
+const MS_PER_DAY: u64 = 86_400_000;
+
+/// Quotas of a tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quotas {
+    /// Sessions open at once.
+    pub concurrent_sessions: u32,
+    /// Projects running at once.
+    pub concurrent_projects: u32,
+    /// Requests per minute.
+    pub requests_per_minute: u32,
+    /// Model tokens (in and out) per UTC day.
+    pub tokens_per_day: u64,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            concurrent_sessions: 100,
+            concurrent_projects: 10,
+            requests_per_minute: 600,
+            tokens_per_day: 1_000_000,
+        }
+    }
+}
+
+/// The price of a model, in millionths of the currency per 1,000 tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Per 1,000 tokens in.
+    pub input_per_1k_micros: u64,
+    /// Per 1,000 tokens out.
+    pub output_per_1k_micros: u64,
+}
+
+/// A tenant's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantSettings {
+    /// Shown to people.
+    pub display_name: String,
+    /// Feature flags.
+    pub flags: BTreeMap<String, bool>,
+    /// Quotas.
+    pub quotas: Quotas,
+    /// Currency of the budget and prices (`EUR`, `USD`, ...).
+    pub currency: String,
+    /// The budget, in millionths of the currency (0: none).
+    pub budget_micros: u64,
+    /// Prices by model id.
+    pub prices: BTreeMap<String, Price>,
+}
+
+/// Tokens and cost of one model on one day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ModelUsage {
+    /// Tokens in.
+    pub tokens_in: u64,
+    /// Tokens out.
+    pub tokens_out: u64,
+    /// Cost, millionths of the currency.
+    pub cost_micros: u64,
+}
+
+/// A constitution as stored (its data as JSON text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Stored {
+    version: u64,
+    policy: String,
+    data: String,
+}
+
+impl Stored {
+    fn of(c: &Constitution) -> Self {
+        Self {
+            version: c.version,
+            policy: c.policy.clone(),
+            data: c.data.to_string(),
+        }
+    }
+
+    fn constitution(&self) -> Constitution {
+        Constitution {
+            version: self.version,
+            policy: self.policy.clone(),
+            data: serde_json::from_str(&self.data).unwrap_or(serde_json::Value::Null),
+        }
+    }
+}
+
+/// A tenant's durable state.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TenantState {
+    exists: bool,
+    settings: TenantSettings,
+    suspended: bool,
+    constitution: Option<Stored>,
+    /// Usage by UTC day number, then model.
+    usage: BTreeMap<u64, BTreeMap<String, ModelUsage>>,
+    spent_micros: u64,
+}
+
+/// What a tenant looks like from outside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    /// Its id.
+    pub id: String,
+    /// Settings.
+    pub settings: TenantSettings,
+    /// Suspended tenants are denied everything by the default constitution.
+    pub suspended: bool,
+    /// The current constitution's version and hash.
+    pub constitution: Option<(u64, String)>,
+    /// Spent so far, millionths of the currency.
+    pub spent_micros: u64,
+}
+
+/// The tenant actor's messages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum TenantMsg {
+    /// Creates the tenant with the default constitution.
+    Create(TenantSettings),
+    /// Replaces its settings.
+    Update(TenantSettings),
+    /// Suspends or resumes it.
+    Suspend(bool),
+    /// Replaces its constitution (compiled before it was sent).
+    SetConstitution {
+        /// Its version.
+        version: u64,
+        /// The Rego source.
+        policy: String,
+        /// The data document, JSON text.
+        data: String,
+    },
+    /// Records a model call's tokens at `at_ms`.
+    RecordUsage {
+        /// The model.
+        model: String,
+        /// Tokens in.
+        tokens_in: u64,
+        /// Tokens out.
+        tokens_out: u64,
+        /// When, ms since the Unix epoch.
+        at_ms: u64,
+    },
+}
+
+/// The tenant actor.
+#[derive(Debug)]
+pub struct TenantActor;
+
+fn cost(price: Price, tokens_in: u64, tokens_out: u64) -> u64 {
+    let part = |tokens: u64, per_1k: u64| (u128::from(tokens) * u128::from(per_1k)).div_ceil(1000);
+    u64::try_from(
+        part(tokens_in, price.input_per_1k_micros) + part(tokens_out, price.output_per_1k_micros),
+    )
+    .unwrap_or(u64::MAX)
+}
+
+impl DurableActor for TenantActor {
+    type Msg = TenantMsg;
+    type State = TenantState;
+
+    fn init(&self, _key: &str) -> TenantState {
+        TenantState::default()
+    }
+
+    async fn handle(
+        &self,
+        _ctx: &mut Context<TenantMsg>,
+        s: &mut TenantState,
+        msg: TenantMsg,
+    ) -> std::result::Result<(), HandlerError> {
+        match msg {
+            TenantMsg::Create(settings) => {
+                if !s.exists {
+                    *s = TenantState {
+                        exists: true,
+                        settings,
+                        constitution: Some(Stored::of(&Constitution::default_for_tenant())),
+                        ..TenantState::default()
+                    };
+                }
+            }
+            _ if !s.exists => {}
+            TenantMsg::Update(settings) => s.settings = settings,
+            TenantMsg::Suspend(on) => s.suspended = on,
+            TenantMsg::SetConstitution {
+                version,
+                policy,
+                data,
+            } => {
+                s.constitution = Some(Stored {
+                    version,
+                    policy,
+                    data,
+                });
+            }
+            TenantMsg::RecordUsage {
+                model,
+                tokens_in,
+                tokens_out,
+                at_ms,
+            } => {
+                let price = s.settings.prices.get(&model).copied().unwrap_or_default();
+                let c = cost(price, tokens_in, tokens_out);
+                let u = s
+                    .usage
+                    .entry(at_ms / MS_PER_DAY)
+                    .or_default()
+                    .entry(model)
+                    .or_default();
+                u.tokens_in += tokens_in;
+                u.tokens_out += tokens_out;
+                u.cost_micros += c;
+                s.spent_micros = s.spent_micros.saturating_add(c);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Usage of a period, per model.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UsageReport {
+    /// Per model.
+    pub by_model: BTreeMap<String, ModelUsage>,
+    /// Sum over models.
+    pub total: ModelUsage,
+}
+
+/// The tenants of a runtime.
+#[derive(Clone)]
+pub struct Tenants {
+    registry: Registry<TenantActor>,
+    compiled: Arc<Mutex<BTreeMap<String, Arc<Compiled>>>>,
+}
+
+impl std::fmt::Debug for Tenants {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenants").finish_non_exhaustive()
+    }
+}
+
+fn check_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidId(id.chars().take(64).collect()))
+    }
+}
+
+impl Tenants {
+    /// The tenants of `rt` (registry `tenant`).
+    pub async fn open(rt: &Runtime) -> Result<Self> {
+        let mut options = RegistryOptions::new("tenant");
+        options.passivate_after_ms = Some(60_000);
+        Ok(Self {
+            registry: rt.registry(TenantActor, options).await?,
+            compiled: Arc::default(),
+        })
+    }
+
+    async fn apply(&self, id: &str, msg: TenantMsg) -> Result<()> {
+        let seq = self.registry.send(id, &msg).await?;
+        self.registry.wait_handled(id, seq).await?;
+        Ok(())
+    }
+
+    async fn existing(&self, id: &str) -> Result<TenantState> {
+        check_id(id)?;
+        let s = self.registry.state(id).await?;
+        if s.exists {
+            Ok(s)
+        } else {
+            Err(Error::NotFound {
+                what: "tenant",
+                id: id.to_string(),
+            })
+        }
+    }
+
+    /// Creates tenant `id` with `settings` and the default constitution.
+    pub async fn create(&self, id: &str, settings: TenantSettings) -> Result<Tenant> {
+        check_id(id)?;
+        if self.registry.state(id).await?.exists {
+            return Err(Error::AlreadyExists {
+                what: "tenant",
+                id: id.to_string(),
+            });
+        }
+        self.apply(id, TenantMsg::Create(settings)).await?;
+        tracing::info!(tenant = id, "tenant created");
+        self.get(id).await
+    }
+
+    /// The tenant `id`.
+    pub async fn get(&self, id: &str) -> Result<Tenant> {
+        let s = self.existing(id).await?;
+        Ok(Tenant {
+            id: id.to_string(),
+            settings: s.settings,
+            suspended: s.suspended,
+            constitution: s.constitution.map(|c| {
+                let c = c.constitution();
+                (c.version, c.hash())
+            }),
+            spent_micros: s.spent_micros,
+        })
+    }
+
+    /// Replaces the settings of `id`.
+    pub async fn update(&self, id: &str, settings: TenantSettings) -> Result<Tenant> {
+        self.existing(id).await?;
+        self.apply(id, TenantMsg::Update(settings)).await?;
+        self.get(id).await
+    }
+
+    /// Suspends (`true`) or resumes `id`.
+    pub async fn suspend(&self, id: &str, suspended: bool) -> Result<Tenant> {
+        self.existing(id).await?;
+        self.apply(id, TenantMsg::Suspend(suspended)).await?;
+        tracing::info!(tenant = id, suspended, "tenant suspension changed");
+        self.get(id).await
+    }
+
+    fn compiled_for(&self, c: &Constitution) -> Result<Arc<Compiled>> {
+        let hash = c.hash();
+        if let Some(done) = self
+            .compiled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&hash)
+        {
+            return Ok(done.clone());
+        }
+        let fresh = Arc::new(Compiled::compile(c)?);
+        self.compiled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hash, fresh.clone());
+        Ok(fresh)
+    }
+
+    /// Makes `c` the constitution of `id` from the next decision on. One that does not
+    /// compile is refused with the compiler's message and the current one stays; a version
+    /// not above the current one is refused too. Returns the new hash.
+    pub async fn set_constitution(&self, id: &str, c: Constitution) -> Result<String> {
+        let s = self.existing(id).await?;
+        let current = s.constitution.as_ref().map_or(0, |c| c.version);
+        if c.version <= current {
+            return Err(Error::StaleVersion {
+                current,
+                given: c.version,
+            });
+        }
+        let compiled = self.compiled_for(&c)?;
+        let stored = Stored::of(&c);
+        self.apply(
+            id,
+            TenantMsg::SetConstitution {
+                version: stored.version,
+                policy: stored.policy,
+                data: stored.data,
+            },
+        )
+        .await?;
+        tracing::info!(tenant = id, version = c.version, constitution = %compiled.hash(), "constitution updated");
+        Ok(compiled.hash().to_string())
+    }
+
+    /// The current constitution of `id`.
+    pub async fn constitution(&self, id: &str) -> Result<Constitution> {
+        let s = self.existing(id).await?;
+        s.constitution
+            .map(|c| c.constitution())
+            .ok_or_else(|| Error::NoConstitution(id.to_string()))
+    }
+
+    /// Records the tokens of a model call at `at_ms` (cost from the tenant's prices).
+    pub async fn record_usage(
+        &self,
+        id: &str,
+        model: &str,
+        tokens_in: u64,
+        tokens_out: u64,
+        at_ms: u64,
+    ) -> Result<()> {
+        self.existing(id).await?;
+        metrics::counter!("soma_tenant_tokens_total", "tenant" => id.to_string(), "direction" => "in").increment(tokens_in);
+        metrics::counter!("soma_tenant_tokens_total", "tenant" => id.to_string(), "direction" => "out").increment(tokens_out);
+        self.apply(
+            id,
+            TenantMsg::RecordUsage {
+                model: model.to_string(),
+                tokens_in,
+                tokens_out,
+                at_ms,
+            },
+        )
+        .await
+    }
+
+    /// Usage of `id` on the UTC days from `from_ms` to `to_ms` (both included).
+    pub async fn usage(&self, id: &str, from_ms: u64, to_ms: u64) -> Result<UsageReport> {
+        let s = self.existing(id).await?;
+        let mut report = UsageReport::default();
+        for (_, models) in s.usage.range(from_ms / MS_PER_DAY..=to_ms / MS_PER_DAY) {
+            for (model, u) in models {
+                let m = report.by_model.entry(model.clone()).or_default();
+                for acc in [&mut *m, &mut report.total] {
+                    acc.tokens_in += u.tokens_in;
+                    acc.tokens_out += u.tokens_out;
+                    acc.cost_micros += u.cost_micros;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Decides `action` on `resource` by `principal` for tenant `id` at `now_ms`, with the
+    /// context from its state: `tokens_today`, `budget_left` (in the currency; infinite
+    /// without a budget), `suspended`, `now_ms`.
+    pub async fn decide(
+        &self,
+        id: &str,
+        principal: Principal,
+        actor: &str,
+        action: Action,
+        resource: serde_json::Value,
+        now_ms: u64,
+    ) -> Result<Verdict> {
+        let s = self.existing(id).await?;
+        let stored = s
+            .constitution
+            .ok_or_else(|| Error::NoConstitution(id.to_string()))?;
+        let compiled = self.compiled_for(&stored.constitution())?;
+        let today = s.usage.get(&(now_ms / MS_PER_DAY)).map_or(0, |m| {
+            m.values().map(|u| u.tokens_in + u.tokens_out).sum::<u64>()
+        });
+        let budget_left = if s.settings.budget_micros == 0 {
+            f64::MAX
+        } else {
+            (s.settings.budget_micros as f64 - s.spent_micros as f64) / 1e6
+        };
+        let input = DecisionInput {
+            tenant: id.to_string(),
+            principal,
+            actor: actor.to_string(),
+            action,
+            resource,
+            context: serde_json::json!({
+                "tokens_today": today,
+                "tokens_per_day": s.settings.quotas.tokens_per_day,
+                "budget_left": budget_left,
+                "suspended": s.suspended,
+                "now_ms": now_ms,
+            }),
+        };
+        compiled.decide(&input)
+    }
+}
