@@ -48,6 +48,17 @@ pub(crate) struct ServeConfig {
     pub(crate) models: ModelsConfig,
     /// Limits of the gateway.
     pub(crate) gateway: GatewayLimits,
+    /// Tenants.
+    pub(crate) tenants: TenantsConfig,
+}
+
+/// Tenants of the node.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct TenantsConfig {
+    /// Settings of a tenant created at its first request (an API key's tenant that does not
+    /// exist yet).
+    pub(crate) defaults: soma_actors::TenantSettings,
 }
 
 /// The gateway's limits (its address is `listen`).
@@ -86,6 +97,7 @@ impl Default for ServeConfig {
             listen: GatewayConfig::default().listen,
             models: ModelsConfig::default(),
             gateway: GatewayLimits::default(),
+            tenants: TenantsConfig::default(),
         }
     }
 }
@@ -367,7 +379,19 @@ pub(crate) async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             Err("the journal is closing".into())
         }
     });
-    let gateway = Gateway::start(config.gateway(), models, keys, ready, Some(metrics)).await?;
+    let tenants = soma_actors::Tenants::open(&runtime).await?;
+    let governed = soma_gateway::Governed::new(tenants, config.tenants.defaults.clone());
+    let gateway = Gateway::start(
+        config.gateway(),
+        soma_gateway::Services {
+            models,
+            keys,
+            ready,
+            metrics: Some(metrics),
+            governed: Some(governed),
+        },
+    )
+    .await?;
     println!("listening on http://{}", gateway.local_addr());
     use std::io::Write as _;
     let _ = std::io::stdout().flush();

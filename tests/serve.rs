@@ -657,6 +657,62 @@ async fn a_key_over_its_rate_gets_429_with_retry_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_calls_pass_the_tenants_constitution_and_are_metered() {
+    let data = tempfile::tempdir().unwrap();
+    let (_, key) = create_key(data.path(), "acme");
+    let (_, other) = create_key(data.path(), "beta");
+    let config = data.path().join("soma.toml");
+    std::fs::write(&config, "[tenants.defaults.quotas]\ntokens_per_day = 100\n").unwrap();
+    let s = Server::start(data.path(), Some(&config));
+    // Each call: some 32 prompt tokens and 12 generated; the quota is checked before a call.
+    let mut spent = 0;
+    let mut denied = None;
+    for _ in 0..6 {
+        let (status, body) = post(
+            &s,
+            &key,
+            "/v1/chat/completions",
+            chat("Name three colours.", 12),
+        )
+        .await;
+        if status == 200 {
+            spent += body["usage"]["total_tokens"].as_u64().unwrap();
+            continue;
+        }
+        denied = Some((status, body));
+        break;
+    }
+    let (status, body) = denied.expect("the quota was never enforced");
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "policy_denied");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("daily token quota of 100"),
+        "{body}"
+    );
+    assert!(spent >= 100, "denied only once the quota was used: {spent}");
+    // Embeddings are model calls too; another tenant is not affected.
+    let (status, _) = post(
+        &s,
+        &key,
+        "/v1/embeddings",
+        json!({"model": EMBED, "input": "x"}),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, body) = post(
+        &s,
+        &other,
+        "/v1/chat/completions",
+        chat("Name three colours.", 12),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_ends_streams_with_a_final_event_and_exits_cleanly() {
     let data = tempfile::tempdir().unwrap();
     let (_, key) = create_key(data.path(), "acme");

@@ -434,6 +434,10 @@ pub(crate) async fn completions(
     metrics::counter!("soma_gateway_chat_requests_total", "tenant" => principal.tenant.clone(), "model" => req.model.clone()).increment(1);
     let started = Instant::now();
     let created = state.models.created;
+    let governed = state.governed.clone();
+    if let Some(g) = &governed {
+        g.admit(&principal, &req.model, "chat").await?;
+    }
     if let Some((tools, choice)) = req.tools.take() {
         if choice != crate::tools::Choice::None {
             crate::tools::describe(&mut req.messages, &tools);
@@ -447,12 +451,14 @@ pub(crate) async fn completions(
             usage,
         } = outcome
         {
-            record_usage(
+            meter(
+                governed.as_deref(),
                 &principal,
                 &req.model,
                 usage.prompt_tokens,
                 usage.completion_tokens,
-            );
+            )
+            .await;
             metrics::counter!("soma_gateway_tool_calls_total", "tenant" => principal.tenant.clone(), "tool" => name.clone()).increment(1);
             return Ok(tool_call_response(&req, created, &name, &arguments, usage));
         }
@@ -478,16 +484,19 @@ pub(crate) async fn completions(
             first: true,
             pending: Default::default(),
             stopping: state.stopping.clone(),
+            governed: governed.clone(),
         })
         .into_response());
     }
     let completion = stream.complete().instrument(span).await?;
-    record_usage(
+    meter(
+        governed.as_deref(),
         &principal,
         &req.model,
         completion.usage.prompt_tokens,
         completion.usage.completion_tokens,
-    );
+    )
+    .await;
     Ok(Json(json!({
         "id": id,
         "object": "chat.completion",
@@ -573,6 +582,21 @@ fn tool_call_response(
     Sse::new(stream).into_response()
 }
 
+/// Counts a model call's tokens in the metrics and, when the node runs tenants, in the
+/// tenant's usage.
+pub(crate) async fn meter(
+    governed: Option<&crate::governed::Governed>,
+    principal: &Principal,
+    model: &str,
+    input: usize,
+    output: usize,
+) {
+    record_usage(principal, model, input, output);
+    if let Some(g) = governed {
+        g.record(principal, model, input, output).await;
+    }
+}
+
 pub(crate) fn record_usage(principal: &Principal, model: &str, input: usize, output: usize) {
     metrics::counter!("soma_gateway_tokens_in_total", "tenant" => principal.tenant.clone(), "model" => model.to_string()).increment(input as u64);
     metrics::counter!("soma_gateway_tokens_out_total", "tenant" => principal.tenant.clone(), "model" => model.to_string()).increment(output as u64);
@@ -590,6 +614,7 @@ struct Streaming {
     first: bool,
     pending: std::collections::VecDeque<Event>,
     stopping: tokio::sync::watch::Receiver<bool>,
+    governed: Option<Arc<crate::governed::Governed>>,
 }
 
 impl Streaming {
@@ -647,12 +672,14 @@ fn sse(state: Streaming) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
                 }
                 Some(Ok(GenerationEvent::Done(c))) => {
                     s.inner = None;
-                    record_usage(
+                    meter(
+                        s.governed.as_deref(),
                         &s.principal,
                         &s.model,
                         c.usage.prompt_tokens,
                         c.usage.completion_tokens,
-                    );
+                    )
+                    .await;
                     let fin = s.chunk(json!({}), Some(finish_reason(c.finish)));
                     if s.include_usage {
                         s.pending.push_back(Event::default().data(

@@ -12,7 +12,6 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use tracing::Instrument as _;
 
-use crate::chat::record_usage;
 use crate::error::ApiError;
 use crate::keys::Principal;
 use crate::models::Served;
@@ -136,13 +135,16 @@ pub(crate) async fn embeddings(
             ),
         ));
     }
+    if let Some(g) = &state.governed {
+        g.admit(&principal, &model, "embedding").await?;
+    }
     let span = tracing::info_span!("gateway.embeddings", tenant = %principal.tenant, model = %model, inputs = texts.len());
     let mut tokens = 0usize;
     for t in &texts {
         tokens += pool.model().token_ids(t)?.len();
     }
     let vectors = pool.embed_many(texts).instrument(span).await?;
-    record_usage(&principal, &model, tokens, 0);
+    crate::chat::meter(state.governed.as_deref(), &principal, &model, tokens, 0).await;
     let data: Vec<Value> = vectors
         .into_iter()
         .enumerate()

@@ -10,6 +10,7 @@ mod chat;
 mod config;
 mod embeddings;
 mod error;
+mod governed;
 mod keys;
 mod models;
 mod server;
@@ -17,6 +18,7 @@ mod tools;
 
 pub use config::GatewayConfig;
 pub use error::{ApiError, Error, Result};
+pub use governed::Governed;
 pub use keys::{KeyRecord, KeyStore, Principal, Refusal, check_tenant};
 pub use models::{Models, Served};
-pub use server::{Gateway, Readiness};
+pub use server::{Gateway, Readiness, Services};

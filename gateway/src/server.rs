@@ -40,6 +40,30 @@ pub(crate) struct AppState {
     timeout: Duration,
     /// Becomes true when the gateway shuts down: streams end with a final event.
     pub(crate) stopping: watch::Receiver<bool>,
+    /// Constitutions and metering, when the node runs tenants.
+    pub(crate) governed: Option<Arc<crate::governed::Governed>>,
+}
+
+/// What the gateway serves and consults.
+pub struct Services {
+    /// The models.
+    pub models: Models,
+    /// The API keys.
+    pub keys: Arc<KeyStore>,
+    /// Whether the node is ready.
+    pub ready: Readiness,
+    /// The metrics exported at `/metrics`.
+    pub metrics: Option<PrometheusHandle>,
+    /// Constitutions and metering of model calls.
+    pub governed: Option<crate::governed::Governed>,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services")
+            .field("models", &self.models)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Parses a request body as a JSON object.
@@ -402,13 +426,14 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     /// Starts the gateway actor under its supervisor and binds `config.listen`.
-    pub async fn start(
-        config: GatewayConfig,
-        models: Models,
-        keys: Arc<KeyStore>,
-        ready: Readiness,
-        metrics: Option<PrometheusHandle>,
-    ) -> Result<Self> {
+    pub async fn start(config: GatewayConfig, services: Services) -> Result<Self> {
+        let Services {
+            models,
+            keys,
+            ready,
+            metrics,
+            governed,
+        } = services;
         config.validate()?;
         let quota = Quota::per_minute(
             std::num::NonZeroU32::new(config.rate_limit_per_minute)
@@ -426,6 +451,7 @@ impl Gateway {
             metrics,
             timeout: Duration::from_secs(config.request_timeout_secs),
             stopping,
+            governed: governed.map(Arc::new),
         });
         let shared = Arc::new(Shared {
             app: router(state, config.body_limit_bytes),

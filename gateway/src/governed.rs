@@ -1,0 +1,132 @@
+//! The tenant's constitution in front of every model call, and metering after it.
+
+use axum::http::StatusCode;
+use serde_json::json;
+use soma_actors::{Action, Decision, Principal as Who, PrincipalKind, TenantSettings, Tenants};
+
+use crate::error::ApiError;
+use crate::keys::Principal;
+
+/// Tenants whose constitutions decide the gateway's model calls and whose usage it meters.
+/// A key's tenant that does not exist yet is created at its first request with `defaults`.
+#[derive(Debug, Clone)]
+pub struct Governed {
+    tenants: Tenants,
+    defaults: TenantSettings,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "tenant store failed");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "tenant_store_failed",
+        "the tenant store failed",
+    )
+}
+
+impl Governed {
+    /// Governs by `tenants`; tenants created at first use get `defaults`.
+    pub fn new(tenants: Tenants, defaults: TenantSettings) -> Self {
+        Self { tenants, defaults }
+    }
+
+    async fn ensure(&self, tenant: &str) -> Result<(), ApiError> {
+        match self.tenants.get(tenant).await {
+            Ok(_) => Ok(()),
+            Err(soma_actors::Error::NotFound { .. }) => {
+                match self.tenants.create(tenant, self.defaults.clone()).await {
+                    Ok(_) | Err(soma_actors::Error::AlreadyExists { .. }) => {
+                        tracing::info!(tenant, "tenant created at its first request");
+                        Ok(())
+                    }
+                    Err(e) => Err(internal(e)),
+                }
+            }
+            Err(e) => Err(internal(e)),
+        }
+    }
+
+    /// Asks the tenant's constitution whether `principal` may run `model` (a `model.generate`
+    /// decision): a deny is a 403 `policy_denied`, an escalation a 403 `approval_required`
+    /// (durable approvals are not built yet), both naming the reasons.
+    pub(crate) async fn admit(
+        &self,
+        principal: &Principal,
+        model: &str,
+        kind: &str,
+    ) -> Result<(), ApiError> {
+        self.ensure(&principal.tenant).await?;
+        let who = Who {
+            kind: PrincipalKind::User,
+            id: principal.key_id.clone(),
+            roles: Vec::new(),
+        };
+        let verdict = self
+            .tenants
+            .decide(
+                &principal.tenant,
+                who,
+                "gateway",
+                Action::ModelGenerate,
+                json!({"model": model, "kind": kind, "tenant": principal.tenant}),
+                now_ms(),
+            )
+            .await
+            .map_err(|e| match e {
+                soma_actors::Error::PolicyEval { message } => ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "policy_failed",
+                    format!("the tenant's constitution could not decide: {message}"),
+                ),
+                other => internal(other),
+            })?;
+        match verdict.decision {
+            Decision::Allow => Ok(()),
+            Decision::Deny { reasons } => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "policy_denied",
+                format!(
+                    "denied by the tenant's constitution: {}",
+                    reasons.join("; ")
+                ),
+            )),
+            Decision::Escalate { reasons } => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "approval_required",
+                format!(
+                    "the tenant's constitution asks for a human approval: {}",
+                    reasons.join("; ")
+                ),
+            )),
+        }
+    }
+
+    /// Meters a model call's tokens for the tenant.
+    pub(crate) async fn record(
+        &self,
+        principal: &Principal,
+        model: &str,
+        tokens_in: usize,
+        tokens_out: usize,
+    ) {
+        if let Err(e) = self
+            .tenants
+            .record_usage(
+                &principal.tenant,
+                model,
+                tokens_in as u64,
+                tokens_out as u64,
+                now_ms(),
+            )
+            .await
+        {
+            tracing::error!(tenant = %principal.tenant, error = %e, "usage not recorded");
+        }
+    }
+}
