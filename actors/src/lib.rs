@@ -14,11 +14,11 @@ mod error;
 mod tenant;
 
 pub use constitution::{
-    Action, Compiled, Constitution, DEFAULT_DATA, DEFAULT_POLICY, Decision, DecisionInput,
-    Governance, Principal, PrincipalKind, Verdict,
+    Action, Compiled, CompiledCache, Constitution, DEFAULT_DATA, DEFAULT_POLICY, Decision,
+    DecisionInput, Governance, Principal, PrincipalKind, Verdict,
 };
 pub use error::{Error, Result};
 pub use tenant::{
     ModelUsage, Price, Quotas, Tenant, TenantActor, TenantMsg, TenantSettings, TenantState,
-    Tenants, UsageReport,
+    Tenants, UsageReport, check_id,
 };

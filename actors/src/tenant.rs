@@ -7,12 +7,14 @@
 //! budget left, whether it is suspended).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use soma_supervision::{Context, DurableActor, HandlerError, Registry, RegistryOptions, Runtime};
 
-use crate::constitution::{Action, Compiled, Constitution, DecisionInput, Principal, Verdict};
+use crate::constitution::{
+    Action, Compiled, CompiledCache, Constitution, DecisionInput, Principal, Verdict,
+};
 use crate::error::{Error, Result};
 
 const MS_PER_DAY: u64 = 86_400_000;
@@ -253,7 +255,7 @@ pub struct UsageReport {
 #[derive(Clone)]
 pub struct Tenants {
     registry: Registry<TenantActor>,
-    compiled: Arc<Mutex<BTreeMap<String, Arc<Compiled>>>>,
+    compiled: Arc<CompiledCache>,
 }
 
 impl std::fmt::Debug for Tenants {
@@ -262,7 +264,8 @@ impl std::fmt::Debug for Tenants {
     }
 }
 
-fn check_id(id: &str) -> Result<()> {
+/// Checks an id of the domain (tenant, session, ...): 1-64 of `a-z 0-9 - _`.
+pub fn check_id(id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && id
@@ -350,21 +353,7 @@ impl Tenants {
     }
 
     fn compiled_for(&self, c: &Constitution) -> Result<Arc<Compiled>> {
-        let hash = c.hash();
-        if let Some(done) = self
-            .compiled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&hash)
-        {
-            return Ok(done.clone());
-        }
-        let fresh = Arc::new(Compiled::compile(c)?);
-        self.compiled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(hash, fresh.clone());
-        Ok(fresh)
+        self.compiled.get(c)
     }
 
     /// Makes `c` the constitution of `id` from the next decision on. One that does not

@@ -135,17 +135,7 @@ pub(crate) fn parse(o: &Map<String, Value>) -> Result<ChatRequest, ApiError> {
             ));
         }
     }
-    let model = match o.get("model") {
-        Some(Value::String(m)) => m.clone(),
-        Some(_) => return Err(wrong("model", "a string")),
-        None => {
-            return Err(ApiError::invalid(
-                "missing_parameter",
-                "model",
-                "model is required",
-            ));
-        }
-    };
+    let model = crate::server::model_field(o)?;
     let raw = match o.get("messages") {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(Value::Array(_)) => {
@@ -412,22 +402,14 @@ pub(crate) async fn completions(
     let body = body.map_err(body_error)?;
     let o = parse_object(&body)?;
     let mut req = parse(&o)?;
-    let pool = match state.models.get(&req.model) {
-        Some(Served::Generator(p)) => p.clone(),
-        Some(Served::Embedder(_)) => {
+    let pool = match crate::server::find_model(&state, &req.model)? {
+        Served::Generator(p) => p.clone(),
+        Served::Embedder(_) => {
             return Err(ApiError::invalid(
                 "model_not_chat",
                 "model",
                 format!("{} is an embedding model; use /v1/embeddings", req.model),
             ));
-        }
-        None => {
-            return Err(ApiError::new(
-                axum::http::StatusCode::NOT_FOUND,
-                "model_not_found",
-                format!("The model `{}` does not exist", req.model),
-            )
-            .with_param("model"));
         }
     };
     let span = tracing::info_span!("gateway.chat", tenant = %principal.tenant, model = %req.model, stream = req.stream);

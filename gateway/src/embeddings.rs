@@ -6,7 +6,6 @@ use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::StatusCode;
 use axum::response::Json;
 use base64::Engine as _;
 use serde_json::{Value, json};
@@ -41,17 +40,7 @@ pub(crate) async fn embeddings(
             ));
         }
     }
-    let model = match o.get("model") {
-        Some(Value::String(m)) => m.clone(),
-        Some(_) => return Err(wrong("model", "a string")),
-        None => {
-            return Err(ApiError::invalid(
-                "missing_parameter",
-                "model",
-                "model is required",
-            ));
-        }
-    };
+    let model = crate::server::model_field(&o)?;
     let texts: Vec<String> = match o.get("input") {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) if !a.is_empty() => a
@@ -89,22 +78,14 @@ pub(crate) async fn embeddings(
         Some(Value::String(f)) if f == "base64" => true,
         Some(_) => return Err(wrong("encoding_format", "\"float\" or \"base64\"")),
     };
-    let pool = match state.models.get(&model) {
-        Some(Served::Embedder(p)) => p.clone(),
-        Some(Served::Generator(_)) => {
+    let pool = match crate::server::find_model(&state, &model)? {
+        Served::Embedder(p) => p.clone(),
+        Served::Generator(_) => {
             return Err(ApiError::invalid(
                 "model_not_embedding",
                 "model",
                 format!("{model} is a chat model; use /v1/chat/completions"),
             ));
-        }
-        None => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "model_not_found",
-                format!("The model `{model}` does not exist"),
-            )
-            .with_param("model"));
         }
     };
     match o.get("dimensions") {

@@ -101,21 +101,12 @@ fn hash_of(secret: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Checks a tenant name: 1-64 of `a-z 0-9 - _`.
+/// Checks a tenant name: 1-64 of `a-z 0-9 - _` (the domain's ids).
 pub fn check_tenant(tenant: &str) -> Result<()> {
-    let ok = !tenant.is_empty()
-        && tenant.len() <= 64
-        && tenant
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Config {
-            key: "tenant".into(),
-            reason: format!("{tenant:?} is not 1-64 characters of a-z, 0-9, '-', '_'"),
-        })
-    }
+    soma_actors::check_id(tenant).map_err(|e| Error::Config {
+        key: "tenant".into(),
+        reason: e.to_string(),
+    })
 }
 
 impl KeyStore {

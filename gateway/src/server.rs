@@ -83,6 +83,38 @@ pub(crate) fn parse_object(body: &Bytes) -> std::result::Result<Map<String, Valu
     }
 }
 
+/// The required string field `model` of a request.
+pub(crate) fn model_field(o: &Map<String, Value>) -> std::result::Result<String, ApiError> {
+    match o.get("model") {
+        Some(Value::String(m)) => Ok(m.clone()),
+        Some(_) => Err(ApiError::invalid(
+            "invalid_type",
+            "model",
+            "model must be a string",
+        )),
+        None => Err(ApiError::invalid(
+            "missing_parameter",
+            "model",
+            "model is required",
+        )),
+    }
+}
+
+/// The served model `id`, or OpenAI's 404.
+pub(crate) fn find_model<'a>(
+    state: &'a AppState,
+    id: &str,
+) -> std::result::Result<&'a Served, ApiError> {
+    state.models.get(id).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("The model `{id}` does not exist"),
+        )
+        .with_param("model")
+    })
+}
+
 /// A body that could not be read: too large (413) or broken.
 pub(crate) fn body_error(rejection: BytesRejection) -> ApiError {
     let status = rejection.status();
@@ -253,15 +285,8 @@ async fn get_model(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> std::result::Result<Json<Value>, ApiError> {
-    match state.models.get(&id) {
-        Some(s) => Ok(Json(model_object(&id, s, state.models.created))),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "model_not_found",
-            format!("The model `{id}` does not exist"),
-        )
-        .with_param("model")),
-    }
+    let served = find_model(&state, &id)?;
+    Ok(Json(model_object(&id, served, state.models.created)))
 }
 
 async fn not_found(req: Request) -> Response {

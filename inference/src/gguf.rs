@@ -218,41 +218,31 @@ pub(crate) struct TextTokenizer {
 
 impl TextTokenizer {
     pub(crate) fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer {
-                origin: self.origin.clone(),
-                detail: e.to_string(),
-            })?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
+        let body = self.encode_template(text)?;
+        let mut ids = Vec::with_capacity(body.len() + 1);
         if self.add_bos
             && let Some(bos) = self.bos
         {
             ids.push(bos);
         }
-        ids.extend_from_slice(enc.get_ids());
+        ids.extend(body);
         Ok(ids)
     }
 
     /// The ids of `text` with every control-token string in it read as plain text (no
     /// beginning-of-sequence token either).
     pub(crate) fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .plain
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer {
-                origin: self.origin.clone(),
-                detail: e.to_string(),
-            })?;
-        Ok(enc.get_ids().to_vec())
+        self.ids(&self.plain, text)
     }
 
     /// The ids of template text (control-token strings are control tokens), with no
     /// beginning-of-sequence token.
     pub(crate) fn encode_template(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
+        self.ids(&self.inner, text)
+    }
+
+    fn ids(&self, tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+        let enc = tokenizer
             .encode(text, false)
             .map_err(|e| Error::Tokenizer {
                 origin: self.origin.clone(),

@@ -280,12 +280,39 @@ fn read_result(v: &regorus::Value) -> Result<Decision> {
     }
 }
 
-/// Each tenant's current constitution, and the compiled ones by hash (a hash compiles
-/// once, however many tenants share it).
+/// Compiled constitutions by hash: a hash compiles once, however many tenants share it.
+#[derive(Debug, Default)]
+pub struct CompiledCache {
+    by_hash: Mutex<HashMap<String, Arc<Compiled>>>,
+}
+
+impl CompiledCache {
+    /// `c` compiled, from the cache or compiled now (and kept).
+    pub fn get(&self, c: &Constitution) -> Result<Arc<Compiled>> {
+        let hash = c.hash();
+        let cached = self
+            .by_hash
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&hash)
+            .cloned();
+        if let Some(done) = cached {
+            return Ok(done);
+        }
+        let fresh = Arc::new(Compiled::compile(c)?);
+        self.by_hash
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hash, fresh.clone());
+        Ok(fresh)
+    }
+}
+
+/// Each tenant's current constitution, and the compiled ones by hash.
 #[derive(Debug, Default)]
 pub struct Governance {
     current: Mutex<HashMap<String, (Constitution, Arc<Compiled>)>>,
-    compiled: Mutex<HashMap<String, Arc<Compiled>>>,
+    compiled: CompiledCache,
 }
 
 impl Governance {
@@ -294,28 +321,10 @@ impl Governance {
         Self::default()
     }
 
-    fn compile(&self, c: &Constitution) -> Result<Arc<Compiled>> {
-        let hash = c.hash();
-        if let Some(done) = self
-            .compiled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&hash)
-        {
-            return Ok(done.clone());
-        }
-        let fresh = Arc::new(Compiled::compile(c)?);
-        self.compiled
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(hash, fresh.clone());
-        Ok(fresh)
-    }
-
     /// Makes `c` the tenant's constitution from the next decision on; one that does not
     /// compile is refused and the current one stays. Returns its hash.
     pub fn update(&self, tenant: &str, c: Constitution) -> Result<String> {
-        let compiled = match self.compile(&c) {
+        let compiled = match self.compiled.get(&c) {
             Ok(done) => done,
             Err(e) => {
                 metrics::counter!("soma_policy_rejected_total").increment(1);
