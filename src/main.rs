@@ -153,11 +153,15 @@ fn keys_command(
             "{}  tenant={}  {state}  expires={}",
             k.id,
             k.tenant,
-            k.expires_ms
-                .map_or("never".to_string(), |e| humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(e)
-                )
-                .to_string())
+            k.expires_ms.map_or("never".to_string(), |e| {
+                use std::fmt::Write as _;
+                let mut out = String::new();
+                let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(e);
+                if write!(out, "{}", humantime::format_rfc3339_seconds(at)).is_err() {
+                    out = format!("{e} ms after 1970");
+                }
+                out
+            })
         )
     };
     match command {

@@ -693,6 +693,69 @@ async fn model_calls_pass_the_tenants_constitution_and_are_metered() {
         "{body}"
     );
     assert!(spent >= 100, "denied only once the quota was used: {spent}");
+    // Streams cut by their client are metered for what they cost, too: a fresh tenant
+    // whose four cut streams (each some 32 prompt tokens and at least one generated) pass
+    // its quota of 100 is denied next.
+    let (_, gamma) = create_key(data.path(), "gamma");
+    for _ in 0..4 {
+        let mut req = chat("Tell a very long story.", 60);
+        req["stream"] = json!(true);
+        let r = client()
+            .post(s.url("/v1/chat/completions"))
+            .bearer_auth(&gamma)
+            .json(&req)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 403 {
+            // The streams cut so far already used the quota up.
+            break;
+        }
+        assert_eq!(r.status(), 200);
+        let mut body = r.bytes_stream();
+        let mut seen = String::new();
+        while !seen.contains("\"content\":\"") || seen.matches("data:").count() < 3 {
+            seen.push_str(&String::from_utf8_lossy(
+                &body.next().await.unwrap().unwrap(),
+            ));
+        }
+        drop(body);
+    }
+    // Wait (bounded) until the cut streams are in the tenant's usage, then one request.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = client()
+            .get(s.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let tokens_in: f64 = m
+            .lines()
+            .filter(|l| {
+                l.starts_with("soma_tenant_tokens_total{")
+                    && l.contains("tenant=\"gamma\"")
+                    && l.contains("direction=\"in\"")
+            })
+            .filter_map(|l| l.rsplit(" ").next()?.parse::<f64>().ok())
+            .sum();
+        if tokens_in >= 100.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cut streams were never metered ({tokens_in} tokens)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = post(&s, &gamma, "/v1/chat/completions", chat("hi", 2)).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("policy_denied")),
+        "{body}"
+    );
     // Embeddings are model calls too; another tenant is not affected.
     let (status, _) = post(
         &s,

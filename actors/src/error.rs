@@ -47,6 +47,14 @@ pub enum Error {
         /// The version given.
         given: u64,
     },
+    /// A period ends before it starts.
+    #[error("the period from {from_ms} to {to_ms} ends before it starts")]
+    InvalidRange {
+        /// Start, ms since the Unix epoch.
+        from_ms: u64,
+        /// End.
+        to_ms: u64,
+    },
     /// The durable-actor runtime failed.
     #[error(transparent)]
     Runtime(#[from] soma_supervision::Error),

@@ -212,11 +212,14 @@ impl DurableActor for TenantActor {
                 policy,
                 data,
             } => {
-                s.constitution = Some(Stored {
-                    version,
-                    policy,
-                    data,
-                });
+                // Versions only rise, whatever order concurrent updates arrive in.
+                if s.constitution.as_ref().is_none_or(|c| version > c.version) {
+                    s.constitution = Some(Stored {
+                        version,
+                        policy,
+                        data,
+                    });
+                }
             }
             TenantMsg::RecordUsage {
                 model,
@@ -379,6 +382,17 @@ impl Tenants {
             },
         )
         .await?;
+        let now = self
+            .existing(id)
+            .await?
+            .constitution
+            .map_or(0, |c| c.version);
+        if now != c.version {
+            return Err(Error::StaleVersion {
+                current: now,
+                given: c.version,
+            });
+        }
         tracing::info!(tenant = id, version = c.version, constitution = %compiled.hash(), "constitution updated");
         Ok(compiled.hash().to_string())
     }
@@ -401,8 +415,6 @@ impl Tenants {
         at_ms: u64,
     ) -> Result<()> {
         self.existing(id).await?;
-        metrics::counter!("soma_tenant_tokens_total", "tenant" => id.to_string(), "direction" => "in").increment(tokens_in);
-        metrics::counter!("soma_tenant_tokens_total", "tenant" => id.to_string(), "direction" => "out").increment(tokens_out);
         self.apply(
             id,
             TenantMsg::RecordUsage {
@@ -412,12 +424,19 @@ impl Tenants {
                 at_ms,
             },
         )
-        .await
+        .await?;
+        // Counted once recorded: what the metric shows, the next decision sees.
+        metrics::counter!("soma_tenant_tokens_total", "tenant" => id.to_string(), "direction" => "in").increment(tokens_in);
+        metrics::counter!("soma_tenant_tokens_total", "tenant" => id.to_string(), "direction" => "out").increment(tokens_out);
+        Ok(())
     }
 
     /// Usage of `id` on the UTC days from `from_ms` to `to_ms` (both included).
     pub async fn usage(&self, id: &str, from_ms: u64, to_ms: u64) -> Result<UsageReport> {
         let s = self.existing(id).await?;
+        if from_ms > to_ms {
+            return Err(Error::InvalidRange { from_ms, to_ms });
+        }
         let mut report = UsageReport::default();
         for (_, models) in s.usage.range(from_ms / MS_PER_DAY..=to_ms / MS_PER_DAY) {
             for (model, u) in models {

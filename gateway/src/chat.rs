@@ -427,6 +427,19 @@ pub(crate) async fn completions(
         let outcome = crate::tools::decide(&pool, &req.messages, &req.params, &tools, &choice)
             .instrument(span.clone())
             .await?;
+        if let crate::tools::Outcome::Reply { usage } = &outcome
+            && usage.completion_tokens > 0
+        {
+            // The decision to answer in text cost a generation of its own.
+            meter(
+                governed.as_deref(),
+                &principal,
+                &req.model,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+            )
+            .await;
+        }
         if let crate::tools::Outcome::Call {
             name,
             arguments,
@@ -441,7 +454,7 @@ pub(crate) async fn completions(
                 usage.completion_tokens,
             )
             .await;
-            metrics::counter!("soma_gateway_tool_calls_total", "tenant" => principal.tenant.clone(), "tool" => name.clone()).increment(1);
+            metrics::counter!("soma_gateway_tool_calls_total", "tenant" => principal.tenant.clone()).increment(1);
             return Ok(tool_call_response(&req, created, &name, &arguments, usage));
         }
     }
@@ -455,6 +468,7 @@ pub(crate) async fn completions(
         .await?;
     let id = completion_id();
     if req.stream {
+        let prompt = stream.prompt_tokens();
         return Ok(sse(Streaming {
             inner: Some(stream),
             id,
@@ -467,6 +481,7 @@ pub(crate) async fn completions(
             pending: Default::default(),
             stopping: state.stopping.clone(),
             governed: governed.clone(),
+            unmetered: Some((prompt, 0)),
         })
         .into_response());
     }
@@ -597,6 +612,29 @@ struct Streaming {
     pending: std::collections::VecDeque<Event>,
     stopping: tokio::sync::watch::Receiver<bool>,
     governed: Option<Arc<crate::governed::Governed>>,
+    /// Prompt tokens and tokens generated so far, until metered: a stream cut before its
+    /// end (client gone, shutdown, error) is metered for what it cost when it drops.
+    unmetered: Option<(usize, usize)>,
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        let Some((prompt, generated)) = self.unmetered.take() else {
+            return;
+        };
+        let (governed, principal, model) = (
+            self.governed.clone(),
+            self.principal.clone(),
+            self.model.clone(),
+        );
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                meter(governed.as_deref(), &principal, &model, prompt, generated).await;
+            });
+        } else {
+            record_usage(&principal, &model, prompt, generated);
+        }
+    }
 }
 
 impl Streaming {
@@ -641,7 +679,19 @@ fn sse(state: Streaming) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
                 return Some((Ok(Event::default().data(body.to_string())), s));
             };
             match next {
-                Some(Ok(GenerationEvent::Token { text, .. } | GenerationEvent::Text { text })) => {
+                Some(Ok(
+                    event @ (GenerationEvent::Token { .. } | GenerationEvent::Text { .. }),
+                )) => {
+                    let text = match event {
+                        GenerationEvent::Token { text, .. } => {
+                            if let Some((_, n)) = s.unmetered.as_mut() {
+                                *n += 1;
+                            }
+                            text
+                        }
+                        GenerationEvent::Text { text } => text,
+                        GenerationEvent::Done(_) => String::new(),
+                    };
                     if text.is_empty() {
                         continue;
                     }
@@ -654,6 +704,7 @@ fn sse(state: Streaming) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
                 }
                 Some(Ok(GenerationEvent::Done(c))) => {
                     s.inner = None;
+                    s.unmetered = None;
                     meter(
                         s.governed.as_deref(),
                         &s.principal,

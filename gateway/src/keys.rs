@@ -216,6 +216,13 @@ impl KeyStore {
         expires_in: Option<Duration>,
     ) -> Result<(KeyRecord, String)> {
         check_tenant(tenant)?;
+        const MAX_LIFETIME: Duration = Duration::from_secs(100 * 366 * 86_400);
+        if expires_in.is_some_and(|d| d > MAX_LIFETIME) {
+            return Err(Error::Config {
+                key: "expires".into(),
+                reason: "a key lives at most 100 years".into(),
+            });
+        }
         let mut raw = [0u8; 32];
         getrandom::fill(&mut raw).map_err(|e| Error::KeyStore {
             path: self.path.clone(),
@@ -272,6 +279,12 @@ impl KeyStore {
             .into_iter()
             .find(|k| k.id == id)
             .ok_or_else(|| Error::NoSuchKey(id.to_string()))?;
+        if old.revoked || old.expired(now_ms()) {
+            return Err(Error::KeyStore {
+                path: self.path.clone(),
+                detail: format!("key {id} is revoked or expired: create a new one instead"),
+            });
+        }
         let left = old
             .expires_ms
             .map(|e| Duration::from_millis(e.saturating_sub(now_ms())));
@@ -336,8 +349,18 @@ mod tests {
         assert_eq!(store.verify(&old).unwrap(), Err(Refusal::Revoked));
         assert_eq!(store.verify(&new).unwrap().unwrap().tenant, "acme");
         assert!(new_rec.expires_ms.unwrap() <= rec.expires_ms.unwrap());
-        let (_, gone) = store.create("acme", Some(Duration::ZERO)).unwrap();
+        let (gone_rec, gone) = store.create("acme", Some(Duration::ZERO)).unwrap();
         assert_eq!(store.verify(&gone).unwrap(), Err(Refusal::Expired));
+        assert!(
+            store.rotate(&gone_rec.id).is_err(),
+            "an expired key is not rotated"
+        );
+        assert!(store.rotate(&rec.id).is_err(), "nor a revoked one");
+        assert!(
+            store
+                .create("acme", Some(Duration::from_secs(8000 * 366 * 86_400)))
+                .is_err()
+        );
         assert!(matches!(
             store.revoke("key_missing"),
             Err(Error::NoSuchKey(_))

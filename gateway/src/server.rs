@@ -340,6 +340,8 @@ struct Shared {
     stop: watch::Sender<bool>,
     /// True once a listener has ended after `stop`.
     drained: watch::Sender<bool>,
+    /// The running server task, cut when the shutdown grace runs out.
+    serving: Mutex<Option<tokio::task::AbortHandle>>,
 }
 
 /// The actor that owns the listener: it binds at start, and fails (to be restarted by its
@@ -400,6 +402,11 @@ impl Actor for GatewayActor {
             }
             let _ = myself.send_message(GatewayMsg::ListenerEnded(why));
         });
+        *self
+            .shared
+            .serving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
         Ok(ActorState { task })
     }
 
@@ -484,6 +491,7 @@ impl Gateway {
             bound: Mutex::new(None),
             stop,
             drained: watch::channel(false).0,
+            serving: Mutex::new(None),
         });
         let child_shared = shared.clone();
         let spec = ChildSpec::new("gateway", Restart::Transient, move || {
@@ -525,7 +533,7 @@ impl Gateway {
         {
             tracing::warn!(
                 grace_ms = grace.as_millis() as u64,
-                "requests still in flight at shutdown; cutting them"
+                "requests still in flight when the shutdown grace ran out; they end with the process"
             );
         }
         self.supervisor

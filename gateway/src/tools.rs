@@ -30,8 +30,9 @@ pub(crate) enum Choice {
 /// What the tool step decided.
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    /// Answer in text (the messages now describe the tools).
-    Reply,
+    /// Answer in text (the messages now describe the tools); `usage` is what deciding so
+    /// cost.
+    Reply { usage: Usage },
     /// A call, with its arguments as JSON text.
     Call {
         name: String,
@@ -226,7 +227,7 @@ pub(crate) async fn decide(
 ) -> Result<Outcome, ApiError> {
     let mut usage = Usage::default();
     let tool = match choice {
-        Choice::None => return Ok(Outcome::Reply),
+        Choice::None => return Ok(Outcome::Reply { usage }),
         Choice::Named(n) => n.clone(),
         Choice::Required if tools.len() == 1 => tools[0].name.clone(),
         Choice::Required | Choice::Auto => {
@@ -264,7 +265,7 @@ pub(crate) async fn decide(
                 })?
                 .to_string();
             if picked == "reply" {
-                return Ok(Outcome::Reply);
+                return Ok(Outcome::Reply { usage });
             }
             picked
         }

@@ -324,7 +324,16 @@ impl GenerationModel {
         let mut parts = rendered.split(&*self.marker);
         let head = parts.next().unwrap_or_default();
         tokens.extend(self.tokenizer.encode(head)?);
-        while let (Some(index), Some(after)) = (parts.next(), parts.next()) {
+        loop {
+            let (index, after) = match (parts.next(), parts.next()) {
+                (Some(index), Some(after)) => (index, after),
+                (None, _) => break,
+                (Some(_), None) => {
+                    return Err(Error::InvalidRequest(
+                        "the chat template changed a message's text".into(),
+                    ));
+                }
+            };
             let i: usize = index.parse().map_err(|_| {
                 Error::InvalidRequest("the chat template changed a message's text".into())
             })?;
@@ -359,7 +368,7 @@ impl GenerationModel {
         if tokens.is_empty() {
             return Err(Error::InvalidRequest("the prompt has no tokens".into()));
         }
-        if tokens.len() + req.params.max_tokens > self.context_length {
+        if tokens.len().saturating_add(req.params.max_tokens) > self.context_length {
             return Err(Error::InvalidRequest(format!(
                 "prompt ({} tokens) plus max_tokens ({}) exceeds the context of {} tokens",
                 tokens.len(),

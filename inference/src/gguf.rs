@@ -95,10 +95,21 @@ pub(crate) fn load(path: &Path, quant: Quantization) -> Result<Loaded> {
         .to_u32()
         .map_err(|e| Error::model(path, e))?;
     let last = format!("blk.{}.attn_q.weight", blocks.saturating_sub(1));
-    if blocks == 0 || !ct.tensor_infos.contains_key(&last) {
+    if blocks == 0
+        || blocks as usize > ct.tensor_infos.len()
+        || !ct.tensor_infos.contains_key(&last)
+    {
         return Err(Error::model(
             path,
             format!("llama.block_count says {blocks} blocks but tensor `{last}` is missing"),
+        ));
+    }
+    if let Some(experts) = ct.metadata.get("llama.expert_count")
+        && experts.to_u32().map_or(true, |n| n > 256)
+    {
+        return Err(Error::model(
+            path,
+            "llama.expert_count is not a count up to 256",
         ));
     }
     if !ct.tensor_infos.contains_key("token_embd.weight") {

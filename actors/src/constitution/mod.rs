@@ -46,8 +46,36 @@ impl Constitution {
         h.update(b"soma-constitution-1\0");
         h.update((self.policy.len() as u64).to_le_bytes());
         h.update(self.policy.as_bytes());
-        h.update(self.data.to_string().as_bytes());
+        h.update(canonical(&self.data).as_bytes());
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// JSON text with every object's keys sorted, whatever order the value keeps them in.
+fn canonical(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Object(o) => {
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort();
+            let fields: Vec<String> = keys
+                .into_iter()
+                .map(|k| {
+                    format!(
+                        "{}:{}",
+                        serde_json::Value::String(k.clone()),
+                        canonical(&o[k])
+                    )
+                })
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        serde_json::Value::Array(a) => {
+            format!(
+                "[{}]",
+                a.iter().map(canonical).collect::<Vec<_>>().join(",")
+            )
+        }
+        other => other.to_string(),
     }
 }
 

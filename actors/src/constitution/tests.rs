@@ -181,3 +181,16 @@ fn nothing_is_allowed_that_no_rule_allows_and_tenants_are_apart() {
         Err(Error::PolicyData)
     ));
 }
+
+#[test]
+fn the_hash_does_not_depend_on_the_order_of_keys() {
+    let mut a = Constitution::default_for_tenant();
+    let mut b = a.clone();
+    a.data =
+        serde_json::from_str(r#"{"x": 1, "y": {"p": [1, {"q": 2, "r": 3}], "o": true}}"#).unwrap();
+    b.data =
+        serde_json::from_str(r#"{"y": {"o": true, "p": [1, {"r": 3, "q": 2}]}, "x": 1}"#).unwrap();
+    assert_eq!(a.hash(), b.hash());
+    b.data["x"] = json!(2);
+    assert_ne!(a.hash(), b.hash());
+}

@@ -229,9 +229,16 @@ fn record_usage(c: &Completion, first: Option<Instant>) {
 pub struct GenerationStream {
     rx: mpsc::Receiver<Result<GenerationEvent>>,
     finished: bool,
+    prompt_tokens: usize,
 }
 
 impl GenerationStream {
+    /// Tokens of the prompt (known before the first token: what a cut stream has cost on
+    /// top of the tokens it yielded).
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+    }
+
     /// The next event; `None` after the last.
     pub async fn next(&mut self) -> Option<Result<GenerationEvent>> {
         std::future::poll_fn(|cx| Pin::new(&mut *self).poll_next(cx)).await
@@ -315,6 +322,7 @@ impl GeneratorPool {
     /// Checks the request, queues it on the least-loaded replica and returns its stream.
     pub async fn generate(&self, req: GenerateRequest) -> Result<GenerationStream> {
         let prepared = self.base.prepare(req)?;
+        let prompt_tokens = prepared.tokens.len();
         if self.replicas.total_load() >= self.queue {
             metrics::counter!(m::REQUESTS, "pool" => POOL, "outcome" => "queue_full").increment(1);
             return Err(Error::QueueFull(POOL));
@@ -334,6 +342,7 @@ impl GeneratorPool {
         Ok(GenerationStream {
             rx,
             finished: false,
+            prompt_tokens,
         })
     }
 
