@@ -578,6 +578,22 @@ async fn bad_requests_get_errors_that_name_what_is_wrong() {
         (st, b["error"]["param"].as_str()),
         (400, Some("dimensions"))
     );
+    let (st, b) = post(
+        &s,
+        &key,
+        "/v1/embeddings",
+        json!({"model": EMBED, "input": ["short", "word ".repeat(600)]}),
+    )
+    .await;
+    assert_eq!(
+        (
+            st,
+            b["error"]["code"].as_str(),
+            b["error"]["param"].as_str()
+        ),
+        (400, Some("input_too_long"), Some("input[1]")),
+        "{b}"
+    );
     // Keys: none, a wrong one, then one revoked while the node runs.
     let r = client().get(s.url("/v1/models")).send().await.unwrap();
     assert_eq!(r.status(), 401);
@@ -621,9 +637,11 @@ async fn a_key_over_its_rate_gets_429_with_retry_after() {
     let (_, key) = create_key(data.path(), "acme");
     let (_, other) = create_key(data.path(), "beta");
     let config = data.path().join("soma.toml");
+    let (_, second) = create_key(data.path(), "acme");
+    let (_, third) = create_key(data.path(), "acme");
     std::fs::write(
         &config,
-        "[gateway]\nrate_limit_per_minute = 2\nrate_limit_burst = 2\n",
+        "[gateway]\nrate_limit_per_minute = 2\nrate_limit_burst = 2\n[tenants.defaults.quotas]\nrequests_per_minute = 2\n",
     )
     .unwrap();
     let s = Server::start(data.path(), Some(&config));
@@ -654,6 +672,27 @@ async fn a_key_over_its_rate_gets_429_with_retry_after() {
     );
     // Another key is not limited by the first one's use.
     assert_eq!(get(other).await.status(), 200);
+    // The tenant's own quota counts model calls over all its keys.
+    let embed = |k: String| {
+        let s = &s;
+        async move {
+            post(
+                s,
+                &k,
+                "/v1/embeddings",
+                json!({"model": EMBED, "input": "x"}),
+            )
+            .await
+        }
+    };
+    assert_eq!(embed(second.clone()).await.0, 200);
+    assert_eq!(embed(second).await.0, 200);
+    let (status, body) = embed(third).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("tenant_rate_limit_exceeded")),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

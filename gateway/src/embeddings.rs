@@ -121,8 +121,23 @@ pub(crate) async fn embeddings(
     }
     let span = tracing::info_span!("gateway.embeddings", tenant = %principal.tenant, model = %model, inputs = texts.len());
     let mut tokens = 0usize;
-    for t in &texts {
-        tokens += pool.model().token_ids(t)?.len();
+    let most = pool.model().max_tokens();
+    for (i, t) in texts.iter().enumerate() {
+        // Counted without the model's truncation: a text longer than the model reads is
+        // refused, as OpenAI does, rather than embedded in part.
+        let n = pool.model().token_count(t)?;
+        if n > most {
+            return Err(ApiError::invalid(
+                "input_too_long",
+                if texts.len() == 1 {
+                    "input".to_string()
+                } else {
+                    format!("input[{i}]")
+                },
+                format!("{n} tokens; {model} reads at most {most}"),
+            ));
+        }
+        tokens += n;
     }
     let vectors = pool.embed_many(texts).instrument(span).await?;
     crate::chat::meter(state.governed.as_deref(), &principal, &model, tokens, 0).await;

@@ -1,11 +1,20 @@
 //! The tenant's constitution in front of every model call, and metering after it.
 
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+
 use axum::http::StatusCode;
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::json;
 use soma_actors::{Action, Decision, Principal as Who, PrincipalKind, TenantSettings, Tenants};
 
 use crate::error::ApiError;
 use crate::keys::Principal;
+
+/// A tenant's request limiter and the per-minute quota it was made for.
+type Limiter = (u32, Arc<DefaultDirectRateLimiter>);
 
 /// Tenants whose constitutions decide the gateway's model calls and whose usage it meters.
 /// A key's tenant that does not exist yet is created at its first request with `defaults`.
@@ -13,6 +22,8 @@ use crate::keys::Principal;
 pub struct Governed {
     tenants: Tenants,
     defaults: TenantSettings,
+    /// Each tenant's request limiter, with the per-minute quota it was made for.
+    limiters: Arc<Mutex<HashMap<String, Limiter>>>,
 }
 
 fn now_ms() -> u64 {
@@ -33,23 +44,61 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 impl Governed {
     /// Governs by `tenants`; tenants created at first use get `defaults`.
     pub fn new(tenants: Tenants, defaults: TenantSettings) -> Self {
-        Self { tenants, defaults }
+        Self {
+            tenants,
+            defaults,
+            limiters: Arc::default(),
+        }
     }
 
-    async fn ensure(&self, tenant: &str) -> Result<(), ApiError> {
+    /// The tenant, created with the defaults if it does not exist yet.
+    async fn ensure(&self, tenant: &str) -> Result<soma_actors::Tenant, ApiError> {
         match self.tenants.get(tenant).await {
-            Ok(_) => Ok(()),
+            Ok(t) => Ok(t),
             Err(soma_actors::Error::NotFound { .. }) => {
                 match self.tenants.create(tenant, self.defaults.clone()).await {
                     Ok(_) | Err(soma_actors::Error::AlreadyExists { .. }) => {
                         tracing::info!(tenant, "tenant created at its first request");
-                        Ok(())
+                        self.tenants.get(tenant).await.map_err(internal)
                     }
                     Err(e) => Err(internal(e)),
                 }
             }
             Err(e) => Err(internal(e)),
         }
+    }
+
+    /// The tenant's `requests_per_minute` quota (model calls), as a 429 with `Retry-After`.
+    fn limit(&self, tenant: &soma_actors::Tenant) -> Result<(), ApiError> {
+        let rpm = tenant.settings.quotas.requests_per_minute;
+        let Some(per_minute) = NonZeroU32::new(rpm) else {
+            return Ok(());
+        };
+        let limiter = {
+            let mut all = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
+            let fresh = || {
+                (
+                    rpm,
+                    Arc::new(RateLimiter::direct(Quota::per_minute(per_minute))),
+                )
+            };
+            let entry = all.entry(tenant.id.clone()).or_insert_with(fresh);
+            if entry.0 != rpm {
+                *entry = fresh();
+            }
+            entry.1.clone()
+        };
+        limiter.check().map_err(|not_until| {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            metrics::counter!("soma_gateway_rate_limited_total", "tenant" => tenant.id.clone())
+                .increment(1);
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "tenant_rate_limit_exceeded",
+                format!("the tenant's quota of {rpm} model calls per minute is reached"),
+            )
+            .retry_after(wait.as_secs_f64().ceil().max(1.0) as u64)
+        })
     }
 
     /// Asks the tenant's constitution whether `principal` may run `model` (a `model.generate`
@@ -61,7 +110,8 @@ impl Governed {
         model: &str,
         kind: &str,
     ) -> Result<(), ApiError> {
-        self.ensure(&principal.tenant).await?;
+        let tenant = self.ensure(&principal.tenant).await?;
+        self.limit(&tenant)?;
         let who = Who {
             kind: PrincipalKind::User,
             id: principal.key_id.clone(),

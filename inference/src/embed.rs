@@ -26,6 +26,8 @@ pub struct EmbeddingModel {
     backend: Backend,
     engine: Engine,
     tokenizer: Tokenizer,
+    /// The same tokenizer without truncation: how long a text really is.
+    counting: Tokenizer,
     device: Device,
     dimension: usize,
     max_tokens: usize,
@@ -121,6 +123,13 @@ impl EmbeddingModel {
             pad_token,
             ..PaddingParams::default()
         }));
+        let mut counting = tokenizer.clone();
+        counting
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer {
+                origin: tokenizer_path.display().to_string(),
+                detail: e.to_string(),
+            })?;
         tokenizer
             .with_truncation(Some(TruncationParams {
                 max_length: max_tokens,
@@ -134,6 +143,7 @@ impl EmbeddingModel {
             backend,
             engine,
             tokenizer,
+            counting,
             device: device.clone(),
             dimension: config.hidden_size,
             max_tokens,
@@ -166,6 +176,19 @@ impl EmbeddingModel {
                 detail: e.to_string(),
             })?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Tokens of `text` as the model's tokenizer splits it, special tokens included, before
+    /// truncation to [`max_tokens`](Self::max_tokens).
+    pub fn token_count(&self, text: &str) -> Result<usize> {
+        let enc = self
+            .counting
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer {
+                origin: self.dir.join("tokenizer.json").display().to_string(),
+                detail: e.to_string(),
+            })?;
+        Ok(enc.len())
     }
 
     /// One vector per text, in order, for any number of texts: sorted by length and run in

@@ -16,6 +16,8 @@ pub const DEFAULT_DATA: &str = include_str!("default.json");
 /// Gathers a constitution's `deny`, `escalate` and `allow` into one result.
 const PRELUDE: &str = include_str!("prelude.rego");
 const RESULT_RULE: &str = "data.soma.decide.result";
+/// Longest one decision may take.
+const EVAL_BUDGET: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A versioned constitution: Rego policies (package `soma`) and a JSON data document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,6 +223,12 @@ impl Compiled {
             return Err(Error::PolicyData);
         }
         let mut engine = regorus::Engine::new();
+        // A policy that loops or explodes is cut after this and the action denied, rather
+        // than stall the caller's thread.
+        engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
+            limit: EVAL_BUDGET,
+            check_interval: std::num::NonZeroU32::MIN.saturating_add(999),
+        });
         engine
             .add_policy("constitution.rego".into(), c.policy.clone())
             .map_err(compile_error)?;

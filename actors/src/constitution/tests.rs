@@ -194,3 +194,28 @@ fn the_hash_does_not_depend_on_the_order_of_keys() {
     b.data["x"] = json!(2);
     assert_ne!(a.hash(), b.hash());
 }
+
+#[test]
+fn a_policy_that_runs_too_long_denies_with_an_error_instead_of_stalling() {
+    // Counts every pair of a long range: far more work than the budget allows.
+    let slow = Constitution {
+        version: 1,
+        policy: "package soma\nallow if {\n  input.context.n > 0\n  count([x | some x in numbers.range(1, input.context.n); some y in numbers.range(1, input.context.n); x < y]) > 0\n}\n".into(),
+        data: json!({}),
+    };
+    let compiled = Compiled::compile(&slow).unwrap();
+    let started = std::time::Instant::now();
+    let r = compiled.decide(&input(Action::TaskStart, json!({}), json!({"n": 100_000})));
+    match &r {
+        Err(Error::PolicyEval { message }) => assert!(
+            message.contains("time") || message.contains("limit"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
