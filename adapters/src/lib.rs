@@ -14,6 +14,7 @@
 mod episodic;
 mod error;
 mod events;
+mod serde_ms;
 mod store;
 mod vector;
 

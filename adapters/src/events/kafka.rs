@@ -19,22 +19,40 @@ use tokio::sync::{Mutex, OnceCell};
 use super::{Envelope, EventStream, GroupConsumer, Receipt, Record, Topic, check_group, check_key};
 use crate::error::{Error, Result};
 
-/// How to reach the broker.
-#[derive(Clone)]
+/// How to reach the broker (in configuration files the timeout is `delivery_timeout_ms`;
+/// `settings` may hold secrets and are never logged).
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// `host:port[,host:port...]`.
     pub bootstrap: String,
     /// Put before every topic and group name (`staging.` → `staging.agent.audit`); Kafka's
     /// legal characters only.
+    #[serde(default)]
     pub topic_prefix: String,
     /// Partitions of the topics this client creates when they are missing.
+    #[serde(default = "default_partitions")]
     pub partitions: i32,
     /// How long a publish may wait for the broker before it fails. Zero: never give up
     /// (the producer retries in order until the broker is back), which is what the stream
     /// behind an `Outbox` should use to keep per-key order across an outage.
+    #[serde(
+        rename = "delivery_timeout_ms",
+        with = "crate::serde_ms",
+        default = "default_delivery_timeout"
+    )]
     pub delivery_timeout: Duration,
     /// Further librdkafka settings (`security.protocol`, `sasl.*`, ...). Never logged.
+    #[serde(default)]
     pub settings: Vec<(String, String)>,
+}
+
+fn default_partitions() -> i32 {
+    3
+}
+
+fn default_delivery_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 impl std::fmt::Debug for KafkaConfig {
@@ -55,8 +73,8 @@ impl KafkaConfig {
         Self {
             bootstrap: bootstrap.into(),
             topic_prefix: String::new(),
-            partitions: 3,
-            delivery_timeout: Duration::from_secs(30),
+            partitions: default_partitions(),
+            delivery_timeout: default_delivery_timeout(),
             settings: Vec::new(),
         }
     }

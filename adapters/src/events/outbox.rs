@@ -12,14 +12,18 @@ use tokio::task::JoinHandle;
 use super::{Envelope, EventStream, GroupConsumer, Receipt, Record, SledLog, Topic};
 use crate::error::Result;
 
-/// How the outbox forwards.
-#[derive(Debug, Clone)]
+/// How the outbox forwards (in configuration files the delays are `min_backoff_ms` and
+/// `max_backoff_ms`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct OutboxOptions {
     /// Events per forwarded batch.
     pub batch: usize,
     /// The first retry delay after a failed forward.
+    #[serde(rename = "min_backoff_ms", with = "crate::serde_ms")]
     pub min_backoff: Duration,
     /// The longest retry delay.
+    #[serde(rename = "max_backoff_ms", with = "crate::serde_ms")]
     pub max_backoff: Duration,
     /// Remove forwarded events from the embedded log (their ids are then no longer
     /// recognised as duplicates by it).
@@ -34,6 +38,33 @@ impl Default for OutboxOptions {
             max_backoff: Duration::from_secs(5),
             trim_forwarded: true,
         }
+    }
+}
+
+impl OutboxOptions {
+    /// Checks every value; the error names the key.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &'static str, value: String, reason: &'static str| {
+            Err(crate::error::Error::Invalid {
+                what,
+                value,
+                reason,
+            })
+        };
+        if self.batch == 0 {
+            return bad("outbox.batch", "0".into(), "must be at least 1");
+        }
+        if self.min_backoff.is_zero() {
+            return bad("outbox.min_backoff_ms", "0".into(), "must be at least 1");
+        }
+        if self.max_backoff < self.min_backoff {
+            return bad(
+                "outbox.max_backoff_ms",
+                self.max_backoff.as_millis().to_string(),
+                "must not be below min_backoff_ms",
+            );
+        }
+        Ok(())
     }
 }
 
@@ -59,6 +90,7 @@ impl Outbox {
         server: Arc<dyn EventStream>,
         options: OutboxOptions,
     ) -> Result<Self> {
+        options.validate()?;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return Err(crate::error::Error::Invalid {
                 what: "runtime",

@@ -21,12 +21,14 @@ use super::{
 use crate::episodic::check_id;
 use crate::error::{Error, Result};
 
-/// How to reach the Qdrant server.
-#[derive(Clone)]
+/// How to reach the Qdrant server (`api_key` is a secret: never logged).
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct QdrantConfig {
     /// The gRPC URL (`http://host:6334`).
     pub url: String,
     /// The API key, if the server wants one. Never logged.
+    #[serde(default)]
     pub api_key: Option<String>,
     /// The collection (created when missing).
     pub collection: String,
