@@ -19,6 +19,6 @@ pub use constitution::{
 };
 pub use error::{Error, Result};
 pub use tenant::{
-    ModelUsage, Price, Quotas, Tenant, TenantActor, TenantMsg, TenantSettings, TenantState,
-    Tenants, UsageReport, check_id,
+    ModelUsage, Price, Quotas, Snapshot, Tenant, TenantActor, TenantMsg, TenantSettings,
+    TenantState, Tenants, UsageReport, check_id,
 };

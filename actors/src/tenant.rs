@@ -245,6 +245,25 @@ impl DurableActor for TenantActor {
     }
 }
 
+/// A tenant's state as read once: what a decision and its quotas need.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    id: String,
+    state: TenantState,
+}
+
+impl Snapshot {
+    /// The tenant's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Its quotas.
+    pub fn quotas(&self) -> &Quotas {
+        &self.state.settings.quotas
+    }
+}
+
 /// Usage of a period, per model.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UsageReport {
@@ -451,6 +470,15 @@ impl Tenants {
         Ok(report)
     }
 
+    /// The state of `id` as read once, for a decision and its quotas.
+    pub async fn snapshot(&self, id: &str) -> Result<Snapshot> {
+        let state = self.existing(id).await?;
+        Ok(Snapshot {
+            id: id.to_string(),
+            state,
+        })
+    }
+
     /// Decides `action` on `resource` by `principal` for tenant `id` at `now_ms`, with the
     /// context from its state: `tokens_today`, `budget_left` (in the currency; infinite
     /// without a budget), `suspended`, `now_ms`.
@@ -463,10 +491,25 @@ impl Tenants {
         resource: serde_json::Value,
         now_ms: u64,
     ) -> Result<Verdict> {
-        let s = self.existing(id).await?;
+        let snapshot = self.snapshot(id).await?;
+        self.decide_on(&snapshot, principal, actor, action, resource, now_ms)
+    }
+
+    /// As [`decide`](Self::decide), on a state already read.
+    pub fn decide_on(
+        &self,
+        snapshot: &Snapshot,
+        principal: Principal,
+        actor: &str,
+        action: Action,
+        resource: serde_json::Value,
+        now_ms: u64,
+    ) -> Result<Verdict> {
+        let (id, s) = (&snapshot.id, &snapshot.state);
         let stored = s
             .constitution
-            .ok_or_else(|| Error::NoConstitution(id.to_string()))?;
+            .as_ref()
+            .ok_or_else(|| Error::NoConstitution(id.clone()))?;
         let compiled = self.compiled_for(&stored.constitution())?;
         let today = s.usage.get(&(now_ms / MS_PER_DAY)).map_or(0, |m| {
             m.values().map(|u| u.tokens_in + u.tokens_out).sum::<u64>()
@@ -477,7 +520,7 @@ impl Tenants {
             (s.settings.budget_micros as f64 - s.spent_micros as f64) / 1e6
         };
         let input = DecisionInput {
-            tenant: id.to_string(),
+            tenant: id.clone(),
             principal,
             actor: actor.to_string(),
             action,

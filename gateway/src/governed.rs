@@ -8,7 +8,9 @@ use axum::http::StatusCode;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::json;
-use soma_actors::{Action, Decision, Principal as Who, PrincipalKind, TenantSettings, Tenants};
+use soma_actors::{
+    Action, Decision, Principal as Who, PrincipalKind, Snapshot, TenantSettings, Tenants,
+};
 
 use crate::error::ApiError;
 use crate::keys::Principal;
@@ -51,15 +53,16 @@ impl Governed {
         }
     }
 
-    /// The tenant, created with the defaults if it does not exist yet.
-    async fn ensure(&self, tenant: &str) -> Result<soma_actors::Tenant, ApiError> {
-        match self.tenants.get(tenant).await {
+    /// The tenant's state, read once; a tenant that does not exist yet is created with the
+    /// defaults.
+    async fn ensure(&self, tenant: &str) -> Result<Snapshot, ApiError> {
+        match self.tenants.snapshot(tenant).await {
             Ok(t) => Ok(t),
             Err(soma_actors::Error::NotFound { .. }) => {
                 match self.tenants.create(tenant, self.defaults.clone()).await {
                     Ok(_) | Err(soma_actors::Error::AlreadyExists { .. }) => {
                         tracing::info!(tenant, "tenant created at its first request");
-                        self.tenants.get(tenant).await.map_err(internal)
+                        self.tenants.snapshot(tenant).await.map_err(internal)
                     }
                     Err(e) => Err(internal(e)),
                 }
@@ -69,8 +72,8 @@ impl Governed {
     }
 
     /// The tenant's `requests_per_minute` quota (model calls), as a 429 with `Retry-After`.
-    fn limit(&self, tenant: &soma_actors::Tenant) -> Result<(), ApiError> {
-        let rpm = tenant.settings.quotas.requests_per_minute;
+    fn limit(&self, tenant: &Snapshot) -> Result<(), ApiError> {
+        let rpm = tenant.quotas().requests_per_minute;
         let Some(per_minute) = NonZeroU32::new(rpm) else {
             return Ok(());
         };
@@ -82,7 +85,7 @@ impl Governed {
                     Arc::new(RateLimiter::direct(Quota::per_minute(per_minute))),
                 )
             };
-            let entry = all.entry(tenant.id.clone()).or_insert_with(fresh);
+            let entry = all.entry(tenant.id().to_string()).or_insert_with(fresh);
             if entry.0 != rpm {
                 *entry = fresh();
             }
@@ -90,7 +93,7 @@ impl Governed {
         };
         limiter.check().map_err(|not_until| {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
-            metrics::counter!("soma_gateway_rate_limited_total", "tenant" => tenant.id.clone())
+            metrics::counter!("soma_gateway_rate_limited_total", "tenant" => tenant.id().to_string())
                 .increment(1);
             ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -119,15 +122,14 @@ impl Governed {
         };
         let verdict = self
             .tenants
-            .decide(
-                &principal.tenant,
+            .decide_on(
+                &tenant,
                 who,
                 "gateway",
                 Action::ModelGenerate,
                 json!({"model": model, "kind": kind, "tenant": principal.tenant}),
                 now_ms(),
             )
-            .await
             .map_err(|e| match e {
                 soma_actors::Error::PolicyEval { message } => ApiError::new(
                     StatusCode::FORBIDDEN,
