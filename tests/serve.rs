@@ -179,15 +179,20 @@ async fn read_stream(
     (text, finish, usage, events)
 }
 
-async fn stream(s: &Server, key: &str, mut body: Value) -> reqwest::Response {
+/// A streamed chat request, whatever its answer.
+async fn open_stream(s: &Server, key: &str, mut body: Value) -> reqwest::Response {
     body["stream"] = json!(true);
-    let r = client()
+    client()
         .post(s.url("/v1/chat/completions"))
         .bearer_auth(key)
         .json(&body)
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn stream(s: &Server, key: &str, body: Value) -> reqwest::Response {
+    let r = open_stream(s, key, body).await;
     assert_eq!(r.status(), 200);
     assert!(
         r.headers()["content-type"]
@@ -737,15 +742,7 @@ async fn model_calls_pass_the_tenants_constitution_and_are_metered() {
     // its quota of 100 is denied next.
     let (_, gamma) = create_key(data.path(), "gamma");
     for _ in 0..4 {
-        let mut req = chat("Tell a very long story.", 60);
-        req["stream"] = json!(true);
-        let r = client()
-            .post(s.url("/v1/chat/completions"))
-            .bearer_auth(&gamma)
-            .json(&req)
-            .send()
-            .await
-            .unwrap();
+        let r = open_stream(&s, &gamma, chat("Tell a very long story.", 60)).await;
         if r.status() == 403 {
             // The streams cut so far already used the quota up.
             break;

@@ -427,10 +427,9 @@ pub(crate) async fn completions(
         let outcome = crate::tools::decide(&pool, &req.messages, &req.params, &tools, &choice)
             .instrument(span.clone())
             .await?;
-        if let crate::tools::Outcome::Reply { usage } = &outcome
-            && usage.completion_tokens > 0
-        {
-            // The decision to answer in text cost a generation of its own.
+        // The tool step cost generations of its own (none with tool_choice none).
+        let usage = outcome.usage();
+        if usage != soma_inference::Usage::default() {
             meter(
                 governed.as_deref(),
                 &principal,
@@ -441,19 +440,9 @@ pub(crate) async fn completions(
             .await;
         }
         if let crate::tools::Outcome::Call {
-            name,
-            arguments,
-            usage,
+            name, arguments, ..
         } = outcome
         {
-            meter(
-                governed.as_deref(),
-                &principal,
-                &req.model,
-                usage.prompt_tokens,
-                usage.completion_tokens,
-            )
-            .await;
             metrics::counter!("soma_gateway_tool_calls_total", "tenant" => principal.tenant.clone()).increment(1);
             return Ok(tool_call_response(&req, created, &name, &arguments, usage));
         }

@@ -41,6 +41,15 @@ pub(crate) enum Outcome {
     },
 }
 
+impl Outcome {
+    /// What the tool step cost.
+    pub(crate) fn usage(&self) -> Usage {
+        match self {
+            Outcome::Reply { usage } | Outcome::Call { usage, .. } => *usage,
+        }
+    }
+}
+
 fn wrong(field: &str, expected: &str) -> ApiError {
     ApiError::invalid("invalid_type", field, format!("{field} must be {expected}"))
 }

@@ -287,10 +287,6 @@ impl GenerationModel {
 
     /// The prompt text a chat renders to, by the model's own template.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
-        self.render(messages)
-    }
-
-    fn render(&self, messages: &[ChatMessage]) -> Result<String> {
         let env = self.template.as_deref().ok_or_else(|| {
             Error::InvalidRequest("the model has no chat template: send a text prompt".into())
         })?;
@@ -319,7 +315,7 @@ impl GenerationModel {
                 ChatMessage::new(m.role.clone(), format!("{}{i}{}", self.marker, self.marker))
             })
             .collect();
-        let rendered = self.render(&marked)?;
+        let rendered = self.render_chat(&marked)?;
         let mut tokens = Vec::new();
         let mut parts = rendered.split(&*self.marker);
         let head = parts.next().unwrap_or_default();
