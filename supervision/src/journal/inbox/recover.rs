@@ -281,7 +281,12 @@ struct Index<F> {
     applied: F,
     keys: Vec<KeyScan>,
     unfinished: Vec<(Arc<str>, Origin)>,
+    /// Whether the queues were sized for the whole log yet (see [`Index::presize`]).
+    presized: bool,
 }
+
+/// The queues are sized once this share of the log (1/n) has been indexed.
+const PRESIZE_AFTER: u64 = 16;
 
 impl<F: FnMut(&str) -> Result<Seq>> Index<F> {
     /// Indexes one record of segment `id`; true if it is unacknowledged.
@@ -327,6 +332,23 @@ impl<F: FnMut(&str) -> Result<Seq>> Index<F> {
             memory: None,
         });
         Ok(true)
+    }
+
+    /// Sizes every key's queue for the whole log once `done` of its `total` bytes are
+    /// indexed, assuming the rest holds keys in the same proportions: one allocation per key
+    /// instead of a queue that doubles (and copies) its way up, which with many keys is much
+    /// of the indexer's time. A key that turns out to have more grows as before.
+    fn presize(&mut self, done: u64, total: u64) {
+        if self.presized || done == 0 || done.saturating_mul(PRESIZE_AFTER) < total {
+            return;
+        }
+        self.presized = true;
+        let factor = total as f64 / done as f64;
+        for scan in &mut self.keys {
+            let expected = (scan.queue.len() as f64 * factor * 1.05) as usize;
+            scan.queue
+                .reserve_exact(expected.saturating_sub(scan.queue.len()));
+        }
     }
 
     /// Indexes a batch of segment `id`.
@@ -388,6 +410,7 @@ impl Inbox {
             applied: &mut applied,
             keys: Vec::new(),
             unfinished: Vec::new(),
+            presized: false,
         };
         let (tx, rx) = mpsc::sync_channel(BATCHES);
         let (spare_tx, spare_rx) = mpsc::channel();
@@ -507,13 +530,22 @@ fn index_segments<F: FnMut(&str) -> Result<Seq>>(
         torn: None,
         pending: 0,
     };
+    let mut lengths = Vec::with_capacity(read.len());
     for &id in read {
+        lengths.push(file_len(&segment_path(dir, id))?.unwrap_or(0));
+    }
+    let total: u64 = lengths.iter().sum();
+    let mut before = 0u64;
+    for (&id, &length) in read.iter().zip(&lengths) {
         let path = segment_path(dir, id);
         let mut count = 0u64;
         let damaged = loop {
             match rx.recv() {
                 Ok(Scanned::Records(batch)) => {
                     count += index.add_batch(&path, id, &batch)?;
+                    if let Some(last) = batch.records.last() {
+                        index.presize(before + last.offset, total);
+                    }
                     let _ = spare.send(batch);
                 }
                 Ok(Scanned::End { damaged }) => break damaged,
@@ -547,6 +579,7 @@ fn index_segments<F: FnMut(&str) -> Result<Seq>>(
         out.files.insert(id, Arc::new(file));
         out.live.insert(id, count);
         out.closed.insert(id, kept);
+        before += length;
     }
     Ok(out)
 }
