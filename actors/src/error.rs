@@ -61,6 +61,46 @@ pub enum Error {
     /// The tenant has no constitution.
     #[error("tenant {0:?} has no constitution")]
     NoConstitution(String),
+    /// A tool cannot be registered.
+    #[error("tool {name:?}: {reason}")]
+    InvalidTool {
+        /// Its name.
+        name: String,
+        /// Why not.
+        reason: String,
+    },
+    /// Parts that do not fit together.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Approve or reject of something that waits for no approval.
+    #[error("{what} {id:?} is not waiting for an approval")]
+    NotAwaiting {
+        /// What.
+        what: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// A request that cannot be served as asked.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// A subscriber fell too far behind and was ended.
+    #[error(
+        "subscriber of session {session:?} missed {missed} updates; resubscribe from seq {resume_from}"
+    )]
+    Lagged {
+        /// The session.
+        session: String,
+        /// Updates missed.
+        missed: u64,
+        /// The seq to resubscribe from.
+        resume_from: u64,
+    },
+    /// Inference failed.
+    #[error(transparent)]
+    Inference(#[from] soma_inference::Error),
+    /// Memory or events failed.
+    #[error(transparent)]
+    Adapters(#[from] soma_adapters::Error),
 }
 
 /// The crate's result.

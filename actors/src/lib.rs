@@ -11,14 +11,30 @@
 
 mod constitution;
 mod error;
+mod session;
 mod tenant;
+mod toolcall;
+mod tools;
 
 pub use constitution::{
     Action, Compiled, CompiledCache, Constitution, DEFAULT_DATA, DEFAULT_POLICY, Decision,
     DecisionInput, Governance, Principal, PrincipalKind, Verdict,
 };
 pub use error::{Error, Result};
+pub use session::{
+    EventKind, HISTORY_ENTRIES, LIVE_BUFFER, MAX_EVENTS, Persona, SessionActor, SessionDeps,
+    SessionEvent, SessionInfo, SessionMsg, SessionState, Sessions, Subscription, TOOL_STEP_MARGIN,
+    ToolUse, TurnEnd, Update,
+};
 pub use tenant::{
     ModelUsage, Price, Quotas, Snapshot, Tenant, TenantActor, TenantMsg, TenantSettings,
     TenantState, Tenants, UsageReport, check_id,
+};
+pub use toolcall::{
+    AuditEntry, CallRequest, CallStatus, RetryPolicy, ToolCallActor, ToolCallMsg, ToolCallRecord,
+    ToolCallState, ToolCalls,
+};
+pub use tools::{
+    HttpLimits, HttpRequestTool, Invocation, Memory, RecallTool, Recalled, RememberTool, Tool,
+    ToolError, ToolErrorKind, ToolRegistry,
 };

@@ -70,6 +70,9 @@ pub struct TenantSettings {
     pub budget_micros: u64,
     /// Prices by model id.
     pub prices: BTreeMap<String, Price>,
+    /// Hosts the `http.request` tool may reach (`api.example.com`, or `*.example.com` for
+    /// its subdomains).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// Tokens and cost of one model on one day.

@@ -58,7 +58,7 @@ pub(crate) struct ChatRequest {
     pub(crate) include_usage: bool,
     pub(crate) params: SamplingParams,
     pub(crate) schema: Option<Value>,
-    pub(crate) tools: Option<(Vec<crate::tools::Tool>, crate::tools::Choice)>,
+    pub(crate) tools: Option<(Vec<soma_inference::ToolSpec>, soma_inference::ToolChoice)>,
 }
 
 fn unsupported(field: &str, why: &str) -> ApiError {
@@ -421,12 +421,13 @@ pub(crate) async fn completions(
         g.admit(&principal, &req.model, "chat").await?;
     }
     if let Some((tools, choice)) = req.tools.take() {
-        if choice != crate::tools::Choice::None {
-            crate::tools::describe(&mut req.messages, &tools);
+        if choice != soma_inference::ToolChoice::None {
+            soma_inference::describe_tools(&mut req.messages, &tools);
         }
-        let outcome = crate::tools::decide(&pool, &req.messages, &req.params, &tools, &choice)
-            .instrument(span.clone())
-            .await?;
+        let outcome =
+            soma_inference::decide_tool(&pool, &req.messages, &req.params, &tools, &choice)
+                .instrument(span.clone())
+                .await?;
         // The tool step cost generations of its own (none with tool_choice none).
         let usage = outcome.usage();
         if usage != soma_inference::Usage::default() {
@@ -439,10 +440,11 @@ pub(crate) async fn completions(
             )
             .await;
         }
-        if let crate::tools::Outcome::Call {
+        if let soma_inference::ToolStep::Call {
             name, arguments, ..
         } = outcome
         {
+            let arguments = arguments.to_string();
             metrics::counter!("soma_gateway_tool_calls_total", "tenant" => principal.tenant.clone()).increment(1);
             return Ok(tool_call_response(&req, created, &name, &arguments, usage));
         }

@@ -21,6 +21,7 @@ mod native;
 mod pool;
 mod sample;
 mod schema;
+mod tools;
 
 pub use device::{DeviceChoice, Engine, check_environment, cpu_threads};
 pub use embed::EmbeddingModel;
@@ -35,3 +36,4 @@ pub use pool::{
 };
 pub use sample::{MAX_STOP_SEQUENCES, SamplingParams};
 pub use schema::{JsonSchema, Matcher};
+pub use tools::{ToolChoice, ToolSpec, ToolStep, decide_tool, describe_tools};
