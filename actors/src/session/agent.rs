@@ -13,8 +13,8 @@
 //! generated anew.
 //!
 //! History rule: the newest history entries that fit are kept, oldest dropped first, so that
-//! the prompt plus `max_tokens_per_turn` plus [`TOOL_STEP_MARGIN`] tokens fits the model's
-//! context; if the system prompt, memories, user message and the turn's tool calls alone do
+//! the prompt plus the larger of `max_tokens_per_turn` and [`TOOL_STEP_TOKENS`] plus
+//! [`TOOL_STEP_MARGIN`] tokens fits the model's context; if the system prompt, memories, user message and the turn's tool calls alone do
 //! not fit, the turn fails.
 
 use serde_json::{Value, json};
@@ -33,6 +33,8 @@ use crate::toolcall::{CallRequest, now_ms};
 
 /// History entries read for a prompt, at most.
 pub const HISTORY_ENTRIES: usize = 64;
+/// Tokens a tool step may generate for its arguments.
+pub const TOOL_STEP_TOKENS: usize = 256;
 /// Tokens kept free for the tool step's own instructions.
 pub const TOOL_STEP_MARGIN: usize = 96;
 
@@ -226,7 +228,13 @@ impl Turn<'_> {
                         max_tokens: persona.max_tokens_per_turn as usize,
                         ..SamplingParams::default()
                     };
-                    let decided = decide_tool(&pool, &messages, &params, &specs, &choice).await;
+                    // The tool step has a budget of its own: arguments must be complete.
+                    let step_params = SamplingParams {
+                        max_tokens: TOOL_STEP_TOKENS,
+                        ..params.clone()
+                    };
+                    let decided =
+                        decide_tool(&pool, &messages, &step_params, &specs, &choice).await;
                     let decided = match decided {
                         Ok(d) => d,
                         Err(e) => return failed("the tool step", e),
@@ -364,9 +372,10 @@ impl Turn<'_> {
             }
         }
         let model = pool.model();
+        let generated = (persona.max_tokens_per_turn as usize).max(TOOL_STEP_TOKENS);
         let budget = model
             .context_length()
-            .saturating_sub(persona.max_tokens_per_turn as usize + TOOL_STEP_MARGIN);
+            .saturating_sub(generated + TOOL_STEP_MARGIN);
         let mut skip = 0;
         loop {
             let mut messages = vec![ChatMessage::new("system", system.clone())];

@@ -112,7 +112,7 @@ pub enum TurnEnd {
 
 /// What happened in a session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// A user message was accepted.
     UserMessage {

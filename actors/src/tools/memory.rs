@@ -127,7 +127,7 @@ impl Tool for RememberTool {
     fn parameters(&self) -> Value {
         json!({
             "type": "object",
-            "properties": {"text": {"type": "string"}},
+            "properties": {"text": {"type": "string", "maxLength": MAX_TEXT}},
             "required": ["text"],
             "additionalProperties": false,
         })
@@ -154,6 +154,11 @@ impl Tool for RememberTool {
 #[derive(Debug, Clone)]
 pub struct RecallTool(pub Memory);
 
+/// Characters of a remembered text, at most (what the model may generate).
+const MAX_TEXT: usize = 200;
+/// Characters of a recall query, at most.
+const MAX_QUERY: usize = 100;
+
 /// Memories a recall returns.
 const RECALL_K: usize = 3;
 
@@ -170,7 +175,7 @@ impl Tool for RecallTool {
     fn parameters(&self) -> Value {
         json!({
             "type": "object",
-            "properties": {"query": {"type": "string"}},
+            "properties": {"query": {"type": "string", "maxLength": MAX_QUERY}},
             "required": ["query"],
             "additionalProperties": false,
         })

@@ -1,0 +1,137 @@
+//! A node of the domain for tests: runtime, tenants, tools, tool calls, sessions, memory,
+//! with the real models (SmolLM2 for generation, MiniLM for embeddings).
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use soma_actors::{
+    Memory, RecallTool, RememberTool, RetryPolicy, SessionDeps, Sessions, Tenants, Tool, ToolCalls,
+    ToolRegistry,
+};
+use soma_adapters::{EdgeVectors, SledEpisodic};
+use soma_inference::{
+    EmbedderConfig, EmbedderPool, EmbeddingModel, GenerationModel, GeneratorConfig,
+    GeneratorOptions, GeneratorPool,
+};
+use soma_supervision::{Runtime, RuntimeOptions};
+
+/// The models folder: `SOMA_MODELS`, else `models/` at the workspace root.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("SOMA_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"))
+}
+
+fn need(path: PathBuf) -> PathBuf {
+    assert!(
+        path.exists(),
+        "{} is missing: run `bash scripts/fetch-models.sh` (CI does)",
+        path.display()
+    );
+    path
+}
+
+pub fn generator() -> GenerationModel {
+    static MODEL: OnceLock<GenerationModel> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let path =
+                need(models_dir().join("SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"));
+            GenerationModel::load(
+                path,
+                &candle_core::Device::Cpu,
+                &GeneratorOptions::default(),
+            )
+            .expect("load SmolLM2")
+        })
+        .clone()
+}
+
+pub fn embedder() -> EmbeddingModel {
+    EmbeddingModel::load(
+        need(models_dir().join("all-MiniLM-L6-v2")),
+        &candle_core::Device::Cpu,
+    )
+    .expect("load MiniLM")
+}
+
+pub const MODEL: &str = "smollm";
+
+/// A node over `dir`.
+pub struct Node {
+    pub rt: Runtime,
+    pub tenants: Tenants,
+    pub calls: ToolCalls,
+    pub sessions: Sessions,
+    pub memory: Memory,
+    pub episodic: Arc<SledEpisodic>,
+}
+
+impl Node {
+    /// Opens a node over `dir` with the memory tools and `extra` tools.
+    pub async fn open(dir: &Path, extra: Vec<Arc<dyn Tool>>) -> Node {
+        let rt = Runtime::open(RuntimeOptions::new(dir.join("journal")))
+            .await
+            .unwrap();
+        let tenants = Tenants::open(&rt).await.unwrap();
+        let embed = Arc::new(
+            EmbedderPool::start(embedder(), EmbedderConfig::default())
+                .await
+                .unwrap(),
+        );
+        let vectors = Arc::new(
+            EdgeVectors::open(dir.join("vectors"), embed.dimension())
+                .await
+                .unwrap(),
+        );
+        let memory = Memory::new(vectors, embed).unwrap();
+        let mut tools = ToolRegistry::new();
+        tools.register(RememberTool(memory.clone())).unwrap();
+        tools.register(RecallTool(memory.clone())).unwrap();
+        for t in extra {
+            tools.register_arc(t).unwrap();
+        }
+        let calls = ToolCalls::open(
+            &rt,
+            tenants.clone(),
+            Arc::new(tools),
+            RetryPolicy::default(),
+        )
+        .await
+        .unwrap();
+        let episodic = Arc::new(SledEpisodic::open(dir.join("episodic")).unwrap());
+        let pool = GeneratorPool::start(
+            generator(),
+            GeneratorConfig {
+                replicas: 1,
+                ..GeneratorConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut generators = BTreeMap::new();
+        generators.insert(MODEL.to_string(), Arc::new(pool));
+        let sessions = Sessions::open(
+            &rt,
+            SessionDeps {
+                tenants: tenants.clone(),
+                tool_calls: calls.clone(),
+                memory: Some(memory.clone()),
+                episodic: episodic.clone(),
+                generators,
+            },
+        )
+        .await
+        .unwrap();
+        Node {
+            rt,
+            tenants,
+            calls,
+            sessions,
+            memory,
+            episodic,
+        }
+    }
+}
