@@ -24,7 +24,7 @@ pub use error::{Error, Result};
 pub use session::{
     EventKind, HISTORY_ENTRIES, LIVE_BUFFER, MAX_EVENTS, Persona, SessionActor, SessionDeps,
     SessionEvent, SessionInfo, SessionMsg, SessionState, Sessions, Subscription, TOOL_STEP_MARGIN,
-    ToolUse, TurnEnd, Update,
+    TOOL_STEP_TOKENS, ToolUse, TurnEnd, Update,
 };
 pub use tenant::{
     ModelUsage, Price, Quotas, Snapshot, Tenant, TenantActor, TenantMsg, TenantSettings,

@@ -168,9 +168,11 @@ async fn an_agent_remembers_in_one_session_and_recalls_in_another_of_its_tenant_
 async fn the_constitution_stops_a_turn_before_the_model_runs() {
     let dir = tempfile::tempdir().unwrap();
     let n = Node::open(dir.path(), vec![]).await;
-    let mut settings = TenantSettings::default();
     // A budget of one millionth, spent by the first call.
-    settings.budget_micros = 1;
+    let mut settings = TenantSettings {
+        budget_micros: 1,
+        ..TenantSettings::default()
+    };
     settings.prices.insert(
         MODEL.into(),
         soma_actors::Price {

@@ -22,7 +22,7 @@ use soma_supervision::{Context, DurableActor, HandlerError, Registry, RegistryOp
 use tokio::sync::watch;
 use tracing::Instrument;
 
-pub use agent::{HISTORY_ENTRIES, TOOL_STEP_MARGIN};
+pub use agent::{HISTORY_ENTRIES, TOOL_STEP_MARGIN, TOOL_STEP_TOKENS};
 pub use hub::{LIVE_BUFFER, Subscription, Update};
 
 use crate::error::{Error, Result};

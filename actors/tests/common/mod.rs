@@ -18,7 +18,7 @@ use soma_inference::{
 use soma_supervision::{Runtime, RuntimeOptions};
 
 /// The models folder: `SOMA_MODELS`, else `models/` at the workspace root.
-pub fn models_dir() -> PathBuf {
+pub(crate) fn models_dir() -> PathBuf {
     std::env::var_os("SOMA_MODELS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"))
@@ -33,7 +33,7 @@ fn need(path: PathBuf) -> PathBuf {
     path
 }
 
-pub fn generator() -> GenerationModel {
+pub(crate) fn generator() -> GenerationModel {
     static MODEL: OnceLock<GenerationModel> = OnceLock::new();
     MODEL
         .get_or_init(|| {
@@ -49,7 +49,7 @@ pub fn generator() -> GenerationModel {
         .clone()
 }
 
-pub fn embedder() -> EmbeddingModel {
+pub(crate) fn embedder() -> EmbeddingModel {
     EmbeddingModel::load(
         need(models_dir().join("all-MiniLM-L6-v2")),
         &candle_core::Device::Cpu,
@@ -57,21 +57,21 @@ pub fn embedder() -> EmbeddingModel {
     .expect("load MiniLM")
 }
 
-pub const MODEL: &str = "smollm";
+pub(crate) const MODEL: &str = "smollm";
 
 /// A node over `dir`.
-pub struct Node {
-    pub rt: Runtime,
-    pub tenants: Tenants,
-    pub calls: ToolCalls,
-    pub sessions: Sessions,
-    pub memory: Memory,
-    pub episodic: Arc<SledEpisodic>,
+pub(crate) struct Node {
+    pub(crate) rt: Runtime,
+    pub(crate) tenants: Tenants,
+    pub(crate) calls: ToolCalls,
+    pub(crate) sessions: Sessions,
+    pub(crate) memory: Memory,
+    pub(crate) episodic: Arc<SledEpisodic>,
 }
 
 impl Node {
     /// Opens a node over `dir` with the memory tools and `extra` tools.
-    pub async fn open(dir: &Path, extra: Vec<Arc<dyn Tool>>) -> Node {
+    pub(crate) async fn open(dir: &Path, extra: Vec<Arc<dyn Tool>>) -> Node {
         let rt = Runtime::open(RuntimeOptions::new(dir.join("journal")))
             .await
             .unwrap();
