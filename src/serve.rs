@@ -379,7 +379,10 @@ pub(crate) async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             Err("the journal is closing".into())
         }
     });
-    let tenants = soma_actors::Tenants::open(&runtime).await?;
+    // Decisions and audit events go to the embedded event log under the data directory.
+    let events: Arc<dyn soma_adapters::EventStream> =
+        Arc::new(soma_adapters::SledLog::open(config.data.join("events"))?);
+    let tenants = soma_actors::Tenants::open_with_events(&runtime, Some(events)).await?;
     let governed = soma_gateway::Governed::new(tenants, config.tenants.defaults.clone());
     let gateway = Gateway::start(
         config.gateway(),

@@ -9,7 +9,9 @@
 //! and prices, its constitution, metered usage), deciding by its constitution with a context
 //! from its state. Sessions, agents and tool calls as actors are not built yet.
 
+mod audit;
 mod constitution;
+mod directory;
 mod error;
 mod session;
 mod tenant;
@@ -20,11 +22,12 @@ pub use constitution::{
     Action, Compiled, CompiledCache, Constitution, DEFAULT_DATA, DEFAULT_POLICY, Decision,
     DecisionInput, Governance, Principal, PrincipalKind, Verdict,
 };
+pub use directory::{DirectoryActor, DirectoryMsg, Listing};
 pub use error::{Error, Result};
 pub use session::{
-    EventKind, HISTORY_ENTRIES, LIVE_BUFFER, MAX_EVENTS, Persona, SessionActor, SessionDeps,
-    SessionEvent, SessionInfo, SessionMsg, SessionState, Sessions, Subscription, TOOL_STEP_MARGIN,
-    TOOL_STEP_TOKENS, ToolUse, TurnEnd, Update,
+    ErasureReport, EventKind, HISTORY_ENTRIES, LIVE_BUFFER, MAX_EVENTS, Persona, SessionActor,
+    SessionDeps, SessionEvent, SessionInfo, SessionMsg, SessionState, Sessions, Subscription,
+    TOOL_STEP_MARGIN, TOOL_STEP_TOKENS, ToolUse, TurnEnd, Update,
 };
 pub use tenant::{
     ModelUsage, Price, Quotas, Snapshot, Tenant, TenantActor, TenantMsg, TenantSettings,

@@ -10,8 +10,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use soma_adapters::EventStream;
 use soma_supervision::{Context, DurableActor, HandlerError, Registry, RegistryOptions, Runtime};
 
+use crate::audit::Audit;
 use crate::constitution::{
     Action, Compiled, CompiledCache, Constitution, DecisionInput, Principal, Verdict,
 };
@@ -157,6 +159,8 @@ pub enum TenantMsg {
         /// The data document, JSON text.
         data: String,
     },
+    /// Forgets the tenant: settings, constitution, usage.
+    Erase,
     /// Records a model call's tokens at `at_ms`.
     RecordUsage {
         /// The model.
@@ -208,6 +212,7 @@ impl DurableActor for TenantActor {
                 }
             }
             _ if !s.exists => {}
+            TenantMsg::Erase => *s = TenantState::default(),
             TenantMsg::Update(settings) => s.settings = settings,
             TenantMsg::Suspend(on) => s.suspended = on,
             TenantMsg::SetConstitution {
@@ -281,6 +286,7 @@ pub struct UsageReport {
 pub struct Tenants {
     registry: Registry<TenantActor>,
     compiled: Arc<CompiledCache>,
+    audit: Audit,
 }
 
 impl std::fmt::Debug for Tenants {
@@ -304,13 +310,23 @@ pub fn check_id(id: &str) -> Result<()> {
 }
 
 impl Tenants {
-    /// The tenants of `rt` (registry `tenant`).
+    /// The tenants of `rt` (registry `tenant`), publishing nothing.
     pub async fn open(rt: &Runtime) -> Result<Self> {
+        Self::open_with_events(rt, None).await
+    }
+
+    /// The tenants of `rt`, publishing every decision on `policy.decisions` and
+    /// `agent.audit` of `events`.
+    pub async fn open_with_events(
+        rt: &Runtime,
+        events: Option<Arc<dyn EventStream>>,
+    ) -> Result<Self> {
         let mut options = RegistryOptions::new("tenant");
         options.passivate_after_ms = Some(60_000);
         Ok(Self {
             registry: rt.registry(TenantActor, options).await?,
             compiled: Arc::default(),
+            audit: Audit::new(events),
         })
     }
 
@@ -331,6 +347,23 @@ impl Tenants {
                 id: id.to_string(),
             })
         }
+    }
+
+    /// Forgets tenant `id` (settings, constitution, usage); see `Sessions::erase_tenant` for
+    /// everything else it has.
+    pub(crate) async fn erase(&self, id: &str) -> Result<()> {
+        self.existing(id).await?;
+        self.apply(id, TenantMsg::Erase).await
+    }
+
+    /// Publishes an audit event of tenant `id`.
+    pub(crate) async fn audit(
+        &self,
+        id: &str,
+        event: &soma_adapters::AuditEvent,
+        at_ms: u64,
+    ) -> Result<()> {
+        self.audit.event(id, event, at_ms).await
     }
 
     /// Creates tenant `id` with `settings` and the default constitution.
@@ -496,10 +529,12 @@ impl Tenants {
     ) -> Result<Verdict> {
         let snapshot = self.snapshot(id).await?;
         self.decide_on(&snapshot, principal, actor, action, resource, now_ms)
+            .await
     }
 
-    /// As [`decide`](Self::decide), on a state already read.
-    pub fn decide_on(
+    /// As [`decide`](Self::decide), on a state already read. The decision is published (when
+    /// the tenants have an event stream) before it is returned.
+    pub async fn decide_on(
         &self,
         snapshot: &Snapshot,
         principal: Principal,
@@ -508,6 +543,22 @@ impl Tenants {
         resource: serde_json::Value,
         now_ms: u64,
     ) -> Result<Verdict> {
+        let (compiled, input) =
+            self.prepare(snapshot, principal, actor, action, resource, now_ms)?;
+        let verdict = compiled.decide(&input)?;
+        self.audit.decision(&input, &verdict, now_ms).await?;
+        Ok(verdict)
+    }
+
+    fn prepare(
+        &self,
+        snapshot: &Snapshot,
+        principal: Principal,
+        actor: &str,
+        action: Action,
+        resource: serde_json::Value,
+        now_ms: u64,
+    ) -> Result<(Arc<Compiled>, DecisionInput)> {
         let (id, s) = (&snapshot.id, &snapshot.state);
         let stored = s
             .constitution
@@ -536,6 +587,6 @@ impl Tenants {
                 "now_ms": now_ms,
             }),
         };
-        compiled.decide(&input)
+        Ok((compiled, input))
     }
 }

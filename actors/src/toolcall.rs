@@ -17,6 +17,7 @@ use soma_supervision::{Context, DurableActor, HandlerError, Registry, RegistryOp
 use tracing::Instrument;
 
 use crate::constitution::{Action, Decision, Principal};
+use crate::directory::{Directory, DirectoryMsg};
 use crate::error::{Error, Result};
 use crate::tenant::{Tenants, check_id};
 use crate::tools::{Invocation, ToolError, ToolErrorKind, ToolRegistry};
@@ -91,6 +92,8 @@ pub enum ToolCallMsg {
         /// Why.
         comment: String,
     },
+    /// Forgets the call (its tenant is erased).
+    Erase,
 }
 
 /// How failed runs are retried.
@@ -329,6 +332,7 @@ impl ToolCallActor {
                     self.execute(key, s).await;
                 }
             }
+            ToolCallMsg::Erase => *s = ToolCallState::default(),
             ToolCallMsg::Reject { by, comment } => {
                 if matches!(s.status, Some(CallStatus::Awaiting { .. })) {
                     audit(s, format!("rejected by {by}: {comment}"));
@@ -387,6 +391,7 @@ pub struct ToolCalls {
     registry: Registry<ToolCallActor>,
     tools: Arc<ToolRegistry>,
     runtime: Runtime,
+    directory: Directory,
 }
 
 impl std::fmt::Debug for ToolCalls {
@@ -415,7 +420,27 @@ impl ToolCalls {
             registry: rt.registry(actor, options).await?,
             tools,
             runtime: rt.clone(),
+            directory: Directory::open(rt).await?,
         })
+    }
+
+    /// Makes every commit so far durable.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        Ok(self.runtime.flush().await?)
+    }
+
+    pub(crate) fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    /// Forgets every call of `tenant` listed in its directory; returns how many.
+    pub(crate) async fn erase_tenant(&self, tenant: &str, calls: &[String]) -> Result<u64> {
+        for id in calls {
+            let key = Self::key(tenant, id)?;
+            let seq = self.registry.send(&key, &ToolCallMsg::Erase).await?;
+            self.registry.wait_handled(&key, seq).await?;
+        }
+        Ok(calls.len() as u64)
     }
 
     /// The tools calls run.
@@ -434,6 +459,9 @@ impl ToolCalls {
     /// returned.
     pub async fn call(&self, tenant: &str, id: &str, req: CallRequest) -> Result<ToolCallRecord> {
         let key = Self::key(tenant, id)?;
+        self.directory
+            .note(tenant, DirectoryMsg::Call(id.to_string()))
+            .await?;
         let seq = self.registry.send(&key, &ToolCallMsg::Run(req)).await?;
         self.settle(&key, seq).await?;
         self.read(&key, id).await

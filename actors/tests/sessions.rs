@@ -266,3 +266,115 @@ async fn a_tenant_reaches_no_session_of_another_tenant() {
     nf(s.get("acme", "s1").await.map(|_| ()));
     n.rt.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasing_a_tenant_leaves_nothing_of_it_in_any_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = Node::open(dir.path(), vec![]).await;
+    for t in ["acme", "umbrella"] {
+        n.tenants
+            .create(t, TenantSettings::default())
+            .await
+            .unwrap();
+    }
+    let s = &n.sessions;
+    // Both tenants: a session with a remembered fact and history; a direct tool call.
+    for t in ["acme", "umbrella"] {
+        s.create(t, "s1", "alice", persona(&["memory.remember"]))
+            .await
+            .unwrap();
+        let turn = s
+            .send(t, "s1", "Remember this: the launch code is blue.")
+            .await
+            .unwrap();
+        let events = s.wait_turn(t, "s1", turn).await.unwrap();
+        assert_eq!(ended(&events), TurnEnd::Answered, "{events:?}");
+        let req = soma_actors::CallRequest {
+            tool: "memory.remember".into(),
+            arguments: serde_json::json!({"text": "a direct fact"}).to_string(),
+            principal: soma_actors::Principal {
+                kind: soma_actors::PrincipalKind::User,
+                id: "alice".into(),
+                roles: vec![],
+            },
+            session: None,
+        };
+        n.calls.call(t, "direct-1", req).await.unwrap();
+    }
+    let scope = |t: &str| soma_adapters::Scope::new(t, "s1").unwrap();
+    let history = |t: &'static str| {
+        let episodic = n.episodic.clone();
+        async move {
+            soma_adapters::EpisodicMemory::last(&*episodic, &scope(t), 100)
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    assert_eq!(history("acme").await, 2);
+    assert_eq!(n.memory.count("acme").await.unwrap(), 2);
+
+    let report = s.erase_tenant("acme", "root").await.unwrap();
+    assert_eq!(
+        (
+            report.sessions,
+            report.tool_calls,
+            report.history_entries,
+            report.memories
+        ),
+        (1, 2, 2, 2),
+        "{report:?}"
+    );
+    // Nothing of acme is left in any store.
+    assert_eq!(history("acme").await, 0);
+    assert_eq!(n.memory.count("acme").await.unwrap(), 0);
+    assert!(matches!(
+        s.get("acme", "s1").await,
+        Err(Error::NotFound { .. })
+    ));
+    for id in ["s1-2-0", "direct-1"] {
+        assert!(
+            matches!(n.calls.get("acme", id).await, Err(Error::NotFound { .. })),
+            "{id}"
+        );
+    }
+    assert!(matches!(
+        n.tenants.get("acme").await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        n.tenants.usage("acme", 0, u64::MAX / 2).await,
+        Err(Error::NotFound { .. })
+    ));
+    // One audit event says so.
+    let audit = soma_adapters::EventStream::read(
+        &*n.events,
+        soma_adapters::Topic::AgentAudit,
+        0,
+        0,
+        10_000,
+        std::time::Duration::ZERO,
+    )
+    .await
+    .unwrap();
+    let erasures: Vec<soma_adapters::AuditEvent> = audit
+        .iter()
+        .filter(|r| r.envelope.tenant == "acme")
+        .map(|r| r.envelope.decode::<soma_adapters::AuditEvent>().unwrap())
+        .filter(|e| e.action == "tenant.erase")
+        .collect();
+    assert_eq!(erasures.len(), 1);
+    assert_eq!(erasures[0].actor, "user/root");
+    assert_eq!(erasures[0].detail["memories"], serde_json::json!(2));
+    // Erased again: there is nothing to erase.
+    assert!(matches!(
+        s.erase_tenant("acme", "root").await,
+        Err(Error::NotFound { .. })
+    ));
+    // The other tenant keeps everything.
+    assert_eq!(history("umbrella").await, 2);
+    assert_eq!(n.memory.count("umbrella").await.unwrap(), 2);
+    assert!(s.get("umbrella", "s1").await.is_ok());
+    assert!(n.calls.get("umbrella", "direct-1").await.is_ok());
+    n.rt.shutdown().await.unwrap();
+}

@@ -13,6 +13,7 @@ use soma_actors::{
     PrincipalKind, RetryPolicy, TenantSettings, Tenants, Tool, ToolCalls, ToolError, ToolErrorKind,
     ToolRegistry,
 };
+use soma_adapters::{AuditEvent, EventStream, Outcome, PolicyDecision, SledLog, Topic};
 use soma_supervision::{Runtime, RuntimeOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -45,6 +46,7 @@ impl Tool for Counting {
 
 struct Node {
     rt: Runtime,
+    events: Arc<SledLog>,
     tenants: Tenants,
     calls: ToolCalls,
     runs: Arc<AtomicU32>,
@@ -70,7 +72,10 @@ fn req(tool: &str, args: Value) -> CallRequest {
 
 async fn node(dir: &std::path::Path, http: bool) -> Node {
     let rt = Runtime::open(RuntimeOptions::new(dir)).await.unwrap();
-    let tenants = Tenants::open(&rt).await.unwrap();
+    let events = Arc::new(SledLog::open(dir.join("events")).unwrap());
+    let tenants = Tenants::open_with_events(&rt, Some(events.clone()))
+        .await
+        .unwrap();
     let runs = Arc::new(AtomicU32::new(0));
     let flaky = Arc::new(AtomicU32::new(0));
     let mut tools = ToolRegistry::new();
@@ -109,6 +114,7 @@ async fn node(dir: &std::path::Path, http: bool) -> Node {
         .unwrap();
     Node {
         rt,
+        events,
         tenants,
         calls,
         runs,
@@ -362,5 +368,65 @@ async fn http_request_reaches_only_allowed_hosts_within_its_limits() {
     let e = other.outcome().unwrap().unwrap_err();
     assert_eq!(e.kind, ToolErrorKind::Denied);
     assert!(e.message.contains("allow-list"), "{e}");
+    n.rt.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_decision_is_published_with_the_constitutions_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = node(dir.path(), false).await;
+    n.tenants
+        .create("acme", TenantSettings::default())
+        .await
+        .unwrap();
+    let hash = n.tenants.constitution("acme").await.unwrap().hash();
+    // Denied by the default constitution, then allowed by one that allows it.
+    n.calls
+        .call("acme", "p1", req("test.count", json!({"n": 1})))
+        .await
+        .unwrap();
+    let hash2 = n
+        .tenants
+        .set_constitution("acme", constitution(2))
+        .await
+        .unwrap();
+    n.calls
+        .call("acme", "p2", req("test.count", json!({"n": 1})))
+        .await
+        .unwrap();
+    let read = |topic| {
+        let events = n.events.clone();
+        async move { events.read(topic, 0, 0, 100, Duration::ZERO).await.unwrap() }
+    };
+    let decisions: Vec<PolicyDecision> = read(Topic::PolicyDecisions)
+        .await
+        .iter()
+        .map(|r| {
+            assert_eq!(r.envelope.tenant, "acme");
+            r.envelope.decode().unwrap()
+        })
+        .collect();
+    assert_eq!(decisions.len(), 2, "{decisions:?}");
+    assert!(!decisions[0].allowed);
+    assert_eq!(
+        decisions[0].reasons,
+        vec!["tool test.count is not allowed".to_string()]
+    );
+    assert!(decisions[0].policy_version.starts_with(&hash));
+    assert!(decisions[1].allowed);
+    assert!(decisions[1].policy_version.starts_with(&hash2));
+    let audit: Vec<AuditEvent> = read(Topic::AgentAudit)
+        .await
+        .iter()
+        .map(|r| r.envelope.decode().unwrap())
+        .collect();
+    assert_eq!(audit.len(), 2);
+    assert_eq!(
+        (audit[0].outcome, audit[1].outcome),
+        (Outcome::Denied, Outcome::Succeeded)
+    );
+    assert_eq!(audit[0].action, "tool.call");
+    assert_eq!(audit[0].actor, "tool-call/p1");
+    assert_eq!(audit[1].detail["constitution"], json!(hash2));
     n.rt.shutdown().await.unwrap();
 }

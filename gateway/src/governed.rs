@@ -130,6 +130,7 @@ impl Governed {
                 json!({"model": model, "kind": kind, "tenant": principal.tenant}),
                 now_ms(),
             )
+            .await
             .map_err(|e| match e {
                 soma_actors::Error::PolicyEval { message } => ApiError::new(
                     StatusCode::FORBIDDEN,

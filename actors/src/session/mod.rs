@@ -25,6 +25,7 @@ use tracing::Instrument;
 pub use agent::{HISTORY_ENTRIES, TOOL_STEP_MARGIN, TOOL_STEP_TOKENS};
 pub use hub::{LIVE_BUFFER, Subscription, Update};
 
+use crate::directory::DirectoryMsg;
 use crate::error::{Error, Result};
 use crate::tenant::{Tenants, check_id};
 use crate::toolcall::{CallStatus, ToolCalls, now_ms};
@@ -196,6 +197,8 @@ pub enum SessionMsg {
     Resume,
     /// Closes the session and erases its history.
     Delete,
+    /// Forgets the session entirely (its tenant is erased).
+    Erase,
 }
 
 /// What the session actors share.
@@ -342,6 +345,10 @@ impl DurableActor for SessionActor {
                     self.turn(&key, s, turn, text).await;
                 }
             }
+            SessionMsg::Erase => {
+                *s = SessionState::default();
+                self.shared.hub.remove(&key);
+            }
             SessionMsg::Delete => {
                 let (tenant, session) = crate::toolcall::split_key(&key);
                 let scope = Scope::new(tenant, session).map_err(HandlerError::new)?;
@@ -378,6 +385,19 @@ pub struct SessionInfo {
     pub waiting: Option<u64>,
     /// Tokens (in, out) per model.
     pub usage: BTreeMap<String, (u64, u64)>,
+}
+
+/// What an erasure removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ErasureReport {
+    /// Sessions.
+    pub sessions: u64,
+    /// Tool calls.
+    pub tool_calls: u64,
+    /// Entries of episodic memory (histories).
+    pub history_entries: u64,
+    /// Entries of long-term (vector) memory.
+    pub memories: u64,
 }
 
 /// The sessions of a runtime.
@@ -485,6 +505,12 @@ impl Sessions {
                 id: id.to_string(),
             });
         }
+        self.shared
+            .deps
+            .tool_calls
+            .directory()
+            .note(tenant, DirectoryMsg::Session(id.to_string()))
+            .await?;
         let msg = SessionMsg::Create {
             user: user.to_string(),
             persona,
@@ -605,6 +631,56 @@ impl Sessions {
         }
         self.registry.send(&key, &SessionMsg::Resume).await?;
         Ok(())
+    }
+
+    /// Erases tenant `tenant` and everything it has: its sessions and their histories, its
+    /// tool calls, its long-term memory, its settings, constitution and usage; then publishes
+    /// one `tenant.erase` audit event saying so. Run again after a crash, it finishes.
+    pub async fn erase_tenant(&self, tenant: &str, by: &str) -> Result<ErasureReport> {
+        check_id(tenant)?;
+        let deps = &self.shared.deps;
+        deps.tenants.get(tenant).await?;
+        let directory = deps.tool_calls.directory();
+        let listing = directory.list(tenant).await?;
+        let mut report = ErasureReport::default();
+        for id in &listing.sessions {
+            let key = Self::key(tenant, id)?;
+            let seq = self.registry.send(&key, &SessionMsg::Erase).await?;
+            self.registry.wait_handled(&key, seq).await?;
+            report.sessions += 1;
+        }
+        let calls: Vec<String> = listing.calls.iter().cloned().collect();
+        report.tool_calls = deps.tool_calls.erase_tenant(tenant, &calls).await?;
+        report.history_entries = deps.episodic.erase_tenant(tenant).await?;
+        if let Some(memory) = &deps.memory {
+            report.memories = memory.erase_tenant(tenant).await?;
+        }
+        deps.tenants.erase(tenant).await?;
+        directory.clear(tenant).await?;
+        self.shared.deps.tool_calls.flush().await?;
+        metrics::counter!("soma_tenant_erasures_total").increment(1);
+        tracing::info!(
+            tenant,
+            by,
+            sessions = report.sessions,
+            tool_calls = report.tool_calls,
+            memories = report.memories,
+            "tenant erased"
+        );
+        let event = soma_adapters::AuditEvent {
+            actor: format!("user/{by}"),
+            action: "tenant.erase".into(),
+            outcome: soma_adapters::Outcome::Succeeded,
+            session: None,
+            detail: serde_json::json!({
+                "sessions": report.sessions,
+                "tool_calls": report.tool_calls,
+                "history_entries": report.history_entries,
+                "memories": report.memories,
+            }),
+        };
+        deps.tenants.audit(tenant, &event, now_ms()).await?;
+        Ok(report)
     }
 
     /// Deletes session `id` of `tenant` and its history.

@@ -10,7 +10,7 @@ use soma_actors::{
     Memory, RecallTool, RememberTool, RetryPolicy, SessionDeps, Sessions, Tenants, Tool, ToolCalls,
     ToolRegistry,
 };
-use soma_adapters::{EdgeVectors, SledEpisodic};
+use soma_adapters::{EdgeVectors, SledEpisodic, SledLog};
 use soma_inference::{
     EmbedderConfig, EmbedderPool, EmbeddingModel, GenerationModel, GeneratorConfig,
     GeneratorOptions, GeneratorPool,
@@ -67,6 +67,7 @@ pub(crate) struct Node {
     pub(crate) sessions: Sessions,
     pub(crate) memory: Memory,
     pub(crate) episodic: Arc<SledEpisodic>,
+    pub(crate) events: Arc<SledLog>,
 }
 
 impl Node {
@@ -75,7 +76,10 @@ impl Node {
         let rt = Runtime::open(RuntimeOptions::new(dir.join("journal")))
             .await
             .unwrap();
-        let tenants = Tenants::open(&rt).await.unwrap();
+        let events = Arc::new(SledLog::open(dir.join("events")).unwrap());
+        let tenants = Tenants::open_with_events(&rt, Some(events.clone()))
+            .await
+            .unwrap();
         let embed = Arc::new(
             EmbedderPool::start(embedder(), EmbedderConfig::default())
                 .await
@@ -132,6 +136,7 @@ impl Node {
             sessions,
             memory,
             episodic,
+            events,
         }
     }
 }
