@@ -17,7 +17,7 @@ use soma_supervision::{
 
 /// Errors of the demo driver and host.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The runtime failed.
     #[error(transparent)]
     Runtime(#[from] soma_supervision::Error),
@@ -30,11 +30,11 @@ pub enum Error {
 }
 
 /// `Result` of the demo.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// A message to a demo counter.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum CounterMsg {
+pub(crate) enum CounterMsg {
     /// Apply message `id` once.
     Add(u64),
     /// Does nothing; handled after everything sent before it.
@@ -43,16 +43,16 @@ pub enum CounterMsg {
 
 /// A demo counter's state: a count and the record of every id applied, in order.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct CounterState {
+pub(crate) struct CounterState {
     /// Messages applied.
-    pub count: u64,
+    pub(crate) count: u64,
     /// Their ids, in the order applied.
-    pub ids: Vec<u64>,
+    pub(crate) ids: Vec<u64>,
 }
 
 /// The demo's durable actor.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Counter;
+pub(crate) struct Counter;
 
 impl DurableActor for Counter {
     type Msg = CounterMsg;
@@ -79,7 +79,7 @@ impl DurableActor for Counter {
 /// Runs the host: opens the journal in `data`, prints `ready`, then serves stdin lines
 /// `send <key> <id>` (answering `ack <id> <seq>` once durable) and `dump <key>...`
 /// (answering `state <key> <count> <ids>` per key, then `done`).
-pub async fn host(data: &Path) -> Result<()> {
+pub(crate) async fn host(data: &Path) -> Result<()> {
     let rt = Runtime::open(RuntimeOptions::new(data.join("journal"))).await?;
     let mut opts = RegistryOptions::new("counter");
     opts.max_in_flight = 100_000;
@@ -147,7 +147,7 @@ impl Printer {
 
 /// A running host process, driven over its stdin and stdout.
 #[derive(Debug)]
-pub struct Host {
+pub(crate) struct Host {
     child: Child,
     stdin: Option<ChildStdin>,
     lines: Lines<BufReader<ChildStdout>>,
@@ -155,7 +155,7 @@ pub struct Host {
 
 impl Host {
     /// Starts `exe durable-host --data <data>` and waits until it is ready.
-    pub async fn spawn(exe: &Path, data: &Path) -> Result<Self> {
+    pub(crate) async fn spawn(exe: &Path, data: &Path) -> Result<Self> {
         let mut child = tokio::process::Command::new(exe)
             .arg("durable-host")
             .arg("--data")
@@ -182,7 +182,7 @@ impl Host {
 
     /// Kills the host with SIGKILL and reaps it. `false` if it had already exited by
     /// itself (a crash of its own, which the durability checks count as a failure).
-    pub async fn kill(mut self) -> Result<bool> {
+    pub(crate) async fn kill(mut self) -> Result<bool> {
         if let Some(status) = self.child.try_wait()? {
             tracing::error!(%status, "host exited before its SIGKILL");
             return Ok(false);
@@ -193,7 +193,10 @@ impl Host {
     }
 
     /// Asks for the state of `keys` after everything sent so far was handled.
-    pub async fn dump(&mut self, keys: &[String]) -> Result<BTreeMap<String, (u64, Vec<u64>)>> {
+    pub(crate) async fn dump(
+        &mut self,
+        keys: &[String],
+    ) -> Result<BTreeMap<String, (u64, Vec<u64>)>> {
         let stdin = self
             .stdin
             .as_mut()
@@ -234,29 +237,29 @@ impl Host {
 
 /// What the driver sent and what the host acknowledged, across all rounds.
 #[derive(Debug, Default)]
-pub struct Ledger {
+pub(crate) struct Ledger {
     /// Every id written to a host.
-    pub sent: BTreeSet<u64>,
+    pub(crate) sent: BTreeSet<u64>,
     /// Every id acknowledged as durable.
-    pub acked: BTreeSet<u64>,
+    pub(crate) acked: BTreeSet<u64>,
     /// The sequence number each acknowledged id got.
-    pub acked_seq: BTreeMap<u64, u64>,
+    pub(crate) acked_seq: BTreeMap<u64, u64>,
     /// Rounds that ended with a SIGKILL of a running host.
-    pub kills: u32,
+    pub(crate) kills: u32,
     /// Rounds whose host had exited by itself before the SIGKILL.
-    pub exited_by_itself: u32,
+    pub(crate) exited_by_itself: u32,
     next_id: u64,
 }
 
 /// The key a message id goes to.
-pub fn key_of(id: u64, keys: usize) -> String {
+pub(crate) fn key_of(id: u64, keys: usize) -> String {
     format!("counter/{}", id % keys as u64)
 }
 
 impl Ledger {
     /// Feeds `count` new messages to `host` and SIGKILLs it after `kill_after`, while it is
     /// busy. Returns how many acks arrived in this round.
-    pub async fn crash_round(
+    pub(crate) async fn crash_round(
         &mut self,
         mut host: Host,
         count: u64,
@@ -317,7 +320,7 @@ impl Ledger {
     }
 
     /// Checks the final states against the ledger.
-    pub fn verify(&self, states: &BTreeMap<String, (u64, Vec<u64>)>, keys: usize) -> Report {
+    pub(crate) fn verify(&self, states: &BTreeMap<String, (u64, Vec<u64>)>, keys: usize) -> Report {
         let mut report = Report {
             acked: self.acked.len(),
             sent: self.sent.len(),
@@ -362,37 +365,37 @@ impl Ledger {
 
 /// The outcome of [`Ledger::verify`].
 #[derive(Debug, Default)]
-pub struct Report {
+pub(crate) struct Report {
     /// Messages written to a host.
-    pub sent: usize,
+    pub(crate) sent: usize,
     /// Messages acknowledged.
-    pub acked: usize,
+    pub(crate) acked: usize,
     /// Distinct messages applied.
-    pub applied: usize,
+    pub(crate) applied: usize,
     /// Applied though never acknowledged (durable when the kill cut the ack): allowed.
-    pub applied_unacked: usize,
+    pub(crate) applied_unacked: usize,
     /// SIGKILLs of a running host.
-    pub kills: u32,
+    pub(crate) kills: u32,
     /// Hosts that exited by themselves before their SIGKILL: must be 0.
-    pub exited_by_itself: u32,
+    pub(crate) exited_by_itself: u32,
     /// Two acknowledged ids given the same seq of one key: must be empty.
-    pub seq_conflicts: Vec<(u64, u64)>,
+    pub(crate) seq_conflicts: Vec<(u64, u64)>,
     /// A key that applied a later acknowledged seq before an earlier one (key, seq, then
     /// seq): must be empty.
-    pub out_of_order: Vec<(String, u64, u64)>,
+    pub(crate) out_of_order: Vec<(String, u64, u64)>,
     /// Acknowledged but not applied: must be empty.
-    pub lost: Vec<u64>,
+    pub(crate) lost: Vec<u64>,
     /// Applied more than once: must be empty.
-    pub duplicates: Vec<u64>,
+    pub(crate) duplicates: Vec<u64>,
     /// Applied but never sent, or to the wrong key: must be empty.
-    pub unknown: Vec<u64>,
+    pub(crate) unknown: Vec<u64>,
     /// Keys whose count differs from their record of ids: must be empty.
-    pub count_mismatches: Vec<String>,
+    pub(crate) count_mismatches: Vec<String>,
 }
 
 impl Report {
     /// Whether every invariant holds.
-    pub fn holds(&self) -> bool {
+    pub(crate) fn holds(&self) -> bool {
         self.lost.is_empty()
             && self.exited_by_itself == 0
             && self.seq_conflicts.is_empty()
@@ -426,7 +429,7 @@ impl std::fmt::Display for Report {
 
 /// Runs the demo: `rounds` crash rounds then a final check, in `data`. `exe` is the `soma`
 /// binary (it hosts the actors in a child process).
-pub async fn run(exe: PathBuf, data: PathBuf, rounds: u32, keys: usize) -> Result<Report> {
+pub(crate) async fn run(exe: PathBuf, data: PathBuf, rounds: u32, keys: usize) -> Result<Report> {
     let mut ledger = Ledger::default();
     for round in 1..=rounds {
         let host = Host::spawn(&exe, &data).await?;

@@ -3,9 +3,8 @@
 //! This facade re-exports the public API for programs that embed the runtime as a library:
 //! the durable-actor layer ([`supervision`], its main types also at the root), the model
 //! pool ([`inference`]), memory and event adapters ([`adapters`]), the domain
-//! ([`actors`]: constitutions so far) and the HTTP edge ([`gateway`]).
-
-pub mod demo;
+//! ([`actors`]: tenants, constitutions, tools, tool calls, sessions and agents) and the HTTP
+//! edge ([`gateway`]).
 
 pub use soma_actors as actors;
 pub use soma_adapters as adapters;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+mod demo;
 mod serve;
 
 #[derive(Parser)]
@@ -261,7 +262,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Config {
             command: ConfigCommand::Print { config },
         } => print!("{}", config.load()?.to_toml()),
-        Command::DurableHost { data } => rt.block_on(soma::demo::host(&data))?,
+        Command::DurableHost { data } => rt.block_on(demo::host(&data))?,
         Command::Demo { data, rounds, keys } => {
             let temporary = data.is_none();
             let data = data.unwrap_or_else(|| {
@@ -272,7 +273,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                 "durable counters in a child process, journal in {}",
                 data.display()
             );
-            let report = rt.block_on(soma::demo::run(exe, data.clone(), rounds, keys))?;
+            let report = rt.block_on(demo::run(exe, data.clone(), rounds, keys))?;
             println!("{report}");
             if temporary {
                 std::fs::remove_dir_all(&data)

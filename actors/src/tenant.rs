@@ -123,6 +123,10 @@ pub struct TenantState {
     constitution: Option<Stored>,
     /// Usage by UTC day number, then model.
     usage: BTreeMap<u64, BTreeMap<String, ModelUsage>>,
+    /// Usage by UTC day number, then user.
+    by_user: BTreeMap<u64, BTreeMap<String, ModelUsage>>,
+    /// Usage by UTC day number, then session.
+    by_session: BTreeMap<u64, BTreeMap<String, ModelUsage>>,
     spent_micros: u64,
 }
 
@@ -171,6 +175,10 @@ pub enum TenantMsg {
         tokens_out: u64,
         /// When, ms since the Unix epoch.
         at_ms: u64,
+        /// The user it was for, if known.
+        user: Option<String>,
+        /// The session it was for, if any.
+        session: Option<String>,
     },
 }
 
@@ -234,18 +242,29 @@ impl DurableActor for TenantActor {
                 tokens_in,
                 tokens_out,
                 at_ms,
+                user,
+                session,
             } => {
                 let price = s.settings.prices.get(&model).copied().unwrap_or_default();
                 let c = cost(price, tokens_in, tokens_out);
-                let u = s
-                    .usage
-                    .entry(at_ms / MS_PER_DAY)
-                    .or_default()
-                    .entry(model)
-                    .or_default();
-                u.tokens_in += tokens_in;
-                u.tokens_out += tokens_out;
-                u.cost_micros += c;
+                let day = at_ms / MS_PER_DAY;
+                let add = |u: &mut ModelUsage| {
+                    u.tokens_in += tokens_in;
+                    u.tokens_out += tokens_out;
+                    u.cost_micros += c;
+                };
+                add(s.usage.entry(day).or_default().entry(model).or_default());
+                if let Some(user) = user {
+                    add(s.by_user.entry(day).or_default().entry(user).or_default());
+                }
+                if let Some(session) = session {
+                    add(s
+                        .by_session
+                        .entry(day)
+                        .or_default()
+                        .entry(session)
+                        .or_default());
+                }
                 s.spent_micros = s.spent_micros.saturating_add(c);
             }
         }
@@ -272,11 +291,15 @@ impl Snapshot {
     }
 }
 
-/// Usage of a period, per model.
+/// Usage of a period, per model, user and session.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UsageReport {
     /// Per model.
     pub by_model: BTreeMap<String, ModelUsage>,
+    /// Per user (calls whose user is known).
+    pub by_user: BTreeMap<String, ModelUsage>,
+    /// Per session (calls made in a session).
+    pub by_session: BTreeMap<String, ModelUsage>,
     /// Sum over models.
     pub total: ModelUsage,
 }
@@ -469,6 +492,22 @@ impl Tenants {
         tokens_out: u64,
         at_ms: u64,
     ) -> Result<()> {
+        self.record_usage_of(id, model, None, None, tokens_in, tokens_out, at_ms)
+            .await
+    }
+
+    /// As [`record_usage`](Self::record_usage), for a user and a session.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn record_usage_of(
+        &self,
+        id: &str,
+        model: &str,
+        user: Option<&str>,
+        session: Option<&str>,
+        tokens_in: u64,
+        tokens_out: u64,
+        at_ms: u64,
+    ) -> Result<()> {
         self.existing(id).await?;
         self.apply(
             id,
@@ -477,6 +516,8 @@ impl Tenants {
                 tokens_in,
                 tokens_out,
                 at_ms,
+                user: user.map(str::to_string),
+                session: session.map(str::to_string),
             },
         )
         .await?;
@@ -493,14 +534,26 @@ impl Tenants {
             return Err(Error::InvalidRange { from_ms, to_ms });
         }
         let mut report = UsageReport::default();
-        for (_, models) in s.usage.range(from_ms / MS_PER_DAY..=to_ms / MS_PER_DAY) {
+        let days = from_ms / MS_PER_DAY..=to_ms / MS_PER_DAY;
+        let sum = |acc: &mut ModelUsage, u: &ModelUsage| {
+            acc.tokens_in += u.tokens_in;
+            acc.tokens_out += u.tokens_out;
+            acc.cost_micros += u.cost_micros;
+        };
+        for (_, models) in s.usage.range(days.clone()) {
             for (model, u) in models {
-                let m = report.by_model.entry(model.clone()).or_default();
-                for acc in [&mut *m, &mut report.total] {
-                    acc.tokens_in += u.tokens_in;
-                    acc.tokens_out += u.tokens_out;
-                    acc.cost_micros += u.cost_micros;
-                }
+                sum(report.by_model.entry(model.clone()).or_default(), u);
+                sum(&mut report.total, u);
+            }
+        }
+        for (_, users) in s.by_user.range(days.clone()) {
+            for (user, u) in users {
+                sum(report.by_user.entry(user.clone()).or_default(), u);
+            }
+        }
+        for (_, sessions) in s.by_session.range(days) {
+            for (session, u) in sessions {
+                sum(report.by_session.entry(session.clone()).or_default(), u);
             }
         }
         Ok(report)

@@ -161,6 +161,15 @@ async fn an_agent_remembers_in_one_session_and_recalls_in_another_of_its_tenant_
     assert!(tin > 0 && tout > 0, "{info:?}");
     let report = n.tenants.usage("acme", 0, u64::MAX / 2).await.unwrap();
     assert!(report.total.tokens_in >= tin);
+    // ... and per user and session: alice's two sessions add up to her usage.
+    let s1 = report.by_session["s1"];
+    let s2 = report.by_session["s2"];
+    assert_eq!((s1.tokens_in, s1.tokens_out), (tin, tout));
+    assert_eq!(
+        report.by_user["alice"].tokens_in,
+        s1.tokens_in + s2.tokens_in
+    );
+    assert_eq!(report.by_user["alice"].tokens_in, report.total.tokens_in);
     n.rt.shutdown().await.unwrap();
 }
 

@@ -120,7 +120,15 @@ impl Turn<'_> {
             .shared
             .deps
             .tenants
-            .record_usage(self.tenant, model, tin, tout, now_ms())
+            .record_usage_of(
+                self.tenant,
+                model,
+                Some(&s.user),
+                Some(self.session),
+                tin,
+                tout,
+                now_ms(),
+            )
             .await
         {
             tracing::warn!(tenant = self.tenant, error = %e, "cannot meter a model call");
