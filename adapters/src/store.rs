@@ -24,3 +24,18 @@ pub(crate) fn open_sled(path: &Path) -> Result<sled::Db> {
         }),
     }
 }
+
+/// Makes everything written to `db` so far durable, off the async workers.
+///
+/// Not sled's `flush_async`: in sled 0.34 concurrent `flush_async` calls can deadlock
+/// (spacejam/sled#1308, fixed only on its unreleased main branch); a blocking `flush` on
+/// the blocking pool does not.
+pub(crate) async fn flush_sled(db: &sled::Db) -> sled::Result<()> {
+    let db = db.clone();
+    match tokio::task::spawn_blocking(move || db.flush()).await {
+        Ok(r) => r.map(|_| ()),
+        Err(e) => Err(sled::Error::ReportableBug(format!(
+            "flush task failed: {e}"
+        ))),
+    }
+}

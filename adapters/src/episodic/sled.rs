@@ -142,7 +142,9 @@ impl SledEpisodic {
         batch.insert(key, value);
         inner.db.apply_batch(batch).map_err(|e| inner.engine(e))?;
         // Acknowledged means durable: an appended entry survives a crash.
-        inner.db.flush_async().await.map_err(|e| inner.engine(e))?;
+        crate::store::flush_sled(&inner.db)
+            .await
+            .map_err(|e| inner.engine(e))?;
         Ok(id)
     }
 }

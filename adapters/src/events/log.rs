@@ -142,11 +142,8 @@ impl SledLog {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.inner
-            .db
-            .flush_async()
+        crate::store::flush_sled(&self.inner.db)
             .await
-            .map(|_| ())
             .map_err(|e| self.inner.store(e))
     }
 
