@@ -8,6 +8,11 @@ use clap::{Parser, Subcommand};
 mod demo;
 mod serve;
 
+// mimalloc: the domain's hot paths (policy evaluation above all) allocate and free many small
+// values; with glibc's allocator their p99 was 20-30 % higher (docs/benchmarks.md, P15).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "soma",

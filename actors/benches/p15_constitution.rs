@@ -9,6 +9,9 @@
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use serde_json::json;
 use soma_actors::{
     Action, Compiled, Constitution, DEFAULT_DATA, DEFAULT_POLICY, DecisionInput, Principal,
@@ -97,5 +100,113 @@ fn main() {
             "missed"
         }
     );
-    let _ = (raw_p99, Duration::ZERO);
+    let _ = raw_p99;
+    tool_call_overhead();
+}
+
+/// A no-op tool.
+struct Noop;
+
+#[async_trait::async_trait]
+impl soma_actors::Tool for Noop {
+    fn name(&self) -> &str {
+        "memory.recall"
+    }
+    fn description(&self) -> &str {
+        "does nothing"
+    }
+    fn parameters(&self) -> serde_json::Value {
+        json!({"type": "object"})
+    }
+    async fn run(
+        &self,
+        _call: &soma_actors::Invocation,
+    ) -> Result<serde_json::Value, soma_actors::ToolError> {
+        Ok(json!({}))
+    }
+}
+
+/// The share of a tool call (durable: journaled request, decision, run, flushed outcome)
+/// that its decision takes.
+fn tool_call_overhead() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime =
+            soma_supervision::Runtime::open(soma_supervision::RuntimeOptions::new(dir.path()))
+                .await
+                .unwrap();
+        let tenants = soma_actors::Tenants::open(&runtime).await.unwrap();
+        tenants
+            .create("acme", soma_actors::TenantSettings::default())
+            .await
+            .unwrap();
+        let mut tools = soma_actors::ToolRegistry::new();
+        tools.register(Noop).unwrap();
+        let calls = soma_actors::ToolCalls::open(
+            &runtime,
+            tenants.clone(),
+            std::sync::Arc::new(tools),
+            soma_actors::RetryPolicy::default(),
+        )
+        .await
+        .unwrap();
+        let principal = Principal {
+            kind: PrincipalKind::Agent,
+            id: "agent-1".into(),
+            roles: vec![],
+        };
+        let n = 2_000;
+        let mut calls_h = Histogram::<u64>::new(3).unwrap();
+        let mut decide_h = Histogram::<u64>::new(3).unwrap();
+        for i in 0..n {
+            let t = Instant::now();
+            let r = calls
+                .call(
+                    "acme",
+                    &format!("c{i}"),
+                    soma_actors::CallRequest {
+                        tool: "memory.recall".into(),
+                        arguments: "{}".into(),
+                        principal: principal.clone(),
+                        session: None,
+                    },
+                )
+                .await
+                .unwrap();
+            calls_h.record(t.elapsed().as_nanos() as u64).unwrap();
+            assert!(r.outcome().unwrap().is_ok());
+            let t = Instant::now();
+            std::hint::black_box(
+                tenants
+                    .decide(
+                        "acme",
+                        principal.clone(),
+                        "tool-call/x",
+                        Action::ToolCall,
+                        json!({"tool": "memory.recall", "tenant": "acme"}),
+                        0,
+                    )
+                    .await
+                    .unwrap(),
+            );
+            decide_h.record(t.elapsed().as_nanos() as u64).unwrap();
+        }
+        let (c50, d50) = (
+            calls_h.value_at_quantile(0.5) as f64,
+            decide_h.value_at_quantile(0.5) as f64,
+        );
+        println!(
+            "tool call (journaled, decided, run, flushed): p50 {:.1} us; its decision (tenant state read + policy): p50 {:.1} us = {:.1} % of the call",
+            c50 / 1e3,
+            d50 / 1e3,
+            100.0 * d50 / c50
+        );
+        runtime.shutdown().await.unwrap();
+    });
+    let _ = Duration::ZERO;
 }

@@ -1,7 +1,7 @@
 //! Constitutions: each tenant's Rego policies and data, compiled once per content hash and
 //! evaluated in-process (regorus) into a [`Decision`] for one documented input.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -260,15 +260,8 @@ impl Compiled {
     /// Decides `input`. A policy that fails for this input denies (the error says why).
     pub fn decide(&self, input: &DecisionInput) -> Result<Verdict> {
         let started = std::time::Instant::now();
-        let json = serde_json::to_string(input).map_err(|e| Error::PolicyEval {
-            message: e.to_string(),
-        })?;
         let mut engine = self.engine.clone();
-        engine
-            .set_input_json(&json)
-            .map_err(|e| Error::PolicyEval {
-                message: e.to_string(),
-            })?;
+        engine.set_input(input_value(input));
         let result = engine
             .eval_rule(RESULT_RULE.into())
             .map_err(|e| Error::PolicyEval {
@@ -283,6 +276,62 @@ impl Compiled {
             constitution: self.hash.clone(),
             version: self.version,
         })
+    }
+}
+
+/// The input document as the engine's value, built directly (not printed as JSON and parsed
+/// again): the same document `serde_json` makes of a [`DecisionInput`].
+fn input_value(input: &DecisionInput) -> regorus::Value {
+    use regorus::Value as V;
+    let mut principal = BTreeMap::new();
+    let kind = match input.principal.kind {
+        PrincipalKind::User => "user",
+        PrincipalKind::Agent => "agent",
+    };
+    principal.insert(V::from("kind"), V::from(kind));
+    principal.insert(V::from("id"), V::from(input.principal.id.as_str()));
+    principal.insert(
+        V::from("roles"),
+        V::from(
+            input
+                .principal
+                .roles
+                .iter()
+                .map(|r| V::from(r.as_str()))
+                .collect::<Vec<_>>(),
+        ),
+    );
+    let mut m = BTreeMap::new();
+    m.insert(V::from("tenant"), V::from(input.tenant.as_str()));
+    m.insert(V::from("principal"), V::from(principal));
+    m.insert(V::from("actor"), V::from(input.actor.as_str()));
+    m.insert(V::from("action"), V::from(input.action.name()));
+    m.insert(V::from("resource"), json_value(&input.resource));
+    m.insert(V::from("context"), json_value(&input.context));
+    V::from(m)
+}
+
+fn json_value(v: &serde_json::Value) -> regorus::Value {
+    use regorus::Value as V;
+    match v {
+        serde_json::Value::Null => V::Null,
+        serde_json::Value::Bool(b) => V::from(*b),
+        serde_json::Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                V::from(u)
+            } else if let Some(i) = n.as_i64() {
+                V::from(i)
+            } else {
+                V::from(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        serde_json::Value::String(s) => V::from(s.as_str()),
+        serde_json::Value::Array(a) => V::from(a.iter().map(json_value).collect::<Vec<_>>()),
+        serde_json::Value::Object(o) => V::from(
+            o.iter()
+                .map(|(k, v)| (V::from(k.as_str()), json_value(v)))
+                .collect::<BTreeMap<_, _>>(),
+        ),
     }
 }
 

@@ -219,3 +219,21 @@ fn a_policy_that_runs_too_long_denies_with_an_error_instead_of_stalling() {
         started.elapsed()
     );
 }
+
+#[test]
+fn the_input_value_is_the_document_serde_json_makes() {
+    let mut i = input(
+        Action::ToolCall,
+        json!({"tool": "http.request", "n": -3, "f": 1.5, "big": u64::MAX, "list": [1, "a", null, true], "o": {"k": {}}}),
+        json!({"tokens_today": 10, "budget_left": f64::MAX, "now_ms": 0, "suspended": false}),
+    );
+    i.principal.roles = vec!["admin".into(), "viewer".into()];
+    for input in [
+        i.clone(),
+        input(Action::ModelGenerate, json!({}), json!(null)),
+    ] {
+        let parsed =
+            regorus::Value::from_json_str(&serde_json::to_string(&input).unwrap()).unwrap();
+        assert_eq!(input_value(&input), parsed, "{input:?}");
+    }
+}
