@@ -74,7 +74,7 @@ fn main() {
     let (soma_rate, _, soma_p99) = run("soma (compiled once per hash)", 50_000, |i| {
         std::hint::black_box(compiled.decide(&inputs[i % inputs.len()]).unwrap());
     });
-    let prelude = "package soma.decide\n\ndeny := sort([r | some r in data.soma.deny])\n\nescalate := sort([r | some r in data.soma.escalate])\n\ndefault allow := false\n\nallow if data.soma.allow == true\n\nresult := {\"deny\": deny, \"escalate\": escalate, \"allow\": allow}\n";
+    let prelude = include_str!("../src/constitution/prelude.rego");
     let jsons: Vec<String> = inputs
         .iter()
         .map(|i| serde_json::to_string(i).unwrap())

@@ -337,10 +337,13 @@ fn json_value(v: &serde_json::Value) -> regorus::Value {
 
 fn strings(v: &regorus::Value, field: &str) -> Result<Vec<String>> {
     let eval = |message: String| Error::PolicyEval { message };
-    let list = v[field]
-        .as_array()
-        .map_err(|_| eval(format!("`{field}` is not a list")))?;
-    list.iter()
+    let value = &v[field];
+    let list: Vec<&regorus::Value> = match (value.as_set(), value.as_array()) {
+        (Ok(set), _) => set.iter().collect(),
+        (_, Ok(array)) => array.iter().collect(),
+        _ => return Err(eval(format!("`{field}` is not a set of reasons"))),
+    };
+    list.into_iter()
         .map(|r| match r.as_string() {
             Ok(s) => Ok(s.to_string()),
             Err(_) => Ok(r.to_string()),

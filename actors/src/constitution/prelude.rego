@@ -1,10 +1,14 @@
 # Added to every constitution: gathers its rules into one result (undefined rules are
-# empty), so that a decision is one evaluation.
+# empty), so that a decision is one evaluation. Reasons are sets, so they come sorted.
 package soma.decide
 
-deny := sort([r | some r in data.soma.deny])
+default deny := set()
 
-escalate := sort([r | some r in data.soma.escalate])
+deny := data.soma.deny
+
+default escalate := set()
+
+escalate := data.soma.escalate
 
 default allow := false
 

@@ -237,3 +237,39 @@ fn the_input_value_is_the_document_serde_json_makes() {
         assert_eq!(input_value(&input), parsed, "{input:?}");
     }
 }
+
+#[test]
+fn a_policy_with_only_some_of_the_rules_decides_and_sorts_its_reasons() {
+    let g = Governance::new();
+    let decide = |policy: &str| {
+        g.update(
+            "t",
+            Constitution {
+                version: 1,
+                policy: policy.into(),
+                data: json!({}),
+            },
+        )
+        .unwrap();
+        let mut i = input(Action::ModelGenerate, json!({}), ctx());
+        i.tenant = "t".into();
+        g.decide(&i).unwrap().decision
+    };
+    assert_eq!(decide("package soma\nallow if true\n"), Decision::Allow);
+    assert_eq!(
+        decide(
+            "package soma\nallow if true\ndeny contains \"b\" if true\ndeny contains \"a\" if true\n"
+        ),
+        Decision::Deny {
+            reasons: vec!["a".into(), "b".into()]
+        }
+    );
+    assert_eq!(
+        decide(
+            "package soma\nallow if true\nescalate contains \"z\" if true\nescalate contains \"y\" if true\ndeny contains \"x\" if false\n"
+        ),
+        Decision::Escalate {
+            reasons: vec!["y".into(), "z".into()]
+        }
+    );
+}
