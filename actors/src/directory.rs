@@ -11,8 +11,10 @@ use crate::error::Result;
 /// A tenant's entities.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Listing {
-    /// Session ids.
+    /// Session ids (open or deleted: what erasure must reach).
     pub sessions: BTreeSet<String>,
+    /// Sessions open now.
+    pub open: BTreeSet<String>,
     /// Tool-call ids.
     pub calls: BTreeSet<String>,
 }
@@ -20,8 +22,15 @@ pub struct Listing {
 /// The directory actor's messages.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum DirectoryMsg {
-    /// A session was opened.
-    Session(String),
+    /// Opens a session if fewer than `limit` are open (it is then in `open`).
+    OpenSession {
+        /// The session.
+        id: String,
+        /// Sessions open at once, at most.
+        limit: u32,
+    },
+    /// A session was deleted.
+    CloseSession(String),
     /// A tool call was made.
     Call(String),
     /// Everything was erased.
@@ -49,8 +58,14 @@ impl DurableActor for DirectoryActor {
         msg: DirectoryMsg,
     ) -> std::result::Result<(), HandlerError> {
         match msg {
-            DirectoryMsg::Session(id) => {
-                s.sessions.insert(id);
+            DirectoryMsg::OpenSession { id, limit } => {
+                if s.open.contains(&id) || s.open.len() < limit as usize {
+                    s.open.insert(id.clone());
+                    s.sessions.insert(id);
+                }
+            }
+            DirectoryMsg::CloseSession(id) => {
+                s.open.remove(&id);
             }
             DirectoryMsg::Call(id) => {
                 s.calls.insert(id);
@@ -88,6 +103,17 @@ impl Directory {
         let seq = self.registry.send(tenant, &DirectoryMsg::Barrier).await?;
         self.registry.wait_handled(tenant, seq).await?;
         Ok(self.registry.state(tenant).await?)
+    }
+
+    /// Opens session `id` of `tenant` if fewer than `limit` are open; false if not.
+    pub(crate) async fn open_session(&self, tenant: &str, id: &str, limit: u32) -> Result<bool> {
+        let msg = DirectoryMsg::OpenSession {
+            id: id.to_string(),
+            limit,
+        };
+        let seq = self.registry.send(tenant, &msg).await?;
+        self.registry.wait_handled(tenant, seq).await?;
+        Ok(self.registry.state(tenant).await?.open.contains(id))
     }
 
     pub(crate) async fn clear(&self, tenant: &str) -> Result<()> {

@@ -80,6 +80,14 @@ pub enum Error {
         /// Its id.
         id: String,
     },
+    /// A quota of the tenant is used up.
+    #[error("the tenant's quota of {limit} {what} is used up")]
+    QuotaExceeded {
+        /// What is limited.
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+    },
     /// A request that cannot be served as asked.
     #[error("invalid request: {0}")]
     Invalid(String),

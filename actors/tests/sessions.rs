@@ -387,3 +387,35 @@ async fn erasing_a_tenant_leaves_nothing_of_it_in_any_store() {
     assert!(n.calls.get("umbrella", "direct-1").await.is_ok());
     n.rt.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_opens_at_most_its_quota_of_sessions_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = Node::open(dir.path(), vec![]).await;
+    let mut settings = TenantSettings::default();
+    settings.quotas.concurrent_sessions = 2;
+    n.tenants.create("acme", settings).await.unwrap();
+    n.tenants
+        .create("umbrella", TenantSettings::default())
+        .await
+        .unwrap();
+    let s = &n.sessions;
+    s.create("acme", "s1", "alice", persona(&[])).await.unwrap();
+    s.create("acme", "s2", "alice", persona(&[])).await.unwrap();
+    let e = s
+        .create("acme", "s3", "alice", persona(&[]))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::QuotaExceeded { limit: 2, .. }), "{e}");
+    assert!(matches!(
+        s.get("acme", "s3").await,
+        Err(Error::NotFound { .. })
+    ));
+    // Another tenant's quota is its own; a deleted session frees its place.
+    s.create("umbrella", "s3", "bob", persona(&[]))
+        .await
+        .unwrap();
+    s.delete("acme", "s1").await.unwrap();
+    s.create("acme", "s3", "alice", persona(&[])).await.unwrap();
+    n.rt.shutdown().await.unwrap();
+}

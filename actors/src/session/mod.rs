@@ -498,19 +498,21 @@ impl Sessions {
         let key = Self::key(tenant, id)?;
         check_id(user)?;
         self.check_persona(&persona)?;
-        self.shared.deps.tenants.get(tenant).await?;
+        let t = self.shared.deps.tenants.get(tenant).await?;
         if self.registry.state(&key).await?.exists {
             return Err(Error::AlreadyExists {
                 what: "session",
                 id: id.to_string(),
             });
         }
-        self.shared
-            .deps
-            .tool_calls
-            .directory()
-            .note(tenant, DirectoryMsg::Session(id.to_string()))
-            .await?;
+        let limit = t.settings.quotas.concurrent_sessions;
+        let directory = self.shared.deps.tool_calls.directory();
+        if !directory.open_session(tenant, id, limit).await? {
+            return Err(Error::QuotaExceeded {
+                what: "concurrent sessions",
+                limit: u64::from(limit),
+            });
+        }
         let msg = SessionMsg::Create {
             user: user.to_string(),
             persona,
@@ -688,6 +690,12 @@ impl Sessions {
         let (key, _) = self.existing(tenant, id).await?;
         let seq = self.registry.send(&key, &SessionMsg::Delete).await?;
         self.registry.wait_handled(&key, seq).await?;
+        self.shared
+            .deps
+            .tool_calls
+            .directory()
+            .note(tenant, DirectoryMsg::CloseSession(id.to_string()))
+            .await?;
         Ok(())
     }
 }
