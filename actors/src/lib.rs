@@ -34,8 +34,8 @@ pub use tenant::{
     TenantState, Tenants, UsageReport, check_id,
 };
 pub use toolcall::{
-    AuditEntry, CallRequest, CallStatus, RetryPolicy, ToolCallActor, ToolCallMsg, ToolCallRecord,
-    ToolCallState, ToolCalls,
+    AuditEntry, CallRequest, CallStatus, MAX_CALL_ID, RetryPolicy, ToolCallActor, ToolCallMsg,
+    ToolCallRecord, ToolCallState, ToolCalls, check_call_id,
 };
 pub use tools::{
     HttpLimits, HttpRequestTool, Invocation, Memory, RecallTool, Recalled, RememberTool, Tool,

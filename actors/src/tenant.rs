@@ -320,15 +320,20 @@ impl std::fmt::Debug for Tenants {
 
 /// Checks an id of the domain (tenant, session, ...): 1-64 of `a-z 0-9 - _`.
 pub fn check_id(id: &str) -> Result<()> {
+    check_id_upto(id, 64)
+}
+
+/// Checks an id of 1-`max` of `a-z 0-9 - _`.
+pub(crate) fn check_id_upto(id: &str, max: usize) -> Result<()> {
     let ok = !id.is_empty()
-        && id.len() <= 64
+        && id.len() <= max
         && id
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
     if ok {
         Ok(())
     } else {
-        Err(Error::InvalidId(id.chars().take(64).collect()))
+        Err(Error::InvalidId(id.chars().take(max).collect()))
     }
 }
 

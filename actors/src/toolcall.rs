@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::constitution::{Action, Decision, Principal};
 use crate::directory::{Directory, DirectoryMsg};
 use crate::error::{Error, Result};
-use crate::tenant::{Tenants, check_id};
+use crate::tenant::{Tenants, check_id, check_id_upto};
 use crate::tools::{Invocation, ToolError, ToolErrorKind, ToolRegistry};
 
 /// What a caller asks a tool call to do.
@@ -353,6 +353,14 @@ impl ToolCallActor {
     }
 }
 
+/// Tool-call ids are longer than other ids: an agent's are `session-turn-step`.
+pub const MAX_CALL_ID: usize = 128;
+
+/// Checks a tool-call id: 1-[`MAX_CALL_ID`] of `a-z 0-9 - _`.
+pub fn check_call_id(id: &str) -> Result<()> {
+    check_id_upto(id, MAX_CALL_ID)
+}
+
 /// A tool call as read.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolCallRecord {
@@ -450,7 +458,7 @@ impl ToolCalls {
 
     fn key(tenant: &str, id: &str) -> Result<String> {
         check_id(tenant)?;
-        check_id(id)?;
+        check_call_id(id)?;
         Ok(format!("{tenant}/{id}"))
     }
 

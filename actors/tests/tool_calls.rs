@@ -298,6 +298,19 @@ async fn a_tenant_cannot_read_or_decide_another_tenants_calls() {
         .await
         .unwrap_err()));
     assert!(n.calls.get("acme", "g1").await.unwrap().outcome().is_none());
+    // Call ids may be longer than other ids (an agent's are session-turn-step), to a limit.
+    let long = format!("{}-123456-7", "s".repeat(64));
+    let r = n
+        .calls
+        .call("acme", &long, req("test.count", json!({"n": 1})))
+        .await
+        .unwrap();
+    assert!(r.outcome().unwrap().is_ok());
+    let too_long = "c".repeat(soma_actors::MAX_CALL_ID + 1);
+    assert!(matches!(
+        n.calls.get("acme", &too_long).await,
+        Err(soma_actors::Error::InvalidId(_))
+    ));
     n.rt.shutdown().await.unwrap();
 }
 
