@@ -245,7 +245,7 @@ async fn a_tenant_reaches_no_session_of_another_tenant() {
     nf(s.events("umbrella", "s1", 1, 10).await.map(|_| ()));
     nf(s.subscribe("umbrella", "s1", 1).await.map(|_| ()));
     nf(s.cancel("umbrella", "s1").await.map(|_| ()));
-    nf(s.decide_call("umbrella", "s1", "s1-1-0", true, "m", "")
+    nf(s.decide_approval("umbrella", "s1", "s1-1-0", true, "m", "")
         .await);
     nf(s.delete("umbrella", "s1").await);
     // Still there for its own tenant; bad ids and unknown models are refused by name.
@@ -417,5 +417,110 @@ async fn a_tenant_opens_at_most_its_quota_of_sessions_at_once() {
         .unwrap();
     s.delete("acme", "s1").await.unwrap();
     s.create("acme", "s3", "alice", persona(&[])).await.unwrap();
+    n.rt.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escalated_step_waits_across_a_restart_for_a_human() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let n = Node::open(dir.path(), vec![]).await;
+        n.tenants
+            .create("acme", TenantSettings::default())
+            .await
+            .unwrap();
+        let mut c = soma_actors::Constitution::default_for_tenant();
+        c.version = 2;
+        c.policy.push_str(
+            "\nescalate contains \"model calls need an approval\" if input.action == \"model.generate\"\n",
+        );
+        n.tenants.set_constitution("acme", c).await.unwrap();
+        let s = &n.sessions;
+        s.create("acme", "s1", "alice", persona(&[])).await.unwrap();
+        let turn = s.send("acme", "s1", "Hello!").await.unwrap();
+        let events = s.wait_turn("acme", "s1", turn).await.unwrap();
+        let gate = format!("s1-{turn}-0-generate");
+        assert_eq!(
+            ended(&events),
+            TurnEnd::AwaitingApproval {
+                approval: gate.clone()
+            }
+        );
+        assert_eq!(
+            s.get("acme", "s1").await.unwrap().waiting,
+            Some((turn, gate.clone()))
+        );
+        // Nothing ran: no tokens were used.
+        assert!(s.get("acme", "s1").await.unwrap().usage.is_empty());
+        assert!(matches!(
+            s.decide_approval("acme", "s1", "s1-99-0-generate", true, "bob", "")
+                .await,
+            Err(Error::NotFound { .. })
+        ));
+        n.rt.shutdown().await.unwrap();
+    }
+    // Restarted: the turn still waits; approved, it runs to its answer.
+    let n = Node::open(dir.path(), vec![]).await;
+    let s = &n.sessions;
+    let (turn, gate) = s.get("acme", "s1").await.unwrap().waiting.unwrap();
+    s.decide_approval("acme", "s1", &gate, true, "bob", "ok")
+        .await
+        .unwrap();
+    let events = loop {
+        let events = s.events("acme", "s1", 1, 100).await.unwrap();
+        if events
+            .iter()
+            .filter(|e| matches!(e.kind, EventKind::TurnEnded { .. }))
+            .count()
+            == 2
+        {
+            break events;
+        }
+        let mut sub = s
+            .subscribe("acme", "s1", events.last().unwrap().seq + 1)
+            .await
+            .unwrap();
+        while let Some(u) = sub.next().await {
+            if let Ok(Update::Event(e)) = u
+                && matches!(e.kind, EventKind::TurnEnded { .. })
+            {
+                break;
+            }
+        }
+    };
+    let turn_events: Vec<SessionEvent> = events.into_iter().filter(|e| e.turn == turn).collect();
+    assert_eq!(
+        ended(&turn_events[turn_events.len() - 1..]),
+        TurnEnd::Answered
+    );
+    assert!(s.get("acme", "s1").await.unwrap().waiting.is_none());
+    // A second message waits again and is rejected: the turn ends denied, saying by whom.
+    let turn2 = s.send("acme", "s1", "Again!").await.unwrap();
+    let events = s.wait_turn("acme", "s1", turn2).await.unwrap();
+    let TurnEnd::AwaitingApproval { approval } = ended(&events) else {
+        panic!("{events:?}")
+    };
+    s.decide_approval("acme", "s1", &approval, false, "bob", "not now")
+        .await
+        .unwrap();
+    let mut sub = s.subscribe("acme", "s1", 1).await.unwrap();
+    let end = loop {
+        if let Some(Ok(Update::Event(e))) = sub.next().await
+            && e.turn == turn2
+            && let EventKind::TurnEnded { end } = e.kind
+            && end
+                != (TurnEnd::AwaitingApproval {
+                    approval: approval.clone(),
+                })
+        {
+            break end;
+        }
+    };
+    assert_eq!(
+        end,
+        TurnEnd::Denied {
+            reasons: vec!["rejected by bob: not now".into()]
+        }
+    );
     n.rt.shutdown().await.unwrap();
 }

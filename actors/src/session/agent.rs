@@ -73,7 +73,18 @@ impl Turn<'_> {
         *self.cancel.borrow()
     }
 
-    async fn gate(&self, principal: &Principal, action: Action, resource: Value) -> Gate {
+    /// Decides `action` at gate `id` (`session-turn-message`, `session-turn-recall`,
+    /// `session-turn-step-generate`). An escalation waits for a human: the turn ends
+    /// `AwaitingApproval` naming the gate, and once it is decided the turn runs again and finds
+    /// the decision here.
+    async fn gate(
+        &self,
+        s: &SessionState,
+        id: String,
+        principal: &Principal,
+        action: Action,
+        resource: Value,
+    ) -> Gate {
         let verdict = self
             .shared
             .deps
@@ -91,18 +102,16 @@ impl Turn<'_> {
             Ok(v) => match v.decision {
                 Decision::Allow => Gate::Go,
                 Decision::Deny { reasons } => Gate::Stop(TurnEnd::Denied { reasons }),
-                // An escalation of anything but a tool call has no approval path yet.
-                Decision::Escalate { reasons } => Gate::Stop(TurnEnd::Denied {
-                    reasons: reasons
-                        .into_iter()
-                        .map(|r| {
-                            format!(
-                                "needs an approval, which {} cannot wait for: {r}",
-                                action.name()
-                            )
-                        })
-                        .collect(),
-                }),
+                Decision::Escalate { reasons } => match s.approvals.get(&id) {
+                    Some(a) if a.approved => Gate::Go,
+                    Some(a) => Gate::Stop(TurnEnd::Denied {
+                        reasons: vec![format!("rejected by {}: {}", a.by, a.comment)],
+                    }),
+                    None => {
+                        tracing::info!(tenant = self.tenant, session = self.session, gate = %id, ?reasons, "turn waits for an approval");
+                        Gate::Stop(TurnEnd::AwaitingApproval { approval: id })
+                    }
+                },
             },
             Err(e) => Gate::Stop(failed("the constitution could not decide", e)),
         }
@@ -158,6 +167,8 @@ impl Turn<'_> {
         };
         if let Gate::Stop(end) = self
             .gate(
+                s,
+                format!("{}-{}-message", self.session, self.turn),
                 &user,
                 Action::SessionMessage,
                 json!({"session": self.session, "tenant": self.tenant}),
@@ -185,7 +196,7 @@ impl Turn<'_> {
             .filter(|e| e.entry.metadata.get("turn").and_then(Value::as_u64) != Some(self.turn))
             .map(|e| ChatMessage::new(e.entry.role.clone(), e.entry.content.clone()))
             .collect();
-        let memories = match self.recall(&persona, &agent).await {
+        let memories = match self.recall(s, &persona, &agent).await {
             Ok(m) => m,
             Err(end) => return end,
         };
@@ -211,6 +222,8 @@ impl Turn<'_> {
                 None => {
                     if let Gate::Stop(end) = self
                         .gate(
+                            s,
+                            format!("{}-{}-{step}-generate", self.session, self.turn),
                             &agent,
                             Action::ModelGenerate,
                             json!({"model": persona.model, "tenant": self.tenant}),
@@ -294,7 +307,7 @@ impl Turn<'_> {
                 },
             );
             let result = match record.outcome() {
-                None => return TurnEnd::AwaitingApproval { call_id },
+                None => return TurnEnd::AwaitingApproval { approval: call_id },
                 Some(Ok(v)) => {
                     let text = v.to_string();
                     self.shared.emit(
@@ -337,7 +350,12 @@ impl Turn<'_> {
         failed("the turn", "ended without an answer")
     }
 
-    async fn recall(&self, persona: &Persona, agent: &Principal) -> Result<Vec<String>, TurnEnd> {
+    async fn recall(
+        &self,
+        s: &SessionState,
+        persona: &Persona,
+        agent: &Principal,
+    ) -> Result<Vec<String>, TurnEnd> {
         let Some(memory) = &self.shared.deps.memory else {
             return Ok(Vec::new());
         };
@@ -346,6 +364,8 @@ impl Turn<'_> {
         }
         if let Gate::Stop(end) = self
             .gate(
+                s,
+                format!("{}-{}-recall", self.session, self.turn),
                 agent,
                 Action::MemoryRead,
                 json!({"tenant": self.tenant, "kind": "vector"}),

@@ -99,16 +99,29 @@ pub enum TurnEnd {
     },
     /// Cancelled while it ran.
     Cancelled,
-    /// A tool call waits for a human approval; the turn goes on once it is decided.
+    /// A tool call, or a step the constitution escalated, waits for a human approval; the
+    /// turn goes on once it is decided ([`Sessions::decide_approval`]).
     AwaitingApproval {
-        /// The call.
-        call_id: String,
+        /// What to decide: a tool call's id, or a gate's (`session-turn-message`,
+        /// `session-turn-recall`, `session-turn-step-generate`).
+        approval: String,
     },
     /// It failed.
     Failed {
         /// What went wrong.
         message: String,
     },
+}
+
+/// A human's decision of an escalated step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// Approved or rejected.
+    pub approved: bool,
+    /// Who decided.
+    pub by: String,
+    /// Why.
+    pub comment: String,
 }
 
 /// What happened in a session.
@@ -172,8 +185,10 @@ pub struct SessionState {
     persona: Option<Persona>,
     events: VecDeque<SessionEvent>,
     next_event: u64,
-    /// A turn waiting for a tool call's approval: (turn, user message).
-    waiting: Option<(u64, String)>,
+    /// A turn waiting for an approval: (turn, user message, what to decide).
+    waiting: Option<(u64, String, String)>,
+    /// Decisions of escalated gates, by gate id.
+    approvals: BTreeMap<String, Approval>,
     /// Tokens (in, out) per model.
     usage: BTreeMap<String, (u64, u64)>,
 }
@@ -193,8 +208,15 @@ pub enum SessionMsg {
         /// The text.
         text: String,
     },
-    /// Goes on with the turn that waited for an approval.
+    /// Goes on with the turn that waited for a tool call's approval.
     Resume,
+    /// Decides the escalated gate the turn waits for, and goes on with the turn.
+    DecideGate {
+        /// The gate.
+        gate: String,
+        /// The decision.
+        approval: Approval,
+    },
     /// Closes the session and erases its history.
     Delete,
     /// Forgets the session entirely (its tenant is erased).
@@ -300,7 +322,7 @@ impl SessionActor {
             tracing::warn!(tenant, session, turn, message, "turn failed");
         }
         s.waiting = match &end {
-            TurnEnd::AwaitingApproval { .. } => Some((turn, text)),
+            TurnEnd::AwaitingApproval { approval } => Some((turn, text, approval.clone())),
             _ => None,
         };
         self.shared.emit(key, s, turn, EventKind::TurnEnded { end });
@@ -340,8 +362,16 @@ impl DurableActor for SessionActor {
                     .emit(&key, s, turn, EventKind::UserMessage { text: text.clone() });
                 self.turn(&key, s, turn, text).await;
             }
+            SessionMsg::DecideGate { gate, approval } => {
+                if let Some((turn, text, waiting)) = s.waiting.take() {
+                    if waiting == gate {
+                        s.approvals.insert(gate, approval);
+                    }
+                    self.turn(&key, s, turn, text).await;
+                }
+            }
             SessionMsg::Resume => {
-                if let Some((turn, text)) = s.waiting.take() {
+                if let Some((turn, text, _)) = s.waiting.take() {
                     self.turn(&key, s, turn, text).await;
                 }
             }
@@ -381,8 +411,9 @@ pub struct SessionInfo {
     pub persona: Persona,
     /// Events so far (the seq of the newest).
     pub last_event: u64,
-    /// A turn waiting for a tool call's approval, and the call.
-    pub waiting: Option<u64>,
+    /// A turn waiting for an approval, and what to decide (see
+    /// [`TurnEnd::AwaitingApproval`]).
+    pub waiting: Option<(u64, String)>,
     /// Tokens (in, out) per model.
     pub usage: BTreeMap<String, (u64, u64)>,
 }
@@ -530,7 +561,7 @@ impl Sessions {
             user: s.user,
             persona: s.persona.unwrap_or_default(),
             last_event: s.next_event,
-            waiting: s.waiting.map(|w| w.0),
+            waiting: s.waiting.map(|w| (w.0, w.2)),
             usage: s.usage,
         })
     }
@@ -598,40 +629,54 @@ impl Sessions {
         Ok(cancels.get(&key).is_some_and(|tx| tx.send(true).is_ok()))
     }
 
-    /// Decides the tool call the session's turn waits for (`approve` or not), then lets
-    /// the turn go on. Calling it again after a crash finishes what the first call began.
-    pub async fn decide_call(
+    /// Decides what the session's turn waits for (`approval`: a tool call's id or a gate's,
+    /// as [`TurnEnd::AwaitingApproval`] names it), then lets the turn go on. Calling it again
+    /// after a crash finishes what the first call began.
+    pub async fn decide_approval(
         &self,
         tenant: &str,
         id: &str,
-        call_id: &str,
+        approval: &str,
         approve: bool,
         by: &str,
         comment: &str,
     ) -> Result<()> {
         let (key, s) = self.existing(tenant, id).await?;
-        let calls = &self.shared.deps.tool_calls;
-        let record = calls.get(tenant, call_id).await?;
-        if record.session.as_deref() != Some(id) {
-            return Err(Error::NotFound {
-                what: "tool call",
-                id: call_id.to_string(),
-            });
-        }
-        if matches!(record.status, Some(CallStatus::Awaiting { .. })) {
-            if approve {
-                calls.approve(tenant, call_id, by, comment).await?;
-            } else {
-                calls.reject(tenant, call_id, by, comment).await?;
-            }
-        }
-        if s.waiting.is_none() {
+        let Some((_, _, waiting)) = &s.waiting else {
             return Err(Error::NotAwaiting {
                 what: "session",
                 id: id.to_string(),
             });
+        };
+        if waiting != approval {
+            return Err(Error::NotFound {
+                what: "approval",
+                id: approval.to_string(),
+            });
         }
-        self.registry.send(&key, &SessionMsg::Resume).await?;
+        let calls = &self.shared.deps.tool_calls;
+        let msg = match calls.get(tenant, approval).await {
+            Ok(record) if record.session.as_deref() == Some(id) => {
+                if matches!(record.status, Some(CallStatus::Awaiting { .. })) {
+                    if approve {
+                        calls.approve(tenant, approval, by, comment).await?;
+                    } else {
+                        calls.reject(tenant, approval, by, comment).await?;
+                    }
+                }
+                SessionMsg::Resume
+            }
+            Ok(_) | Err(Error::NotFound { .. }) => SessionMsg::DecideGate {
+                gate: approval.to_string(),
+                approval: Approval {
+                    approved: approve,
+                    by: by.to_string(),
+                    comment: comment.to_string(),
+                },
+            },
+            Err(e) => return Err(e),
+        };
+        self.registry.send(&key, &msg).await?;
         Ok(())
     }
 
