@@ -25,9 +25,10 @@ pub use constitution::{
 pub use directory::{DirectoryActor, DirectoryMsg, Listing};
 pub use error::{Error, Result};
 pub use session::{
-    Approval, ErasureReport, EventKind, HISTORY_ENTRIES, LIVE_BUFFER, MAX_EVENTS, Persona,
-    SessionActor, SessionDeps, SessionEvent, SessionInfo, SessionMsg, SessionState, Sessions,
-    Subscription, TOOL_STEP_MARGIN, TOOL_STEP_TOKENS, ToolUse, TurnEnd, Update,
+    Approval, ErasureReport, EventKind, HISTORY_ENTRIES, LIVE_BUFFER, MAX_EVENT_TEXT, MAX_EVENTS,
+    MAX_MESSAGE_TEXT, Persona, SessionActor, SessionDeps, SessionEvent, SessionInfo, SessionMsg,
+    SessionState, Sessions, Subscription, TOOL_STEP_MARGIN, TOOL_STEP_TOKENS, ToolUse, TurnEnd,
+    Update,
 };
 pub use tenant::{
     ModelUsage, Price, Quotas, Snapshot, Tenant, TenantActor, TenantMsg, TenantSettings,

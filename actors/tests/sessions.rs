@@ -246,7 +246,8 @@ async fn a_tenant_reaches_no_session_of_another_tenant() {
     nf(s.subscribe("umbrella", "s1", 1).await.map(|_| ()));
     nf(s.cancel("umbrella", "s1").await.map(|_| ()));
     nf(s.decide_approval("umbrella", "s1", "s1-1-0", true, "m", "")
-        .await);
+        .await
+        .map(|_| ()));
     nf(s.delete("umbrella", "s1").await);
     // Still there for its own tenant; bad ids and unknown models are refused by name.
     assert_eq!(s.get("acme", "s1").await.unwrap().user, "alice");
@@ -457,49 +458,52 @@ async fn an_escalated_step_waits_across_a_restart_for_a_human() {
                 .await,
             Err(Error::NotFound { .. })
         ));
+        // A message sent while a turn waits runs after it, not instead of it.
+        let second = s.send("acme", "s1", "Again!").await.unwrap();
+        let events = s.wait_turn("acme", "s1", second).await.unwrap();
+        assert!(
+            events
+                .iter()
+                .all(|e| !matches!(e.kind, EventKind::TurnEnded { .. })),
+            "{events:?}"
+        );
         n.rt.shutdown().await.unwrap();
     }
     // Restarted: the turn still waits; approved, it runs to its answer.
     let n = Node::open(dir.path(), vec![]).await;
     let s = &n.sessions;
     let (turn, gate) = s.get("acme", "s1").await.unwrap().waiting.unwrap();
-    s.decide_approval("acme", "s1", &gate, true, "bob", "ok")
+    let resumed = s
+        .decide_approval("acme", "s1", &gate, true, "bob", "ok")
         .await
         .unwrap();
-    let events = loop {
-        let events = s.events("acme", "s1", 1, 100).await.unwrap();
-        if events
-            .iter()
-            .filter(|e| matches!(e.kind, EventKind::TurnEnded { .. }))
-            .count()
-            == 2
+    // The turn runs again from its start and ends with its answer.
+    let mut sub = s.subscribe("acme", "s1", 1).await.unwrap();
+    let end = loop {
+        if let Some(Ok(Update::Event(e))) = sub.next().await
+            && e.turn == turn
+            && let EventKind::TurnEnded { end } = e.kind
+            && end
+                != (TurnEnd::AwaitingApproval {
+                    approval: gate.clone(),
+                })
         {
-            break events;
-        }
-        let mut sub = s
-            .subscribe("acme", "s1", events.last().unwrap().seq + 1)
-            .await
-            .unwrap();
-        while let Some(u) = sub.next().await {
-            if let Ok(Update::Event(e)) = u
-                && matches!(e.kind, EventKind::TurnEnded { .. })
-            {
-                break;
-            }
+            break end;
         }
     };
-    let turn_events: Vec<SessionEvent> = events.into_iter().filter(|e| e.turn == turn).collect();
-    assert_eq!(
-        ended(&turn_events[turn_events.len() - 1..]),
-        TurnEnd::Answered
-    );
-    assert!(s.get("acme", "s1").await.unwrap().waiting.is_none());
-    // A second message waits again and is rejected: the turn ends denied, saying by whom.
-    let turn2 = s.send("acme", "s1", "Again!").await.unwrap();
-    let events = s.wait_turn("acme", "s1", turn2).await.unwrap();
-    let TurnEnd::AwaitingApproval { approval } = ended(&events) else {
-        panic!("{events:?}")
-    };
+    assert_eq!(end, TurnEnd::Answered);
+    s.wait_turn("acme", "s1", resumed).await.unwrap();
+    let events = s.events("acme", "s1", 1, 100).await.unwrap();
+    let answers = events
+        .iter()
+        .filter(|e| e.turn == turn && matches!(e.kind, EventKind::Answer { .. }))
+        .count();
+    assert_eq!(answers, 1);
+    // The deferred message's turn ran next and waits for its own approval; rejected, it
+    // ends denied, saying by whom.
+    let (turn2, approval) = s.get("acme", "s1").await.unwrap().waiting.unwrap();
+    assert!(turn2 > turn);
+    assert_eq!(approval, format!("s1-{turn2}-0-generate"));
     s.decide_approval("acme", "s1", &approval, false, "bob", "not now")
         .await
         .unwrap();

@@ -347,9 +347,10 @@ async fn http_server() -> u16 {
 async fn http_request_reaches_only_allowed_hosts_within_its_limits() {
     let dir = tempfile::tempdir().unwrap();
     let n = node(dir.path(), true).await;
-    tenant(&n, "acme", &["127.0.0.1"]).await;
-    tenant(&n, "other", &[]).await;
     let port = http_server().await;
+    // An entry without a port allows only port 80; this one names the test server's.
+    tenant(&n, "acme", &[&format!("127.0.0.1:{port}")]).await;
+    tenant(&n, "other", &["127.0.0.1"]).await;
     let get = |path: &str| {
         req(
             "http.request",

@@ -62,6 +62,21 @@ fn seed(session: &str, turn: u64, step: u32) -> u64 {
     h ^ turn.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(step)
 }
 
+/// Bytes of a tool result an event keeps (the model sees it whole).
+pub const MAX_EVENT_TEXT: usize = 16 * 1024;
+
+/// `text` cut to at most `max` bytes at a character boundary, marked when cut.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes cut)", &text[..end], text.len() - end)
+}
+
 fn failed(what: &str, e: impl std::fmt::Display) -> TurnEnd {
     TurnEnd::Failed {
         message: format!("{what}: {e}"),
@@ -213,7 +228,20 @@ impl Turn<'_> {
             };
             let call_id = format!("{}-{}-{step}", self.session, self.turn);
             let recorded = match self.shared.deps.tool_calls.get(self.tenant, &call_id).await {
-                Ok(r) => Some(r),
+                // Only a call this session's turn made, of a tool its persona may use, is its
+                // own step (another caller of the tenant may have used the id first).
+                Ok(r)
+                    if r.session.as_deref() == Some(self.session)
+                        && persona.tools.contains(&r.tool) =>
+                {
+                    Some(r)
+                }
+                Ok(_) => {
+                    return failed(
+                        "the tool call",
+                        format!("id {call_id} is taken by another caller"),
+                    );
+                }
                 Err(Error::NotFound { .. }) => None,
                 Err(e) => return failed("reading a tool call", e),
             };
@@ -296,44 +324,52 @@ impl Turn<'_> {
                 }
             };
             let arguments = record.arguments.to_string();
-            self.shared.emit(
-                self.key,
-                s,
-                self.turn,
-                EventKind::ToolCall {
-                    call_id: call_id.clone(),
-                    tool: record.tool.clone(),
-                    arguments: arguments.clone(),
-                },
-            );
+            // A turn run again (resumed after an approval) records each call's events once.
+            let seen = |s: &SessionState, result: bool| {
+                s.events.iter().any(|e| {
+                    e.turn == self.turn
+                        && match &e.kind {
+                            EventKind::ToolCall { call_id: c, .. } => !result && *c == call_id,
+                            EventKind::ToolResult { call_id: c, .. } => result && *c == call_id,
+                            _ => false,
+                        }
+                })
+            };
+            if !seen(s, false) {
+                self.shared.emit(
+                    self.key,
+                    s,
+                    self.turn,
+                    EventKind::ToolCall {
+                        call_id: call_id.clone(),
+                        tool: record.tool.clone(),
+                        arguments: arguments.clone(),
+                    },
+                );
+            }
+            let reported = seen(s, true);
             let result = match record.outcome() {
                 None => return TurnEnd::AwaitingApproval { approval: call_id },
-                Some(Ok(v)) => {
-                    let text = v.to_string();
-                    self.shared.emit(
-                        self.key,
-                        s,
-                        self.turn,
-                        EventKind::ToolResult {
-                            call_id: call_id.clone(),
-                            ok: true,
-                            result: text.clone(),
-                        },
-                    );
-                    text
-                }
-                Some(Err(e)) => {
-                    let text = json!({"error": e.message, "kind": e.kind}).to_string();
-                    self.shared.emit(
-                        self.key,
-                        s,
-                        self.turn,
-                        EventKind::ToolResult {
-                            call_id: call_id.clone(),
-                            ok: false,
-                            result: text.clone(),
-                        },
-                    );
+                Some(outcome) => {
+                    let (ok, text) = match outcome {
+                        Ok(v) => (true, v.to_string()),
+                        Err(e) => (
+                            false,
+                            json!({"error": e.message, "kind": e.kind}).to_string(),
+                        ),
+                    };
+                    if !reported {
+                        self.shared.emit(
+                            self.key,
+                            s,
+                            self.turn,
+                            EventKind::ToolResult {
+                                call_id: call_id.clone(),
+                                ok,
+                                result: clip(&text, MAX_EVENT_TEXT),
+                            },
+                        );
+                    }
                     text
                 }
             };

@@ -45,9 +45,12 @@ impl Hub {
 
     /// Sends `update` to the subscribers of `key` (none is fine).
     pub(crate) fn publish(&self, key: &str, update: Update) {
-        let map = self.senders.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = map.get(key) {
-            let _ = tx.send(update);
+        let mut map = self.senders.lock().unwrap_or_else(|p| p.into_inner());
+        // A channel nobody listens to any more is dropped (a subscriber makes a new one).
+        if let Some(tx) = map.get(key)
+            && tx.send(update).is_err()
+        {
+            map.remove(key);
         }
     }
 

@@ -22,7 +22,7 @@ use soma_supervision::{Context, DurableActor, HandlerError, Registry, RegistryOp
 use tokio::sync::watch;
 use tracing::Instrument;
 
-pub use agent::{HISTORY_ENTRIES, TOOL_STEP_MARGIN, TOOL_STEP_TOKENS};
+pub use agent::{HISTORY_ENTRIES, MAX_EVENT_TEXT, TOOL_STEP_MARGIN, TOOL_STEP_TOKENS};
 pub use hub::{LIVE_BUFFER, Subscription, Update};
 
 use crate::directory::DirectoryMsg;
@@ -30,6 +30,9 @@ use crate::error::{Error, Result};
 use crate::tenant::{Tenants, check_id};
 use crate::toolcall::{CallStatus, ToolCalls, now_ms};
 use crate::tools::Memory;
+
+/// Bytes of a user message, at most.
+pub const MAX_MESSAGE_TEXT: usize = 32 * 1024;
 
 /// Events a session keeps (the oldest are dropped past this; the history stays in episodic
 /// memory).
@@ -187,8 +190,11 @@ pub struct SessionState {
     next_event: u64,
     /// A turn waiting for an approval: (turn, user message, what to decide).
     waiting: Option<(u64, String, String)>,
-    /// Decisions of escalated gates, by gate id.
+    /// Decisions of escalated gates, by gate id (of the waiting turn only).
     approvals: BTreeMap<String, Approval>,
+    /// Messages accepted while a turn waits for an approval: their turns run, in order, once
+    /// it has ended.
+    deferred: VecDeque<(u64, String)>,
     /// Tokens (in, out) per model.
     usage: BTreeMap<String, (u64, u64)>,
 }
@@ -329,6 +335,21 @@ impl SessionActor {
     }
 }
 
+impl SessionActor {
+    /// Runs the turns deferred behind one that waited, until one waits again.
+    async fn run_deferred(&self, key: &str, s: &mut SessionState) {
+        if s.waiting.is_none() {
+            s.approvals.clear();
+        }
+        while s.waiting.is_none() {
+            let Some((turn, text)) = s.deferred.pop_front() else {
+                break;
+            };
+            self.turn(key, s, turn, text).await;
+        }
+    }
+}
+
 impl DurableActor for SessionActor {
     type Msg = SessionMsg;
     type State = SessionState;
@@ -360,7 +381,12 @@ impl DurableActor for SessionActor {
                 let turn = ctx.seq();
                 self.shared
                     .emit(&key, s, turn, EventKind::UserMessage { text: text.clone() });
-                self.turn(&key, s, turn, text).await;
+                if s.waiting.is_some() {
+                    // Turns run one at a time, in order: this one after the waiting one.
+                    s.deferred.push_back((turn, text));
+                } else {
+                    self.turn(&key, s, turn, text).await;
+                }
             }
             SessionMsg::DecideGate { gate, approval } => {
                 if let Some((turn, text, waiting)) = s.waiting.take() {
@@ -368,11 +394,13 @@ impl DurableActor for SessionActor {
                         s.approvals.insert(gate, approval);
                     }
                     self.turn(&key, s, turn, text).await;
+                    self.run_deferred(&key, s).await;
                 }
             }
             SessionMsg::Resume => {
                 if let Some((turn, text, _)) = s.waiting.take() {
                     self.turn(&key, s, turn, text).await;
+                    self.run_deferred(&key, s).await;
                 }
             }
             SessionMsg::Erase => {
@@ -573,6 +601,12 @@ impl Sessions {
         if text.trim().is_empty() {
             return Err(Error::Invalid("the message is empty".into()));
         }
+        if text.len() > MAX_MESSAGE_TEXT {
+            return Err(Error::Invalid(format!(
+                "the message has {} bytes, more than the limit of {MAX_MESSAGE_TEXT}",
+                text.len()
+            )));
+        }
         let msg = SessionMsg::UserMessage {
             text: text.to_string(),
         };
@@ -605,7 +639,7 @@ impl Sessions {
 
     /// The kept events from seq `from` on, then live updates.
     pub async fn subscribe(&self, tenant: &str, id: &str, from: u64) -> Result<Subscription> {
-        let key = Self::key(tenant, id)?;
+        let (key, _) = self.existing(tenant, id).await?;
         // Live first, then the backlog: nothing falls between the two (duplicates are
         // skipped by seq).
         let live = self.shared.hub.receiver(&key);
@@ -630,8 +664,10 @@ impl Sessions {
     }
 
     /// Decides what the session's turn waits for (`approval`: a tool call's id or a gate's,
-    /// as [`TurnEnd::AwaitingApproval`] names it), then lets the turn go on. Calling it again
-    /// after a crash finishes what the first call began.
+    /// as [`TurnEnd::AwaitingApproval`] names it), then lets the turn go on; returns at once
+    /// with the seq of the message that resumes it ([`wait_turn`](Self::wait_turn) with it
+    /// waits until the resumed turn, and those queued behind it, ran). Calling it again after
+    /// a crash finishes what the first call began.
     pub async fn decide_approval(
         &self,
         tenant: &str,
@@ -640,7 +676,7 @@ impl Sessions {
         approve: bool,
         by: &str,
         comment: &str,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let (key, s) = self.existing(tenant, id).await?;
         let Some((_, _, waiting)) = &s.waiting else {
             return Err(Error::NotAwaiting {
@@ -676,8 +712,7 @@ impl Sessions {
             },
             Err(e) => return Err(e),
         };
-        self.registry.send(&key, &msg).await?;
-        Ok(())
+        Ok(self.registry.send(&key, &msg).await?)
     }
 
     /// Erases tenant `tenant` and everything it has: its sessions and their histories, its
@@ -686,9 +721,21 @@ impl Sessions {
     pub async fn erase_tenant(&self, tenant: &str, by: &str) -> Result<ErasureReport> {
         check_id(tenant)?;
         let deps = &self.shared.deps;
-        deps.tenants.get(tenant).await?;
+        let exists = match deps.tenants.get(tenant).await {
+            Ok(_) => true,
+            Err(Error::NotFound { .. }) => false,
+            Err(e) => return Err(e),
+        };
         let directory = deps.tool_calls.directory();
         let listing = directory.list(tenant).await?;
+        // An erasure cut by a crash after the tenant itself was erased left its directory:
+        // run again, it finishes.
+        if !exists && listing == crate::directory::Listing::default() {
+            return Err(Error::NotFound {
+                what: "tenant",
+                id: tenant.to_string(),
+            });
+        }
         let mut report = ErasureReport::default();
         for id in &listing.sessions {
             let key = Self::key(tenant, id)?;
@@ -702,8 +749,9 @@ impl Sessions {
         if let Some(memory) = &deps.memory {
             report.memories = memory.erase_tenant(tenant).await?;
         }
-        deps.tenants.erase(tenant).await?;
-        directory.clear(tenant).await?;
+        if exists {
+            deps.tenants.erase(tenant).await?;
+        }
         self.shared.deps.tool_calls.flush().await?;
         metrics::counter!("soma_tenant_erasures_total").increment(1);
         tracing::info!(
@@ -727,14 +775,32 @@ impl Sessions {
             }),
         };
         deps.tenants.audit(tenant, &event, now_ms()).await?;
+        // Last: until the directory is cleared, running it again finishes the erasure (and
+        // may publish the event once more).
+        directory.clear(tenant).await?;
         Ok(report)
     }
 
     /// Deletes session `id` of `tenant` and its history.
     pub async fn delete(&self, tenant: &str, id: &str) -> Result<()> {
-        let (key, _) = self.existing(tenant, id).await?;
-        let seq = self.registry.send(&key, &SessionMsg::Delete).await?;
-        self.registry.wait_handled(&key, seq).await?;
+        let key = Self::key(tenant, id)?;
+        let before = self.registry.state(&key).await?;
+        if !before.exists {
+            return Err(Error::NotFound {
+                what: "session",
+                id: id.to_string(),
+            });
+        }
+        // Deleted already (a delete cut by a crash before its place was freed): free it.
+        if !before.deleted {
+            let seq = self.registry.send(&key, &SessionMsg::Delete).await?;
+            self.registry.wait_handled(&key, seq).await?;
+            if !self.registry.state(&key).await?.deleted {
+                return Err(Error::Invalid(format!(
+                    "session {id:?} could not be deleted (its history could not be erased; see the dead letters)"
+                )));
+            }
+        }
         self.shared
             .deps
             .tool_calls

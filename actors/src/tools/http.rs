@@ -87,15 +87,28 @@ fn host_port(url: &reqwest::Url) -> (String, Option<u16>) {
     )
 }
 
-/// Whether `host` is allowed by `allowed` (exact names, or `*.example.com` for subdomains).
-pub(crate) fn host_allowed(allowed: &[String], host: &str) -> bool {
+/// Whether `host` on `port` is allowed by `allowed`: exact names, or `*.example.com` for
+/// subdomains; an entry without a port allows only the scheme's default port
+/// (`default_port`), `name:port` that port.
+pub(crate) fn host_allowed(allowed: &[String], host: &str, port: u16, default_port: u16) -> bool {
     let host = host.to_ascii_lowercase();
     allowed.iter().any(|a| {
         let a = a.to_ascii_lowercase();
-        match a.strip_prefix("*.") {
+        let (name, p) = match a.rsplit_once(':') {
+            Some((n, p)) if !n.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+                (n.to_string(), p.parse::<u16>().ok())
+            }
+            _ => (a.clone(), None),
+        };
+        let port_ok = match p {
+            Some(p) => p == port,
+            None => port == default_port,
+        };
+        let name_ok = match name.strip_prefix("*.") {
             Some(domain) => host.ends_with(&format!(".{domain}")),
-            None => a == host,
-        }
+            None => name == host,
+        };
+        port_ok && name_ok
     })
 }
 
@@ -142,10 +155,12 @@ impl Tool for HttpRequestTool {
             .get(&call.tenant)
             .await
             .map_err(|e| ToolError::retryable(format!("tenant lookup failed: {e}")))?;
-        if !host_allowed(&tenant.settings.allowed_hosts, host) {
+        let default_port = if url.scheme() == "https" { 443 } else { 80 };
+        let port = url.port_or_known_default().unwrap_or(default_port);
+        if !host_allowed(&tenant.settings.allowed_hosts, host, port, default_port) {
             return Err(ToolError::new(
                 ToolErrorKind::Denied,
-                format!("host {host:?} is not on the tenant's allow-list"),
+                format!("host {host:?} port {port} is not on the tenant's allow-list"),
             ));
         }
         let method = match str_arg(&call.arguments, "method")? {
@@ -176,6 +191,8 @@ impl Tool for HttpRequestTool {
             req = req.body(body.to_string());
         }
         let mut resp = req.send().await.map_err(|e| {
+            // The URL may carry secrets (a query token): errors name no URL.
+            let e = e.without_url();
             if e.is_redirect() {
                 ToolError::failed(format!("request refused: {}", chain(&e)))
             } else {
@@ -189,11 +206,9 @@ impl Tool for HttpRequestTool {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| ToolError::retryable(format!("reading the response failed: {e}")))?
-        {
+        while let Some(chunk) = resp.chunk().await.map_err(|e| {
+            ToolError::retryable(format!("reading the response failed: {}", e.without_url()))
+        })? {
             if body.len() + chunk.len() > self.limits.max_response_bytes {
                 return Err(ToolError::failed(format!(
                     "the response is larger than the limit of {} bytes",
@@ -220,15 +235,23 @@ mod tests {
     use super::host_allowed;
 
     #[test]
-    fn hosts_match_exactly_or_by_wildcard_subdomain() {
-        let allowed = vec!["api.example.com".to_string(), "*.internal.org".to_string()];
-        assert!(host_allowed(&allowed, "api.example.com"));
-        assert!(host_allowed(&allowed, "API.Example.com"));
-        assert!(!host_allowed(&allowed, "example.com"));
-        assert!(!host_allowed(&allowed, "api.example.com.evil.net"));
-        assert!(host_allowed(&allowed, "a.internal.org"));
-        assert!(!host_allowed(&allowed, "internal.org"));
-        assert!(!host_allowed(&allowed, "xinternal.org"));
-        assert!(!host_allowed(&[], "api.example.com"));
+    fn hosts_match_exactly_or_by_wildcard_subdomain_on_allowed_ports() {
+        let allowed = vec![
+            "api.example.com".to_string(),
+            "*.internal.org".to_string(),
+            "127.0.0.1:8080".to_string(),
+        ];
+        let ok = |h: &str, p: u16| host_allowed(&allowed, h, p, 443);
+        assert!(ok("api.example.com", 443));
+        assert!(ok("API.Example.com", 443));
+        assert!(!ok("api.example.com", 6379));
+        assert!(!ok("example.com", 443));
+        assert!(!ok("api.example.com.evil.net", 443));
+        assert!(ok("a.internal.org", 443));
+        assert!(!ok("internal.org", 443));
+        assert!(!ok("xinternal.org", 443));
+        assert!(ok("127.0.0.1", 8080));
+        assert!(!ok("127.0.0.1", 443));
+        assert!(!host_allowed(&[], "api.example.com", 443, 443));
     }
 }
