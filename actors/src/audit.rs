@@ -11,7 +11,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use soma_adapters::{AuditEvent, Envelope, EventStream, Outcome, PolicyDecision, Topic};
 
-use crate::constitution::{Decision, DecisionInput, Verdict};
+use crate::constitution::{Decision, DecisionInput, Verdict, hex};
 use crate::error::Result;
 
 /// Where the domain's events go (nowhere without a stream).
@@ -90,8 +90,4 @@ impl Audit {
         events.publish(Topic::AgentAudit, tenant, &envelope).await?;
         Ok(())
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -49,8 +49,13 @@ impl Constitution {
         h.update((self.policy.len() as u64).to_le_bytes());
         h.update(self.policy.as_bytes());
         h.update(canonical(&self.data).as_bytes());
-        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        hex(&h.finalize())
     }
+}
+
+/// `bytes` as lowercase hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// JSON text with every object's keys sorted, whatever order the value keeps them in.

@@ -399,13 +399,17 @@ impl Inbox {
         let (read, leftovers) = plan(dir, marks, &on_disk)?;
         // The newest segment holding anything: an empty one after it is a roll that failed
         // half-way (or was never written to), not what a torn tail can be in.
-        let mut newest = read.last().copied();
-        for &id in read.iter().rev() {
-            if file_len(&segment_path(dir, id))?.unwrap_or(0) > 0 {
-                newest = Some(id);
-                break;
-            }
+        // Each segment to read with its length now (a stat once, for both uses below).
+        let mut sized = Vec::with_capacity(read.len());
+        for &id in &read {
+            sized.push((id, file_len(&segment_path(dir, id))?.unwrap_or(0)));
         }
+        let newest = sized
+            .iter()
+            .rev()
+            .find(|(_, len)| *len > 0)
+            .map(|(id, _)| *id)
+            .or(read.last().copied());
         let mut index = Index {
             applied: &mut applied,
             keys: Vec::new(),
@@ -421,7 +425,7 @@ impl Inbox {
                 .map_err(|e| Error::storage(dir, e))?;
             // `rx` is dropped when indexing ends, so that a reader blocked on a full channel
             // sees the hang-up and the scope can join it.
-            let segments = index_segments(dir, &read, newest, marks, &mut index, rx, spare_tx);
+            let segments = index_segments(dir, &sized, newest, marks, &mut index, rx, spare_tx);
             let _ = reader.join();
             segments
         })?;
@@ -512,11 +516,11 @@ impl Inbox {
     }
 }
 
-/// Indexes what the reader sends, segment by segment of `read`: each segment's damage
-/// is checked (only a torn tail is cut), and its file made durable.
+/// Indexes what the reader sends, segment by segment of `read` (id, length at open): each
+/// segment's damage is checked (only a torn tail is cut), and its file made durable.
 fn index_segments<F: FnMut(&str) -> Result<Seq>>(
     dir: &Path,
-    read: &[u64],
+    read: &[(u64, u64)],
     newest: Option<u64>,
     marks: &LogMarks,
     index: &mut Index<F>,
@@ -530,13 +534,9 @@ fn index_segments<F: FnMut(&str) -> Result<Seq>>(
         torn: None,
         pending: 0,
     };
-    let mut lengths = Vec::with_capacity(read.len());
-    for &id in read {
-        lengths.push(file_len(&segment_path(dir, id))?.unwrap_or(0));
-    }
-    let total: u64 = lengths.iter().sum();
+    let total: u64 = read.iter().map(|(_, len)| len).sum();
     let mut before = 0u64;
-    for (&id, &length) in read.iter().zip(&lengths) {
+    for &(id, length) in read {
         let path = segment_path(dir, id);
         let mut count = 0u64;
         let damaged = loop {
