@@ -70,6 +70,8 @@ impl Tool for Record {
             "BEGIN {} {} {args}\n",
             call.idempotency_key, self.round
         ));
+        // The parent aims one kill at a run it sees here.
+        out(format!("RUNNING {}", call.idempotency_key));
         tokio::time::sleep(Duration::from_millis(600)).await;
         self.line(format!("END {} {}\n", call.idempotency_key, self.round));
         Ok(json!({"recorded": call.idempotency_key}))
@@ -212,7 +214,10 @@ fn sigkill_mid_turn_answers_each_acked_message_once_and_reruns_only_cut_calls() 
                 }
             }
         });
-        // Kill at a random moment after the first acknowledged message of the round.
+        // Kill at a random moment after the first acknowledged message of the round; in the
+        // first round, 200 ms into the first tool run (it takes 600 ms), so that at least one
+        // kill lands inside a run whatever the random moments of the others.
+        let aim_at_a_run = round == 1;
         let delay = Duration::from_millis(300 + fastrand::u64(0..2500));
         let mut kill_at: Option<Instant> = None;
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -226,7 +231,13 @@ fn sigkill_mid_turn_answers_each_acked_message_once_and_reruns_only_cut_calls() 
                     match (w.next(), w.next(), w.next()) {
                         (Some("ACK"), Some(s), Some(t)) => {
                             acked.push((s.to_string(), t.parse().unwrap()));
-                            kill_at.get_or_insert_with(|| Instant::now() + delay);
+                            if !aim_at_a_run {
+                                kill_at.get_or_insert_with(|| Instant::now() + delay);
+                            }
+                        }
+                        (Some("RUNNING"), Some(_), _) if aim_at_a_run => {
+                            kill_at
+                                .get_or_insert_with(|| Instant::now() + Duration::from_millis(200));
                         }
                         (Some("RESULT"), Some(k), _) => {
                             durable.entry(k.to_string()).or_insert(round);
