@@ -223,6 +223,18 @@ impl KeyStore {
                 reason: "a key lives at most 100 years".into(),
             });
         }
+        let created = now_ms();
+        let expires_ms = expires_in.map(|d| created.saturating_add(d.as_millis() as u64));
+        self.create_until(tenant, created, expires_ms)
+    }
+
+    /// A new key of `tenant` made at `created`, valid until `expires_ms`.
+    fn create_until(
+        &self,
+        tenant: &str,
+        created: u64,
+        expires_ms: Option<u64>,
+    ) -> Result<(KeyRecord, String)> {
         let mut raw = [0u8; 32];
         getrandom::fill(&mut raw).map_err(|e| Error::KeyStore {
             path: self.path.clone(),
@@ -233,13 +245,12 @@ impl KeyStore {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
         );
         let hash = hash_of(&secret);
-        let created = now_ms();
         let record = KeyRecord {
             id: format!("key_{}", &hash[..16]),
             tenant: tenant.to_string(),
             hash,
             created_ms: created,
-            expires_ms: expires_in.map(|d| created.saturating_add(d.as_millis() as u64)),
+            expires_ms,
             revoked: false,
         };
         let r = record.clone();
@@ -285,10 +296,8 @@ impl KeyStore {
                 detail: format!("key {id} is revoked or expired: create a new one instead"),
             });
         }
-        let left = old
-            .expires_ms
-            .map(|e| Duration::from_millis(e.saturating_sub(now_ms())));
-        let new = self.create(&old.tenant, left)?;
+        // The new key keeps the old one's deadline exactly (a rotation never extends a key).
+        let new = self.create_until(&old.tenant, now_ms(), old.expires_ms)?;
         self.revoke(id)?;
         Ok(new)
     }
@@ -348,7 +357,7 @@ mod tests {
         let (new_rec, new) = store.rotate(&rec.id).unwrap();
         assert_eq!(store.verify(&old).unwrap(), Err(Refusal::Revoked));
         assert_eq!(store.verify(&new).unwrap().unwrap().tenant, "acme");
-        assert!(new_rec.expires_ms.unwrap() <= rec.expires_ms.unwrap());
+        assert_eq!(new_rec.expires_ms, rec.expires_ms);
         let (gone_rec, gone) = store.create("acme", Some(Duration::ZERO)).unwrap();
         assert_eq!(store.verify(&gone).unwrap(), Err(Refusal::Expired));
         assert!(
