@@ -720,6 +720,58 @@ impl<A: DurableActor> Registry<A> {
         Ok(letters)
     }
 
+    /// Removes dead letter `seq` of `key` for good.
+    pub async fn discard_dead_letter(&self, key: &str, seq: Seq) -> Result<()> {
+        check_key(key)?;
+        let shared = &self.shared;
+        let jkey = journal_key(&shared.kind.name, key);
+        let epoch = shared.kind.owner.require(&jkey)?;
+        shared
+            .kind
+            .journal
+            .discard_dead_letter(&jkey, seq, epoch)
+            .await
+            .map_err(|e| match e {
+                Error::NoSuchDeadLetter { seq, .. } => Error::NoSuchDeadLetter {
+                    key: key.to_string(),
+                    seq,
+                },
+                other => other,
+            })
+    }
+
+    /// Removes every dead letter of the keys that start with `prefix`; returns how many.
+    pub async fn discard_dead_letters_under(&self, prefix: &str) -> Result<u64> {
+        let kind = &self.shared.kind;
+        let jprefix = format!("{}{prefix}", namespace(&kind.name));
+        let mut n = 0;
+        for letter in kind.journal.dead_letters(&jprefix).await? {
+            let epoch = kind.owner.require(&letter.key)?;
+            kind.journal
+                .discard_dead_letter(&letter.key, letter.seq, epoch)
+                .await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Every key of this registry that starts with `prefix` and has a committed state or
+    /// messages waiting, in the ranges this runtime owns; sorted.
+    pub async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
+        let kind = &self.shared.kind;
+        let namespace = namespace(&kind.name);
+        let jprefix = format!("{namespace}{prefix}");
+        let mut out = std::collections::BTreeSet::new();
+        for (range, _) in kind.owner.held() {
+            out.extend(kind.journal.keys_with_state(range, &jprefix).await?);
+            out.extend(kind.journal.keys_with_pending(range, &jprefix).await?);
+        }
+        Ok(out
+            .into_iter()
+            .filter_map(|k| k.strip_prefix(namespace.as_str()).map(str::to_string))
+            .collect())
+    }
+
     /// Sends a dead letter back to its actor as a new message; returns its new sequence number.
     pub async fn redrive(&self, key: &str, seq: Seq) -> Result<Seq> {
         check_key(key)?;

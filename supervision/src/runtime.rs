@@ -193,6 +193,12 @@ impl Runtime {
         self.wiring.journal.flush().await
     }
 
+    /// Closes the journal's active inbox segment, so that it leaves the disk as soon as every
+    /// message in it is handled (see [`Journal::roll`](crate::Journal::roll)).
+    pub async fn roll_journal(&self) -> Result<()> {
+        self.wiring.journal.roll().await
+    }
+
     /// Ends the runtime: every registry stops (each instance finishes its current message),
     /// the timer task and the writer end, and the journal is closed cleanly (flushed; the
     /// next open knows nothing was killed). Every task the runtime started has ended when

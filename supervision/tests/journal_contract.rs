@@ -259,3 +259,46 @@ async fn open_and_read(path: &std::path::Path) -> Error {
     }
     panic!("damage went unnoticed")
 }
+
+/// The inbox segment files of the journal at `path`.
+fn segments(path: &std::path::Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(path.join("inbox"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn a_rolled_segment_leaves_the_disk_once_its_messages_are_handled() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("j");
+    let j = SledJournal::open(SledOptions::new(&path)).unwrap();
+    append(&j, &[("k", b"secret-1"), ("k", b"secret-2")]).await;
+    let first = segments(&path);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let held = contract::hold(&j, &["k"]).await;
+    for seq in 1..=2 {
+        j.commit(contract::commit(&j, &held, "k", seq, b"s"))
+            .await
+            .unwrap();
+    }
+    j.flush().await.unwrap();
+    assert_eq!(
+        segments(&path),
+        first,
+        "the active segment stays until it rolls"
+    );
+    j.roll().await.unwrap();
+    j.flush().await.unwrap();
+    let after = segments(&path);
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(after, first, "the handled segment is deleted");
+    // Rolling an empty segment does nothing; the journal reopens and goes on.
+    j.roll().await.unwrap();
+    assert_eq!(segments(&path), after);
+    drop(j);
+    let j = SledJournal::open(SledOptions::new(&path)).unwrap();
+    assert_eq!(append(&j, &[("k", b"3")]).await, vec![3]);
+}

@@ -82,6 +82,8 @@ where
     Box::pin(timers_fire_once_into_the_inbox(fresh().await)).await;
     Box::pin(keys_with_pending_lists_each_key_once(fresh().await)).await;
     Box::pin(keys_that_share_a_prefix_stay_apart(fresh().await)).await;
+    Box::pin(keys_with_state_lists_committed_keys(fresh().await, &crash)).await;
+    Box::pin(a_discarded_dead_letter_is_gone(fresh().await)).await;
     Box::pin(oversized_messages_are_refused(fresh().await)).await;
     Box::pin(appends_and_commits_survive_a_crash(fresh().await, &crash)).await;
     Box::pin(epochs_keep_growing_across_a_crash(fresh().await, &crash)).await;
@@ -427,6 +429,86 @@ pub async fn keys_that_share_a_prefix_stay_apart(j: Arc<dyn Journal>) {
     assert_eq!(keys(j.dead_letters("a").await.unwrap()), vec!["ab"]);
     assert!(j.dead_letters("abc").await.unwrap().is_empty());
     assert!(j.dead_letters("b").await.unwrap().is_empty());
+}
+
+pub async fn keys_with_state_lists_committed_keys<C, CFut>(j: Arc<dyn Journal>, crash: &C)
+where
+    C: Fn(Arc<dyn Journal>) -> CFut,
+    CFut: Future<Output = Arc<dyn Journal>>,
+{
+    let keys = ["reg/a", "reg/ab", "reg/b", "other/a"];
+    let h = hold(&*j, &keys).await;
+    let batch: Vec<Append> = keys.iter().map(|k| app(&*j, &h, k, b"1")).collect();
+    j.append(&batch).await.unwrap();
+    let listed = |j: Arc<dyn Journal>, prefix: &'static str| async move {
+        let mut out = Vec::new();
+        for r in 0..j.ranges() {
+            let in_range = j.keys_with_state(KeyRange(r), prefix).await.unwrap();
+            for k in &in_range {
+                assert_eq!(j.range_of(k), KeyRange(r), "{k} listed in another range");
+            }
+            out.extend(in_range);
+        }
+        out.sort();
+        out
+    };
+    assert!(
+        listed(j.clone(), "").await.is_empty(),
+        "pending is not committed"
+    );
+    for k in ["reg/a", "reg/ab", "other/a"] {
+        j.commit(commit(&*j, &h, k, 1, b"")).await.unwrap();
+    }
+    assert_eq!(listed(j.clone(), "reg/a").await, vec!["reg/a", "reg/ab"]);
+    assert_eq!(listed(j.clone(), "reg/").await, vec!["reg/a", "reg/ab"]);
+    assert_eq!(listed(j.clone(), "").await.len(), 3);
+    j.flush().await.unwrap();
+    let j = crash(j).await;
+    assert_eq!(
+        listed(j.clone(), "reg/").await,
+        vec!["reg/a", "reg/ab"],
+        "after a crash"
+    );
+}
+
+pub async fn a_discarded_dead_letter_is_gone(j: Arc<dyn Journal>) {
+    let h = hold(&*j, &["k", "k2"]).await;
+    let e = h.of(&*j, "k");
+    j.append(&[app(&*j, &h, "k", b"poison"), app(&*j, &h, "k2", b"poison")])
+        .await
+        .unwrap();
+    j.dead_letter("k", 1, "boom", 1, e).await.unwrap();
+    j.dead_letter("k2", 1, "boom", 1, h.of(&*j, "k2"))
+        .await
+        .unwrap();
+    j.discard_dead_letter("k", 1, e).await.unwrap();
+    let left: Vec<String> = j
+        .dead_letters("k")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.key)
+        .collect();
+    assert_eq!(left, vec!["k2"], "only k's letter is gone");
+    assert_eq!(j.load("k").await.unwrap().applied, 1, "still acknowledged");
+    match j.discard_dead_letter("k", 1, e).await {
+        Err(Error::NoSuchDeadLetter { seq: 1, .. }) => {}
+        other => panic!("expected NoSuchDeadLetter, got {other:?}"),
+    }
+    let stale = h.of(&*j, "k2");
+    let newer = hold(&*j, &["k2"]).await;
+    assert!(
+        matches!(
+            j.discard_dead_letter("k2", 1, stale).await,
+            Err(Error::Fenced { .. })
+        ),
+        "a stale epoch discards nothing"
+    );
+    assert_eq!(j.dead_letters("k2").await.unwrap().len(), 1);
+    j.discard_dead_letter("k2", 1, newer.of(&*j, "k2"))
+        .await
+        .unwrap();
+    assert!(j.dead_letters("k").await.unwrap().is_empty());
 }
 
 pub async fn oversized_messages_are_refused(j: Arc<dyn Journal>) {

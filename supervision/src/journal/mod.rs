@@ -211,6 +211,20 @@ pub trait Journal: Send + Sync + std::fmt::Debug + 'static {
     /// Keys of `range` starting with `prefix` that have unacknowledged inbox entries.
     async fn keys_with_pending(&self, range: KeyRange, prefix: &str) -> Result<Vec<String>>;
 
+    /// Keys of `range` starting with `prefix` that have a committed state (whatever state:
+    /// an actor reset to its initial state is listed too). With
+    /// [`keys_with_pending`](Journal::keys_with_pending) it lists every key a registry has.
+    async fn keys_with_state(&self, range: KeyRange, prefix: &str) -> Result<Vec<String>>;
+
+    /// Removes dead letter (`key`, `seq`) for good; [`Error::NoSuchDeadLetter`](crate::Error::NoSuchDeadLetter)
+    /// if there is none.
+    async fn discard_dead_letter(&self, key: &str, seq: Seq, epoch: Epoch) -> Result<()>;
+
+    /// Closes the inbox's active segment (if it holds anything), so that it is deleted as soon
+    /// as every message in it is acknowledged instead of when it fills up. Erasure calls it so
+    /// that the messages it erased leave the disk.
+    async fn roll(&self) -> Result<()>;
+
     /// Makes everything written so far durable.
     async fn flush(&self) -> Result<()>;
 

@@ -192,6 +192,16 @@ impl Inbox {
         Ok(Appended { rolled })
     }
 
+    /// Closes the active segment now if it holds anything; true if it did.
+    pub(crate) fn roll_now(&self) -> Result<bool> {
+        let mut st = self.state();
+        if st.active_len == 0 {
+            return Ok(false);
+        }
+        self.roll(&mut st)?;
+        Ok(true)
+    }
+
     /// Closes the active segment (synced) and starts the next one.
     fn roll(&self, st: &mut State) -> Result<()> {
         let old = st.active_id;

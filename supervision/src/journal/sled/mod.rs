@@ -869,6 +869,67 @@ impl Journal for SledJournal {
         Ok(out)
     }
 
+    async fn keys_with_state(&self, range: KeyRange, prefix: &str) -> Result<Vec<String>> {
+        let prefix = prefix.to_string();
+        self.blocking(move |inner| {
+            let ranges = inner.ranges;
+            let wanted = |k: &str| k.starts_with(prefix.as_str()) && range_of(k, ranges) == range;
+            // Staged first: a commit taken for writing is still in the inbox index, which
+            // `keys_with_pending` covers, until it is written.
+            let mut out: std::collections::BTreeSet<String> = inner
+                .staged()
+                .keys()
+                .filter(|k| wanted(k))
+                .map(|k| k.to_string())
+                .collect();
+            let mut scan = vec![STATE];
+            scan.extend_from_slice(prefix.as_bytes());
+            for item in inner.db.scan_prefix(scan) {
+                let (k, _) = item.map_err(|e| inner.engine(e))?;
+                let key = k
+                    .get(1..k.len().saturating_sub(1))
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .ok_or_else(|| inner.corrupt("a state key is not a key".into()))?;
+                if wanted(key) {
+                    out.insert(key.to_string());
+                }
+            }
+            Ok(out.into_iter().collect())
+        })
+        .await
+    }
+
+    async fn discard_dead_letter(&self, key: &str, seq: Seq, epoch: Epoch) -> Result<()> {
+        check_key(key)?;
+        self.inner.open_for_writes()?;
+        let key: Arc<str> = Arc::from(key);
+        self.blocking(move |inner| {
+            let _owner = inner.hold_epoch(&key, epoch)?;
+            let dead_key = seq_key(DEAD, &key, seq);
+            match inner.db.remove(&dead_key).map_err(|e| inner.engine(e))? {
+                Some(_) => inner.flush(),
+                None => Err(Error::NoSuchDeadLetter {
+                    key: key.to_string(),
+                    seq,
+                }),
+            }
+        })
+        .await
+    }
+
+    async fn roll(&self) -> Result<()> {
+        self.inner.open_for_writes()?;
+        self.blocking(|inner| {
+            // Under the append lock: no batch is half in the old segment and half in the new.
+            let _seqs = inner.seqs();
+            if inner.inbox.roll_now()? {
+                inner.mark_after_roll();
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn flush(&self) -> Result<()> {
         self.blocking(|inner| {
             inner.flush()?;

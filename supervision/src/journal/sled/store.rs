@@ -420,7 +420,7 @@ impl Inner {
         self.mark_with(false)
     }
 
-    fn mark_after_roll(&self) {
+    pub(super) fn mark_after_roll(&self) {
         if let Err(e) = self.mark() {
             tracing::error!(path = %self.path.display(), error = %e, "cannot record a segment roll in the marker (retried by the journal thread)");
         }
