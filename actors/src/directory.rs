@@ -1,5 +1,6 @@
-//! What a tenant has, by id: a durable actor per tenant (registry `directory`) listing its
-//! sessions and tool calls, so that erasing the tenant can find every one of them.
+//! A tenant's open sessions: a durable actor per tenant (registry `directory`) that admits a
+//! new session only while fewer than the tenant's quota are open, atomically. (What a tenant
+//! has, for erasure, is listed from the registries' keys: no list here grows with it.)
 
 use std::collections::BTreeSet;
 
@@ -7,16 +8,13 @@ use serde::{Deserialize, Serialize};
 use soma_supervision::{Context, DurableActor, HandlerError, Registry, RegistryOptions, Runtime};
 
 use crate::error::Result;
+use crate::tenant::Tenants;
 
-/// A tenant's entities.
+/// A tenant's open sessions (at most its quota of concurrent sessions).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Listing {
-    /// Session ids (open or deleted: what erasure must reach).
-    pub sessions: BTreeSet<String>,
     /// Sessions open now.
     pub open: BTreeSet<String>,
-    /// Tool-call ids.
-    pub calls: BTreeSet<String>,
 }
 
 /// The directory actor's messages.
@@ -31,17 +29,15 @@ pub enum DirectoryMsg {
     },
     /// A session was deleted.
     CloseSession(String),
-    /// A tool call was made.
-    Call(String),
     /// Everything was erased.
     Clear,
-    /// Nothing: handled after everything sent before it.
-    Barrier,
 }
 
 /// The directory actor.
 #[derive(Debug)]
-pub struct DirectoryActor;
+pub struct DirectoryActor {
+    tenants: Tenants,
+}
 
 impl DurableActor for DirectoryActor {
     type Msg = DirectoryMsg;
@@ -53,25 +49,29 @@ impl DurableActor for DirectoryActor {
 
     async fn handle(
         &self,
-        _ctx: &mut Context<DirectoryMsg>,
+        ctx: &mut Context<DirectoryMsg>,
         s: &mut Listing,
         msg: DirectoryMsg,
     ) -> std::result::Result<(), HandlerError> {
         match msg {
             DirectoryMsg::OpenSession { id, limit } => {
+                // Read when handled: once the tenant's erasure began, nothing opens.
+                let live = self
+                    .tenants
+                    .erasing(ctx.key())
+                    .await
+                    .map_err(HandlerError::new)?;
+                if live != Some(false) {
+                    return Ok(());
+                }
                 if s.open.contains(&id) || s.open.len() < limit as usize {
-                    s.open.insert(id.clone());
-                    s.sessions.insert(id);
+                    s.open.insert(id);
                 }
             }
             DirectoryMsg::CloseSession(id) => {
                 s.open.remove(&id);
             }
-            DirectoryMsg::Call(id) => {
-                s.calls.insert(id);
-            }
             DirectoryMsg::Clear => *s = Listing::default(),
-            DirectoryMsg::Barrier => {}
         }
         Ok(())
     }
@@ -84,11 +84,11 @@ pub(crate) struct Directory {
 }
 
 impl Directory {
-    pub(crate) async fn open(rt: &Runtime) -> Result<Self> {
+    pub(crate) async fn open(rt: &Runtime, tenants: Tenants) -> Result<Self> {
         let mut options = RegistryOptions::new("directory");
         options.passivate_after_ms = Some(60_000);
         Ok(Self {
-            registry: rt.registry(DirectoryActor, options).await?,
+            registry: rt.registry(DirectoryActor { tenants }, options).await?,
         })
     }
 
@@ -96,13 +96,6 @@ impl Directory {
     pub(crate) async fn note(&self, tenant: &str, msg: DirectoryMsg) -> Result<()> {
         self.registry.send(tenant, &msg).await?;
         Ok(())
-    }
-
-    /// What `tenant` has, once everything noted before is handled.
-    pub(crate) async fn list(&self, tenant: &str) -> Result<Listing> {
-        let seq = self.registry.send(tenant, &DirectoryMsg::Barrier).await?;
-        self.registry.wait_handled(tenant, seq).await?;
-        Ok(self.registry.state(tenant).await?)
     }
 
     /// Opens session `id` of `tenant` if fewer than `limit` are open; false if not.
@@ -116,9 +109,15 @@ impl Directory {
         Ok(self.registry.state(tenant).await?.open.contains(id))
     }
 
+    /// Forgets `tenant`'s open sessions and its dead letters (its erasure).
     pub(crate) async fn clear(&self, tenant: &str) -> Result<()> {
         let seq = self.registry.send(tenant, &DirectoryMsg::Clear).await?;
         self.registry.wait_handled(tenant, seq).await?;
+        for letter in self.registry.dead_letters(Some(tenant)).await? {
+            self.registry
+                .discard_dead_letter(tenant, letter.seq)
+                .await?;
+        }
         Ok(())
     }
 }

@@ -88,6 +88,14 @@ pub enum Error {
         /// The limit.
         limit: u64,
     },
+    /// Handling the request failed too often: it is in the dead letters.
+    #[error("{what} {id:?} failed too often and was moved to the dead letters")]
+    DeadLettered {
+        /// What it is.
+        what: &'static str,
+        /// Its id.
+        id: String,
+    },
     /// A request that cannot be served as asked.
     #[error("invalid request: {0}")]
     Invalid(String),

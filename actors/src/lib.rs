@@ -17,6 +17,7 @@ mod session;
 mod tenant;
 mod toolcall;
 mod tools;
+mod usage;
 
 pub use constitution::{
     Action, Compiled, CompiledCache, Constitution, DEFAULT_DATA, DEFAULT_POLICY, Decision,
@@ -25,10 +26,10 @@ pub use constitution::{
 pub use directory::{DirectoryActor, DirectoryMsg, Listing};
 pub use error::{Error, Result};
 pub use session::{
-    Approval, ErasureReport, EventKind, HISTORY_ENTRIES, LIVE_BUFFER, MAX_EVENT_TEXT, MAX_EVENTS,
-    MAX_MESSAGE_TEXT, Persona, SessionActor, SessionDeps, SessionEvent, SessionInfo, SessionMsg,
-    SessionState, Sessions, Subscription, TOOL_STEP_MARGIN, TOOL_STEP_TOKENS, ToolUse, TurnEnd,
-    Update,
+    Approval, ErasureReport, EventKind, HISTORY_ENTRIES, LIVE_BUFFER, MAX_DEFERRED,
+    MAX_EVENT_BYTES, MAX_EVENT_TEXT, MAX_EVENTS, MAX_MESSAGE_TEXT, Persona, SessionActor,
+    SessionDeps, SessionEvent, SessionInfo, SessionMsg, SessionState, Sessions, Subscription,
+    TOOL_STEP_MARGIN, TOOL_STEP_TOKENS, ToolUse, TurnEnd, Update,
 };
 pub use tenant::{
     ModelUsage, Price, Quotas, Snapshot, Tenant, TenantActor, TenantMsg, TenantSettings,
@@ -42,3 +43,4 @@ pub use tools::{
     HttpLimits, HttpRequestTool, Invocation, Memory, RecallTool, Recalled, RememberTool, Tool,
     ToolError, ToolErrorKind, ToolRegistry,
 };
+pub use usage::{DayUsage, USAGE_RETENTION_DAYS, UsageActor, UsageMsg};

@@ -19,7 +19,7 @@ use crate::constitution::{
 };
 use crate::error::{Error, Result};
 
-const MS_PER_DAY: u64 = 86_400_000;
+use crate::usage::{MS_PER_DAY, USAGE_RETENTION_DAYS, UsageActor, UsageMsg, add_usage};
 
 /// Quotas of a tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,13 +121,23 @@ pub struct TenantState {
     settings: TenantSettings,
     suspended: bool,
     constitution: Option<Stored>,
-    /// Usage by UTC day number, then model.
+    /// Its erasure has begun: nothing new is accepted, every API says "not found".
+    erasing: bool,
+    /// Usage by UTC day number, then model (the last `USAGE_RETENTION_DAYS` days).
     usage: BTreeMap<u64, BTreeMap<String, ModelUsage>>,
-    /// Usage by UTC day number, then user.
-    by_user: BTreeMap<u64, BTreeMap<String, ModelUsage>>,
-    /// Usage by UTC day number, then session.
-    by_session: BTreeMap<u64, BTreeMap<String, ModelUsage>>,
     spent_micros: u64,
+}
+
+impl TenantState {
+    /// It exists and its erasure has not begun.
+    pub(crate) fn live(&self) -> bool {
+        self.exists && !self.erasing
+    }
+
+    /// The price of `model` (zero if it has none).
+    pub(crate) fn price_of(&self, model: &str) -> Price {
+        self.settings.prices.get(model).copied().unwrap_or_default()
+    }
 }
 
 /// What a tenant looks like from outside.
@@ -163,6 +173,8 @@ pub enum TenantMsg {
         /// The data document, JSON text.
         data: String,
     },
+    /// Begins the tenant's erasure: from now on it accepts nothing.
+    BeginErase,
     /// Forgets the tenant: settings, constitution, usage.
     Erase,
     /// Records a model call's tokens at `at_ms`.
@@ -175,10 +187,6 @@ pub enum TenantMsg {
         tokens_out: u64,
         /// When, ms since the Unix epoch.
         at_ms: u64,
-        /// The user it was for, if known.
-        user: Option<String>,
-        /// The session it was for, if any.
-        session: Option<String>,
     },
 }
 
@@ -186,7 +194,7 @@ pub enum TenantMsg {
 #[derive(Debug)]
 pub struct TenantActor;
 
-fn cost(price: Price, tokens_in: u64, tokens_out: u64) -> u64 {
+pub(crate) fn cost(price: Price, tokens_in: u64, tokens_out: u64) -> u64 {
     let part = |tokens: u64, per_1k: u64| (u128::from(tokens) * u128::from(per_1k)).div_ceil(1000);
     u64::try_from(
         part(tokens_in, price.input_per_1k_micros) + part(tokens_out, price.output_per_1k_micros),
@@ -221,6 +229,8 @@ impl DurableActor for TenantActor {
             }
             _ if !s.exists => {}
             TenantMsg::Erase => *s = TenantState::default(),
+            TenantMsg::BeginErase => s.erasing = true,
+            _ if s.erasing => {}
             TenantMsg::Update(settings) => s.settings = settings,
             TenantMsg::Suspend(on) => s.suspended = on,
             TenantMsg::SetConstitution {
@@ -242,30 +252,21 @@ impl DurableActor for TenantActor {
                 tokens_in,
                 tokens_out,
                 at_ms,
-                user,
-                session,
             } => {
-                let price = s.settings.prices.get(&model).copied().unwrap_or_default();
-                let c = cost(price, tokens_in, tokens_out);
-                let day = at_ms / MS_PER_DAY;
-                let add = |u: &mut ModelUsage| {
-                    u.tokens_in += tokens_in;
-                    u.tokens_out += tokens_out;
-                    u.cost_micros += c;
+                let u = ModelUsage {
+                    tokens_in,
+                    tokens_out,
+                    cost_micros: cost(s.price_of(&model), tokens_in, tokens_out),
                 };
-                add(s.usage.entry(day).or_default().entry(model).or_default());
-                if let Some(user) = user {
-                    add(s.by_user.entry(day).or_default().entry(user).or_default());
-                }
-                if let Some(session) = session {
-                    add(s
-                        .by_session
-                        .entry(day)
-                        .or_default()
-                        .entry(session)
-                        .or_default());
-                }
-                s.spent_micros = s.spent_micros.saturating_add(c);
+                let day = at_ms / MS_PER_DAY;
+                add_usage(
+                    s.usage.entry(day).or_default().entry(model).or_default(),
+                    &u,
+                );
+                // Bounded: days past retention are forgotten.
+                let oldest = day.saturating_sub(USAGE_RETENTION_DAYS);
+                s.usage = s.usage.split_off(&oldest);
+                s.spent_micros = s.spent_micros.saturating_add(u.cost_micros);
             }
         }
         Ok(())
@@ -308,6 +309,7 @@ pub struct UsageReport {
 #[derive(Clone)]
 pub struct Tenants {
     registry: Registry<TenantActor>,
+    usage: Registry<UsageActor>,
     compiled: Arc<CompiledCache>,
     audit: Audit,
 }
@@ -351,8 +353,15 @@ impl Tenants {
     ) -> Result<Self> {
         let mut options = RegistryOptions::new("tenant");
         options.passivate_after_ms = Some(60_000);
+        let registry = rt.registry(TenantActor, options).await?;
+        let mut options = RegistryOptions::new("usage");
+        options.passivate_after_ms = Some(60_000);
+        let usage = UsageActor {
+            tenants: registry.clone(),
+        };
         Ok(Self {
-            registry: rt.registry(TenantActor, options).await?,
+            usage: rt.registry(usage, options).await?,
+            registry,
             compiled: Arc::default(),
             audit: Audit::new(events),
         })
@@ -367,7 +376,7 @@ impl Tenants {
     async fn existing(&self, id: &str) -> Result<TenantState> {
         check_id(id)?;
         let s = self.registry.state(id).await?;
-        if s.exists {
+        if s.live() {
             Ok(s)
         } else {
             Err(Error::NotFound {
@@ -377,11 +386,55 @@ impl Tenants {
         }
     }
 
-    /// Forgets tenant `id` (settings, constitution, usage); see `Sessions::erase_tenant` for
-    /// everything else it has.
+    /// Whether tenant `id` exists (`Some`), and if so whether its erasure has begun.
+    pub(crate) async fn erasing(&self, id: &str) -> Result<Option<bool>> {
+        check_id(id)?;
+        let s = self.registry.state(id).await?;
+        Ok(s.exists.then_some(s.erasing))
+    }
+
+    /// Begins erasing `id`: from when this returns it accepts nothing and every API says
+    /// "not found"; work that passed a decision before may still finish.
+    pub(crate) async fn begin_erase(&self, id: &str) -> Result<()> {
+        self.apply(id, TenantMsg::BeginErase).await
+    }
+
+    /// Forgets the usage by day of `id` (once its erasure began); returns how many days.
+    pub(crate) async fn erase_usage(&self, id: &str) -> Result<u64> {
+        let days = self.usage.keys(&format!("{id}/")).await?;
+        for key in &days {
+            let seq = self.usage.send(key, &UsageMsg::Erase).await?;
+            self.usage.wait_handled(key, seq).await?;
+        }
+        self.usage
+            .discard_dead_letters_under(&format!("{id}/"))
+            .await?;
+        Ok(days.len() as u64)
+    }
+
+    /// Forgets tenant `id` (settings, constitution, per-model usage) and its dead letters;
+    /// see `Sessions::erase_tenant` for everything else it has.
     pub(crate) async fn erase(&self, id: &str) -> Result<()> {
-        self.existing(id).await?;
-        self.apply(id, TenantMsg::Erase).await
+        check_id(id)?;
+        self.apply(id, TenantMsg::Erase).await?;
+        // Exactly `id`: other tenants' ids may start with it.
+        for letter in self.registry.dead_letters(Some(id)).await? {
+            self.registry.discard_dead_letter(id, letter.seq).await?;
+        }
+        Ok(())
+    }
+
+    /// How many days of per-user and per-session usage are stored for `id`, whatever its
+    /// state (for checking an erasure).
+    pub async fn stored_usage_days(&self, id: &str) -> Result<usize> {
+        check_id(id)?;
+        let mut n = 0;
+        for key in self.usage.keys(&format!("{id}/")).await? {
+            if self.usage.state(&key).await? != crate::usage::DayUsage::default() {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Publishes an audit event of tenant `id`.
@@ -521,11 +574,21 @@ impl Tenants {
                 tokens_in,
                 tokens_out,
                 at_ms,
-                user: user.map(str::to_string),
-                session: session.map(str::to_string),
             },
         )
         .await?;
+        if user.is_some() || session.is_some() {
+            let msg = UsageMsg::Record {
+                model: model.to_string(),
+                user: user.map(str::to_string),
+                session: session.map(str::to_string),
+                tokens_in,
+                tokens_out,
+            };
+            let key = format!("{id}/{}", at_ms / MS_PER_DAY);
+            let seq = self.usage.send(&key, &msg).await?;
+            self.usage.wait_handled(&key, seq).await?;
+        }
         // Counted once recorded: what the metric shows, the next decision sees.
         metrics::counter!("soma_tenant_tokens_total", "tenant" => id.to_string(), "direction" => "in").increment(tokens_in);
         metrics::counter!("soma_tenant_tokens_total", "tenant" => id.to_string(), "direction" => "out").increment(tokens_out);
@@ -540,25 +603,17 @@ impl Tenants {
         }
         let mut report = UsageReport::default();
         let days = from_ms / MS_PER_DAY..=to_ms / MS_PER_DAY;
-        let sum = |acc: &mut ModelUsage, u: &ModelUsage| {
-            acc.tokens_in += u.tokens_in;
-            acc.tokens_out += u.tokens_out;
-            acc.cost_micros += u.cost_micros;
-        };
-        for (_, models) in s.usage.range(days.clone()) {
+        for (day, models) in s.usage.range(days) {
             for (model, u) in models {
-                sum(report.by_model.entry(model.clone()).or_default(), u);
-                sum(&mut report.total, u);
+                add_usage(report.by_model.entry(model.clone()).or_default(), u);
+                add_usage(&mut report.total, u);
             }
-        }
-        for (_, users) in s.by_user.range(days.clone()) {
-            for (user, u) in users {
-                sum(report.by_user.entry(user.clone()).or_default(), u);
+            let d = self.usage.state(&format!("{id}/{day}")).await?;
+            for (user, u) in &d.by_user {
+                add_usage(report.by_user.entry(user.clone()).or_default(), u);
             }
-        }
-        for (_, sessions) in s.by_session.range(days) {
-            for (session, u) in sessions {
-                sum(report.by_session.entry(session.clone()).or_default(), u);
+            for (session, u) in &d.by_session {
+                add_usage(report.by_session.entry(session.clone()).or_default(), u);
             }
         }
         Ok(report)

@@ -17,7 +17,9 @@ use soma_supervision::{Context, DurableActor, HandlerError, Registry, RegistryOp
 use tracing::Instrument;
 
 use crate::constitution::{Action, Decision, Principal};
-use crate::directory::{Directory, DirectoryMsg};
+use futures_util::{StreamExt, TryStreamExt};
+
+use crate::directory::Directory;
 use crate::error::{Error, Result};
 use crate::tenant::{Tenants, check_id, check_id_upto};
 use crate::tools::{Invocation, ToolError, ToolErrorKind, ToolRegistry};
@@ -95,6 +97,9 @@ pub enum ToolCallMsg {
     /// Forgets the call (its tenant is erased).
     Erase,
 }
+
+/// Calls erased at once when a tenant is erased.
+const ERASE_PARALLELISM: usize = 16;
 
 /// How failed runs are retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,6 +287,10 @@ impl ToolCallActor {
                 );
                 s.request = Some(req.clone());
                 if self.tools.get(&req.tool).is_none() {
+                    if self.tenants.erasing(tenant).await.ok() != Some(Some(false)) {
+                        *s = ToolCallState::default();
+                        return Ok(());
+                    }
                     self.end(s, &req.tool, Err(unknown(&req.tool)), Instant::now());
                     return Ok(());
                 }
@@ -297,7 +306,9 @@ impl ToolCallActor {
                     )
                     .await;
                 match verdict {
-                    Err(e @ (Error::NotFound { .. } | Error::PolicyEval { .. })) => {
+                    // No tenant (or one being erased): the call records nothing.
+                    Err(Error::NotFound { .. }) => *s = ToolCallState::default(),
+                    Err(e @ Error::PolicyEval { .. }) => {
                         let e = ToolError::new(ToolErrorKind::Denied, e.to_string());
                         self.end(s, &req.tool, Err(e), Instant::now());
                     }
@@ -400,6 +411,7 @@ pub struct ToolCalls {
     tools: Arc<ToolRegistry>,
     runtime: Runtime,
     directory: Directory,
+    tenants: Tenants,
 }
 
 impl std::fmt::Debug for ToolCalls {
@@ -419,16 +431,18 @@ impl ToolCalls {
     ) -> Result<Self> {
         let mut options = RegistryOptions::new("toolcall");
         options.passivate_after_ms = Some(30_000);
+        let directory = Directory::open(rt, tenants.clone()).await?;
         let actor = ToolCallActor {
             tools: tools.clone(),
-            tenants,
+            tenants: tenants.clone(),
             retry,
         };
         Ok(Self {
             registry: rt.registry(actor, options).await?,
             tools,
             runtime: rt.clone(),
-            directory: Directory::open(rt).await?,
+            directory,
+            tenants,
         })
     }
 
@@ -437,18 +451,54 @@ impl ToolCalls {
         Ok(self.runtime.flush().await?)
     }
 
+    /// Closes the journal's active segment (see `Runtime::roll_journal`).
+    pub(crate) async fn roll_journal(&self) -> Result<()> {
+        Ok(self.runtime.roll_journal().await?)
+    }
+
     pub(crate) fn directory(&self) -> &Directory {
         &self.directory
     }
 
-    /// Forgets every call of `tenant` listed in its directory; returns how many.
-    pub(crate) async fn erase_tenant(&self, tenant: &str, calls: &[String]) -> Result<u64> {
-        for id in calls {
-            let key = Self::key(tenant, id)?;
-            let seq = self.registry.send(&key, &ToolCallMsg::Erase).await?;
-            self.registry.wait_handled(&key, seq).await?;
+    /// Forgets every call of `tenant` (after its erasure began: a call run later records
+    /// nothing) and their dead letters; returns how many calls held a record. Each erase is
+    /// handled after the call's running message, so nothing it does lands afterwards.
+    pub(crate) async fn erase_tenant(&self, tenant: &str) -> Result<u64> {
+        let prefix = format!("{tenant}/");
+        let keys = self.registry.keys(&prefix).await?;
+        let erased = futures_util::stream::iter(keys)
+            .map(|key: String| async move {
+                let held = self.registry.state(&key).await?.request.is_some();
+                let seq = self.registry.send(&key, &ToolCallMsg::Erase).await?;
+                self.registry.wait_handled(&key, seq).await?;
+                Ok::<_, Error>(u64::from(held))
+            })
+            .buffer_unordered(ERASE_PARALLELISM)
+            .try_fold(0, |n, held| async move { Ok(n + held) })
+            .await?;
+        self.registry.discard_dead_letters_under(&prefix).await?;
+        Ok(erased)
+    }
+
+    /// The dead letters of `tenant`'s calls.
+    pub async fn dead_letters(&self, tenant: &str) -> Result<Vec<soma_supervision::DeadLetter>> {
+        check_id(tenant)?;
+        let prefix = format!("{tenant}/");
+        let mut letters = self.registry.dead_letters(None).await?;
+        letters.retain(|l| l.key.starts_with(&prefix));
+        Ok(letters)
+    }
+
+    /// Calls of `tenant` that hold a record, whatever its state (for checking an erasure).
+    pub async fn stored_calls(&self, tenant: &str) -> Result<usize> {
+        check_id(tenant)?;
+        let mut n = 0;
+        for key in self.registry.keys(&format!("{tenant}/")).await? {
+            if self.registry.state(&key).await?.request.is_some() {
+                n += 1;
+            }
         }
-        Ok(calls.len() as u64)
+        Ok(n)
     }
 
     /// The tools calls run.
@@ -467,12 +517,23 @@ impl ToolCalls {
     /// returned.
     pub async fn call(&self, tenant: &str, id: &str, req: CallRequest) -> Result<ToolCallRecord> {
         let key = Self::key(tenant, id)?;
-        self.directory
-            .note(tenant, DirectoryMsg::Call(id.to_string()))
-            .await?;
         let seq = self.registry.send(&key, &ToolCallMsg::Run(req)).await?;
         self.settle(&key, seq).await?;
-        self.read(&key, id).await
+        match self.read(&key, id).await {
+            // Handled, and nothing recorded: its tenant does not exist (or is being erased),
+            // or the run failed too often (a panic, a crash) and is in the dead letters.
+            Err(Error::NotFound { .. }) if self.tenants.erasing(tenant).await? == Some(false) => {
+                Err(Error::DeadLettered {
+                    what: "tool call",
+                    id: id.to_string(),
+                })
+            }
+            Err(Error::NotFound { .. }) => Err(Error::NotFound {
+                what: "tenant",
+                id: tenant.to_string(),
+            }),
+            other => other,
+        }
     }
 
     /// Waits until message `seq` of `key` is handled and its commit is on disk: what a caller
@@ -505,11 +566,25 @@ impl ToolCalls {
     /// Call `id` of `tenant`, as recorded so far.
     pub async fn get(&self, tenant: &str, id: &str) -> Result<ToolCallRecord> {
         let key = Self::key(tenant, id)?;
+        self.live_tenant(tenant, id).await?;
         self.read(&key, id).await
+    }
+
+    /// Nothing of a tenant being erased is found.
+    async fn live_tenant(&self, tenant: &str, id: &str) -> Result<()> {
+        if self.tenants.erasing(tenant).await? == Some(false) {
+            Ok(())
+        } else {
+            Err(Error::NotFound {
+                what: "tool call",
+                id: id.to_string(),
+            })
+        }
     }
 
     async fn resolve(&self, tenant: &str, id: &str, msg: ToolCallMsg) -> Result<ToolCallRecord> {
         let key = Self::key(tenant, id)?;
+        self.live_tenant(tenant, id).await?;
         let before = self.read(&key, id).await?;
         if !matches!(before.status, Some(CallStatus::Awaiting { .. })) {
             return Err(Error::NotAwaiting {

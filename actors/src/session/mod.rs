@@ -10,6 +10,7 @@
 //! keep. A cancel is not durable either: it stops the turn running in this process.
 
 mod agent;
+mod erase;
 mod hub;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -23,6 +24,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 pub use agent::{HISTORY_ENTRIES, MAX_EVENT_TEXT, TOOL_STEP_MARGIN, TOOL_STEP_TOKENS};
+pub use erase::ErasureReport;
 pub use hub::{LIVE_BUFFER, Subscription, Update};
 
 use crate::directory::DirectoryMsg;
@@ -37,6 +39,13 @@ pub const MAX_MESSAGE_TEXT: usize = 32 * 1024;
 /// Events a session keeps (the oldest are dropped past this; the history stays in episodic
 /// memory).
 pub const MAX_EVENTS: usize = 1000;
+
+/// Bytes of text the kept events hold, at most (the oldest are dropped past this): with
+/// [`MAX_EVENTS`] it bounds the state a session commits after each message.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Messages that may wait behind a turn waiting for an approval; more are refused.
+pub const MAX_DEFERRED: usize = 16;
 
 /// How the agent uses its tools.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -166,6 +175,24 @@ pub enum EventKind {
     },
 }
 
+impl EventKind {
+    /// Roughly the bytes it holds.
+    fn weight(&self) -> usize {
+        64 + match self {
+            Self::UserMessage { text } | Self::Answer { text } => text.len(),
+            Self::ToolCall {
+                call_id,
+                tool,
+                arguments,
+            } => call_id.len() + tool.len() + arguments.len(),
+            Self::ToolResult {
+                call_id, result, ..
+            } => call_id.len() + result.len(),
+            Self::TurnEnded { end } => format!("{end:?}").len(),
+        }
+    }
+}
+
 /// An event with its place in the session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionEvent {
@@ -187,6 +214,8 @@ pub struct SessionState {
     user: String,
     persona: Option<Persona>,
     events: VecDeque<SessionEvent>,
+    /// What the kept events weigh ([`EventKind::weight`]).
+    event_bytes: usize,
     next_event: u64,
     /// A turn waiting for an approval: (turn, user message, what to decide).
     waiting: Option<(u64, String, String)>,
@@ -246,9 +275,13 @@ impl Shared {
             turn,
             kind,
         };
+        s.event_bytes += event.kind.weight();
         s.events.push_back(event.clone());
-        while s.events.len() > MAX_EVENTS {
-            s.events.pop_front();
+        while s.events.len() > 1 && (s.events.len() > MAX_EVENTS || s.event_bytes > MAX_EVENT_BYTES)
+        {
+            if let Some(old) = s.events.pop_front() {
+                s.event_bytes = s.event_bytes.saturating_sub(old.kind.weight());
+            }
         }
         self.hub.publish(key, Update::Event(event));
     }
@@ -367,7 +400,16 @@ impl DurableActor for SessionActor {
         let key = ctx.key().to_string();
         match msg {
             SessionMsg::Create { user, persona } => {
-                if !s.exists {
+                let (tenant, _) = crate::toolcall::split_key(&key);
+                // Read when handled: once the tenant's erasure began, nothing is created.
+                let live = self
+                    .shared
+                    .deps
+                    .tenants
+                    .erasing(tenant)
+                    .await
+                    .map_err(HandlerError::new)?;
+                if !s.exists && live == Some(false) {
                     *s = SessionState {
                         exists: true,
                         user,
@@ -376,12 +418,24 @@ impl DurableActor for SessionActor {
                     };
                 }
             }
+            SessionMsg::Erase => {
+                *s = SessionState::default();
+                self.shared.hub.remove(&key);
+            }
             _ if !s.exists || s.deleted => {}
             SessionMsg::UserMessage { text } => {
                 let turn = ctx.seq();
                 self.shared
                     .emit(&key, s, turn, EventKind::UserMessage { text: text.clone() });
-                if s.waiting.is_some() {
+                if s.waiting.is_some() && s.deferred.len() >= MAX_DEFERRED {
+                    let end = TurnEnd::Failed {
+                        message: format!(
+                            "{MAX_DEFERRED} messages already wait for an approval; send this one once it is decided"
+                        ),
+                    };
+                    self.shared
+                        .emit(&key, s, turn, EventKind::TurnEnded { end });
+                } else if s.waiting.is_some() {
                     // Turns run one at a time, in order: this one after the waiting one.
                     s.deferred.push_back((turn, text));
                 } else {
@@ -402,10 +456,6 @@ impl DurableActor for SessionActor {
                     self.turn(&key, s, turn, text).await;
                     self.run_deferred(&key, s).await;
                 }
-            }
-            SessionMsg::Erase => {
-                *s = SessionState::default();
-                self.shared.hub.remove(&key);
             }
             SessionMsg::Delete => {
                 let (tenant, session) = crate::toolcall::split_key(&key);
@@ -444,19 +494,6 @@ pub struct SessionInfo {
     pub waiting: Option<(u64, String)>,
     /// Tokens (in, out) per model.
     pub usage: BTreeMap<String, (u64, u64)>,
-}
-
-/// What an erasure removed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ErasureReport {
-    /// Sessions.
-    pub sessions: u64,
-    /// Tool calls.
-    pub tool_calls: u64,
-    /// Entries of episodic memory (histories).
-    pub history_entries: u64,
-    /// Entries of long-term (vector) memory.
-    pub memories: u64,
 }
 
 /// The sessions of a runtime.
@@ -536,7 +573,9 @@ impl Sessions {
     async fn existing(&self, tenant: &str, id: &str) -> Result<(String, SessionState)> {
         let key = Self::key(tenant, id)?;
         let s = self.registry.state(&key).await?;
-        if s.exists && !s.deleted {
+        // A tenant being erased has nothing any more, even before its sessions are reached.
+        if s.exists && !s.deleted && self.shared.deps.tenants.erasing(tenant).await? == Some(false)
+        {
             Ok((key, s))
         } else {
             Err(Error::NotFound {
@@ -567,6 +606,7 @@ impl Sessions {
         let limit = t.settings.quotas.concurrent_sessions;
         let directory = self.shared.deps.tool_calls.directory();
         if !directory.open_session(tenant, id, limit).await? {
+            self.shared.deps.tenants.get(tenant).await?;
             return Err(Error::QuotaExceeded {
                 what: "concurrent sessions",
                 limit: u64::from(limit),
@@ -578,6 +618,13 @@ impl Sessions {
         };
         let seq = self.registry.send(&key, &msg).await?;
         self.registry.wait_handled(&key, seq).await?;
+        if !self.registry.state(&key).await?.exists {
+            // Its tenant's erasure began in between.
+            return Err(Error::NotFound {
+                what: "tenant",
+                id: tenant.to_string(),
+            });
+        }
         self.get(tenant, id).await
     }
 
@@ -597,7 +644,13 @@ impl Sessions {
     /// Sends a user message; returns at once with its turn number (the reply streams to
     /// subscribers; [`wait_turn`](Self::wait_turn) waits for it).
     pub async fn send(&self, tenant: &str, id: &str, text: &str) -> Result<u64> {
-        let (key, _) = self.existing(tenant, id).await?;
+        let (key, s) = self.existing(tenant, id).await?;
+        if s.waiting.is_some() && s.deferred.len() >= MAX_DEFERRED {
+            return Err(Error::QuotaExceeded {
+                what: "messages waiting for an approval",
+                limit: MAX_DEFERRED as u64,
+            });
+        }
         if text.trim().is_empty() {
             return Err(Error::Invalid("the message is empty".into()));
         }
@@ -713,72 +766,6 @@ impl Sessions {
             Err(e) => return Err(e),
         };
         Ok(self.registry.send(&key, &msg).await?)
-    }
-
-    /// Erases tenant `tenant` and everything it has: its sessions and their histories, its
-    /// tool calls, its long-term memory, its settings, constitution and usage; then publishes
-    /// one `tenant.erase` audit event saying so. Run again after a crash, it finishes.
-    pub async fn erase_tenant(&self, tenant: &str, by: &str) -> Result<ErasureReport> {
-        check_id(tenant)?;
-        let deps = &self.shared.deps;
-        let exists = match deps.tenants.get(tenant).await {
-            Ok(_) => true,
-            Err(Error::NotFound { .. }) => false,
-            Err(e) => return Err(e),
-        };
-        let directory = deps.tool_calls.directory();
-        let listing = directory.list(tenant).await?;
-        // An erasure cut by a crash after the tenant itself was erased left its directory:
-        // run again, it finishes.
-        if !exists && listing == crate::directory::Listing::default() {
-            return Err(Error::NotFound {
-                what: "tenant",
-                id: tenant.to_string(),
-            });
-        }
-        let mut report = ErasureReport::default();
-        for id in &listing.sessions {
-            let key = Self::key(tenant, id)?;
-            let seq = self.registry.send(&key, &SessionMsg::Erase).await?;
-            self.registry.wait_handled(&key, seq).await?;
-            report.sessions += 1;
-        }
-        let calls: Vec<String> = listing.calls.iter().cloned().collect();
-        report.tool_calls = deps.tool_calls.erase_tenant(tenant, &calls).await?;
-        report.history_entries = deps.episodic.erase_tenant(tenant).await?;
-        if let Some(memory) = &deps.memory {
-            report.memories = memory.erase_tenant(tenant).await?;
-        }
-        if exists {
-            deps.tenants.erase(tenant).await?;
-        }
-        self.shared.deps.tool_calls.flush().await?;
-        metrics::counter!("soma_tenant_erasures_total").increment(1);
-        tracing::info!(
-            tenant,
-            by,
-            sessions = report.sessions,
-            tool_calls = report.tool_calls,
-            memories = report.memories,
-            "tenant erased"
-        );
-        let event = soma_adapters::AuditEvent {
-            actor: format!("user/{by}"),
-            action: "tenant.erase".into(),
-            outcome: soma_adapters::Outcome::Succeeded,
-            session: None,
-            detail: serde_json::json!({
-                "sessions": report.sessions,
-                "tool_calls": report.tool_calls,
-                "history_entries": report.history_entries,
-                "memories": report.memories,
-            }),
-        };
-        deps.tenants.audit(tenant, &event, now_ms()).await?;
-        // Last: until the directory is cleared, running it again finishes the erasure (and
-        // may publish the event once more).
-        directory.clear(tenant).await?;
-        Ok(report)
     }
 
     /// Deletes session `id` of `tenant` and its history.
