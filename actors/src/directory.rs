@@ -114,9 +114,10 @@ impl Directory {
         let seq = self.registry.send(tenant, &DirectoryMsg::Clear).await?;
         self.registry.wait_handled(tenant, seq).await?;
         for letter in self.registry.dead_letters(Some(tenant)).await? {
-            self.registry
-                .discard_dead_letter(tenant, letter.seq)
-                .await?;
+            match self.registry.discard_dead_letter(tenant, letter.seq).await {
+                Ok(()) | Err(soma_supervision::Error::NoSuchDeadLetter { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
     }

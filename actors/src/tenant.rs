@@ -173,9 +173,7 @@ pub enum TenantMsg {
         /// The data document, JSON text.
         data: String,
     },
-    /// Begins the tenant's erasure: from now on it accepts nothing.
-    BeginErase,
-    /// Forgets the tenant: settings, constitution, usage.
+    /// Forgets the tenant: settings, constitution, usage (only once its erasure began).
     Erase,
     /// Records a model call's tokens at `at_ms`.
     RecordUsage {
@@ -188,6 +186,8 @@ pub enum TenantMsg {
         /// When, ms since the Unix epoch.
         at_ms: u64,
     },
+    /// Begins the tenant's erasure: from now on it accepts nothing.
+    BeginErase,
 }
 
 /// The tenant actor.
@@ -228,7 +228,9 @@ impl DurableActor for TenantActor {
                 }
             }
             _ if !s.exists => {}
-            TenantMsg::Erase => *s = TenantState::default(),
+            // Only an erasure that began: a late one never erases a tenant created again.
+            TenantMsg::Erase if s.erasing => *s = TenantState::default(),
+            TenantMsg::Erase => {}
             TenantMsg::BeginErase => s.erasing = true,
             _ if s.erasing => {}
             TenantMsg::Update(settings) => s.settings = settings,
@@ -401,27 +403,35 @@ impl Tenants {
 
     /// Forgets the usage by day of `id` (once its erasure began); returns how many days.
     pub(crate) async fn erase_usage(&self, id: &str) -> Result<u64> {
-        let days = self.usage.keys(&format!("{id}/")).await?;
-        for key in &days {
-            let seq = self.usage.send(key, &UsageMsg::Erase).await?;
-            self.usage.wait_handled(key, seq).await?;
+        let mut held = 0;
+        for key in self.usage.keys(&format!("{id}/")).await? {
+            if self.usage.state(&key).await? != crate::usage::DayUsage::default() {
+                held += 1;
+            }
+            let seq = self.usage.send(&key, &UsageMsg::Erase).await?;
+            self.usage.wait_handled(&key, seq).await?;
+            // Its retention timer would wake it again.
+            self.usage.discard_timers(&key).await?;
         }
         self.usage
             .discard_dead_letters_under(&format!("{id}/"))
             .await?;
-        Ok(days.len() as u64)
+        Ok(held)
     }
 
     /// Forgets tenant `id` (settings, constitution, per-model usage) and its dead letters;
     /// see `Sessions::erase_tenant` for everything else it has.
     pub(crate) async fn erase(&self, id: &str) -> Result<()> {
         check_id(id)?;
-        self.apply(id, TenantMsg::Erase).await?;
+        // First: once the tenant is gone, an erasure cannot be run again to finish this.
         // Exactly `id`: other tenants' ids may start with it.
         for letter in self.registry.dead_letters(Some(id)).await? {
-            self.registry.discard_dead_letter(id, letter.seq).await?;
+            match self.registry.discard_dead_letter(id, letter.seq).await {
+                Ok(()) | Err(soma_supervision::Error::NoSuchDeadLetter { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
-        Ok(())
+        self.apply(id, TenantMsg::Erase).await
     }
 
     /// How many days of per-user and per-session usage are stored for `id`, whatever its
@@ -679,7 +689,9 @@ impl Tenants {
             .ok_or_else(|| Error::NoConstitution(id.clone()))?;
         let compiled = self.compiled_for(&stored.constitution())?;
         let today = s.usage.get(&(now_ms / MS_PER_DAY)).map_or(0, |m| {
-            m.values().map(|u| u.tokens_in + u.tokens_out).sum::<u64>()
+            m.values().fold(0u64, |n, u| {
+                n.saturating_add(u.tokens_in).saturating_add(u.tokens_out)
+            })
         });
         let budget_left = if s.settings.budget_micros == 0 {
             f64::MAX

@@ -287,7 +287,12 @@ impl ToolCallActor {
                 );
                 s.request = Some(req.clone());
                 if self.tools.get(&req.tool).is_none() {
-                    if self.tenants.erasing(tenant).await.ok() != Some(Some(false)) {
+                    let live = self
+                        .tenants
+                        .erasing(tenant)
+                        .await
+                        .map_err(HandlerError::new)?;
+                    if live != Some(false) {
                         *s = ToolCallState::default();
                         return Ok(());
                     }
@@ -338,6 +343,17 @@ impl ToolCallActor {
             }
             ToolCallMsg::Approve { by, comment } => {
                 if matches!(s.status, Some(CallStatus::Awaiting { .. })) {
+                    // Read when handled: an approval that lands once the tenant's erasure
+                    // began runs nothing (the erasure forgets the call).
+                    let live = self
+                        .tenants
+                        .erasing(tenant)
+                        .await
+                        .map_err(HandlerError::new)?;
+                    if live != Some(false) {
+                        *s = ToolCallState::default();
+                        return Ok(());
+                    }
                     audit(s, format!("approved by {by}: {comment}"));
                     s.status = None;
                     self.execute(key, s).await;
@@ -483,6 +499,12 @@ impl ToolCalls {
     /// The dead letters of `tenant`'s calls.
     pub async fn dead_letters(&self, tenant: &str) -> Result<Vec<soma_supervision::DeadLetter>> {
         check_id(tenant)?;
+        if self.tenants.erasing(tenant).await? != Some(false) {
+            return Err(Error::NotFound {
+                what: "tenant",
+                id: tenant.to_string(),
+            });
+        }
         let prefix = format!("{tenant}/");
         let mut letters = self.registry.dead_letters(None).await?;
         letters.retain(|l| l.key.starts_with(&prefix));
@@ -517,8 +539,16 @@ impl ToolCalls {
     /// returned.
     pub async fn call(&self, tenant: &str, id: &str, req: CallRequest) -> Result<ToolCallRecord> {
         let key = Self::key(tenant, id)?;
+        self.live_tenant(tenant, id).await?;
         let seq = self.registry.send(&key, &ToolCallMsg::Run(req)).await?;
         self.settle(&key, seq).await?;
+        // Nothing of a tenant whose erasure began meanwhile is returned.
+        if self.tenants.erasing(tenant).await? != Some(false) {
+            return Err(Error::NotFound {
+                what: "tenant",
+                id: tenant.to_string(),
+            });
+        }
         match self.read(&key, id).await {
             // Handled, and nothing recorded: its tenant does not exist (or is being erased),
             // or the run failed too often (a panic, a crash) and is in the dead letters.

@@ -93,7 +93,11 @@ async fn erasing_a_tenant_leaves_nothing_of_it_in_any_store() {
             .await
             .unwrap();
         let turn = s
-            .send(t, "s1", "Remember this: the launch code is blue.")
+            .send(
+                t,
+                "s1",
+                &format!("Remember this: the launch code of {t} is blue."),
+            )
             .await
             .unwrap();
         let events = s.wait_turn(t, "s1", turn).await.unwrap();
@@ -148,7 +152,22 @@ async fn erasing_a_tenant_leaves_nothing_of_it_in_any_store() {
     assert_eq!(s.stored_sessions("acme").await.unwrap(), 0);
     assert_eq!(n.calls.stored_calls("acme").await.unwrap(), 0);
     assert_eq!(n.tenants.stored_usage_days("acme").await.unwrap(), 0);
-    assert!(n.calls.dead_letters("acme").await.unwrap().is_empty());
+    assert!(matches!(
+        n.calls.dead_letters("acme").await,
+        Err(Error::NotFound { .. })
+    ));
+    // Its messages left the journal's disk too (every segment holding them was handled).
+    let inbox = dir.path().join("journal").join("inbox");
+    for file in std::fs::read_dir(&inbox).unwrap() {
+        let path = file.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains("launch code of acme"),
+            "{} still holds acme's message",
+            path.display()
+        );
+    }
     assert!(matches!(
         s.get("acme", "s1").await,
         Err(Error::NotFound { .. })

@@ -747,12 +747,28 @@ impl<A: DurableActor> Registry<A> {
         let mut n = 0;
         for letter in kind.journal.dead_letters(&jprefix).await? {
             let epoch = kind.owner.require(&letter.key)?;
-            kind.journal
+            match kind
+                .journal
                 .discard_dead_letter(&letter.key, letter.seq, epoch)
-                .await?;
-            n += 1;
+                .await
+            {
+                Ok(()) => n += 1,
+                // Re-driven or discarded meanwhile: gone either way.
+                Err(Error::NoSuchDeadLetter { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(n)
+    }
+
+    /// Removes every stored timer of `key` (a timer already firing may still deliver its
+    /// message); returns how many.
+    pub async fn discard_timers(&self, key: &str) -> Result<u64> {
+        check_key(key)?;
+        let shared = &self.shared;
+        let jkey = journal_key(&shared.kind.name, key);
+        let epoch = shared.kind.owner.require(&jkey)?;
+        shared.kind.journal.discard_timers(&jkey, epoch).await
     }
 
     /// Every key of this registry that starts with `prefix` and has a committed state or
@@ -763,8 +779,9 @@ impl<A: DurableActor> Registry<A> {
         let jprefix = format!("{namespace}{prefix}");
         let mut out = std::collections::BTreeSet::new();
         for (range, _) in kind.owner.held() {
-            out.extend(kind.journal.keys_with_state(range, &jprefix).await?);
+            // Pending first: a key that commits in between is then listed as committed.
             out.extend(kind.journal.keys_with_pending(range, &jprefix).await?);
+            out.extend(kind.journal.keys_with_state(range, &jprefix).await?);
         }
         Ok(out
             .into_iter()

@@ -134,12 +134,12 @@ impl Turn<'_> {
 
     async fn meter(&self, s: &mut SessionState, model: &str, usage: soma_inference::Usage) {
         let (tin, tout) = (usage.prompt_tokens as u64, usage.completion_tokens as u64);
-        if tin + tout == 0 {
+        if tin == 0 && tout == 0 {
             return;
         }
         let u = s.usage.entry(model.to_string()).or_default();
-        u.0 += tin;
-        u.1 += tout;
+        u.0 = u.0.saturating_add(tin);
+        u.1 = u.1.saturating_add(tout);
         if let Err(e) = self
             .shared
             .deps

@@ -10,12 +10,14 @@
 //!    writes after it;
 //! 3. then every tool call the same way (after the sessions, so the calls their turns made
 //!    are listed), which also waits for a `memory.remember` in flight;
-//! 4. then histories, long-term memory, usage by day, the open-session directory, and the
-//!    dead letters of every registry under the tenant;
-//! 5. one `tenant.erase` audit event, then the tenant itself; the journal is flushed and its
-//!    active inbox segment closed, so the erased messages leave the disk once handled.
+//! 4. then histories, long-term memory, usage by day (and its retention timers), the
+//!    open-session directory, and the dead letters of every registry under the tenant;
+//! 5. one `tenant.erase` audit event; long-term memory once more (a write a timed-out tool
+//!    left running on the blocking pool); the journal's active inbox segment closed and the
+//!    journal flushed, so the erased messages leave the disk; then, last, the tenant itself.
 //!
-//! Cut by a crash anywhere, running it again finishes it (the mark stays until step 5).
+//! Cut by a crash anywhere, running it again finishes it: the mark stays until the very
+//! last step.
 
 use futures_util::{StreamExt, TryStreamExt};
 
@@ -120,9 +122,15 @@ impl Sessions {
         // Before the tenant goes: a crash in between runs the erasure again, which publishes
         // the event once more rather than never.
         deps.tenants.audit(tenant, &event, now_ms()).await?;
+        if let Some(memory) = &deps.memory {
+            report.memories += memory.erase_tenant(tenant).await?;
+        }
+        // Roll, then flush: the closed segment is deleted by a flush once it is handled.
+        deps.tool_calls.roll_journal().await?;
+        deps.tool_calls.flush().await?;
+        // Last: once the tenant is gone, running the erasure again says "not found".
         deps.tenants.erase(tenant).await?;
         deps.tool_calls.flush().await?;
-        deps.tool_calls.roll_journal().await?;
         Ok(report)
     }
 }

@@ -772,7 +772,7 @@ impl Sessions {
     pub async fn delete(&self, tenant: &str, id: &str) -> Result<()> {
         let key = Self::key(tenant, id)?;
         let before = self.registry.state(&key).await?;
-        if !before.exists {
+        if !before.exists || self.shared.deps.tenants.erasing(tenant).await? != Some(false) {
             return Err(Error::NotFound {
                 what: "session",
                 id: id.to_string(),

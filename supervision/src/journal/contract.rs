@@ -84,6 +84,7 @@ where
     Box::pin(keys_that_share_a_prefix_stay_apart(fresh().await)).await;
     Box::pin(keys_with_state_lists_committed_keys(fresh().await, &crash)).await;
     Box::pin(a_discarded_dead_letter_is_gone(fresh().await)).await;
+    Box::pin(discarded_timers_never_fire(fresh().await)).await;
     Box::pin(oversized_messages_are_refused(fresh().await)).await;
     Box::pin(appends_and_commits_survive_a_crash(fresh().await, &crash)).await;
     Box::pin(epochs_keep_growing_across_a_crash(fresh().await, &crash)).await;
@@ -509,6 +510,40 @@ pub async fn a_discarded_dead_letter_is_gone(j: Arc<dyn Journal>) {
         .await
         .unwrap();
     assert!(j.dead_letters("k").await.unwrap().is_empty());
+}
+
+pub async fn discarded_timers_never_fire(j: Arc<dyn Journal>) {
+    // "k" and "k0" share a prefix; only "k"'s timers go.
+    let keys = ["k", "k0"];
+    let h = hold(&*j, &keys).await;
+    for k in keys {
+        j.append(&[app(&*j, &h, k, b"m")]).await.unwrap();
+        let mut c = commit(&*j, &h, k, 1, b"s");
+        c.timers = [1_000, 2_000]
+            .into_iter()
+            .map(|at| NewTimer {
+                fire_at_ms: at,
+                payload: k.as_bytes().to_vec(),
+            })
+            .collect();
+        j.commit(c).await.unwrap();
+    }
+    assert_eq!(j.discard_timers("k", h.of(&*j, "k")).await.unwrap(), 2);
+    assert_eq!(j.discard_timers("k", h.of(&*j, "k")).await.unwrap(), 0);
+    let mut ranges: Vec<KeyRange> = keys.iter().map(|k| j.range_of(k)).collect();
+    ranges.dedup();
+    let mut due = Vec::new();
+    for r in ranges {
+        due.extend(j.due_timers(r, 5_000, 10).await.unwrap());
+    }
+    assert_eq!(due.len(), 2, "{due:?}");
+    assert!(due.iter().all(|t| &*t.key == "k0"), "{due:?}");
+    let stale = h.of(&*j, "k0");
+    let _newer = hold(&*j, &["k0"]).await;
+    assert!(matches!(
+        j.discard_timers("k0", stale).await,
+        Err(Error::Fenced { .. })
+    ));
 }
 
 pub async fn oversized_messages_are_refused(j: Arc<dyn Journal>) {

@@ -213,17 +213,22 @@ pub trait Journal: Send + Sync + std::fmt::Debug + 'static {
 
     /// Keys of `range` starting with `prefix` that have a committed state (whatever state:
     /// an actor reset to its initial state is listed too). With
-    /// [`keys_with_pending`](Journal::keys_with_pending) it lists every key a registry has.
+    /// [`keys_with_pending`](Journal::keys_with_pending) it lists every key a registry has,
+    /// when pending keys are listed first: a key only ever moves from pending to committed,
+    /// so one that commits in between is found by the second call.
     async fn keys_with_state(&self, range: KeyRange, prefix: &str) -> Result<Vec<String>>;
 
     /// Removes dead letter (`key`, `seq`) for good; [`Error::NoSuchDeadLetter`](crate::Error::NoSuchDeadLetter)
     /// if there is none.
     async fn discard_dead_letter(&self, key: &str, seq: Seq, epoch: Epoch) -> Result<()>;
 
-    /// Closes the inbox's active segment (if it holds anything), so that it is deleted as soon
-    /// as every message in it is acknowledged instead of when it fills up. Erasure calls it so
-    /// that the messages it erased leave the disk.
+    /// Closes the inbox's active segment (if it holds anything), so that it is deleted at the
+    /// first flush after every message in it is acknowledged, instead of once it fills up.
+    /// Erasure calls it (then flushes) so that the messages it erased leave the disk.
     async fn roll(&self) -> Result<()>;
+
+    /// Removes every stored timer of `key`; returns how many.
+    async fn discard_timers(&self, key: &str, epoch: Epoch) -> Result<u64>;
 
     /// Makes everything written so far durable.
     async fn flush(&self) -> Result<()>;

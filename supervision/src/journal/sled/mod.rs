@@ -920,12 +920,40 @@ impl Journal for SledJournal {
     async fn roll(&self) -> Result<()> {
         self.inner.open_for_writes()?;
         self.blocking(|inner| {
-            // Under the append lock: no batch is half in the old segment and half in the new.
-            let _seqs = inner.seqs();
+            // An append is atomic under the inbox's own lock: no batch is split by a roll.
             if inner.inbox.roll_now()? {
                 inner.mark_after_roll();
             }
             Ok(())
+        })
+        .await
+    }
+
+    async fn discard_timers(&self, key: &str, epoch: Epoch) -> Result<u64> {
+        check_key(key)?;
+        self.inner.open_for_writes()?;
+        let key: Arc<str> = Arc::from(key);
+        self.blocking(move |inner| {
+            let _owner = inner.hold_epoch(&key, epoch)?;
+            let range = range_of(&key, inner.ranges);
+            let mut named = key.as_bytes().to_vec();
+            named.push(0);
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for item in inner.db.scan_prefix(timer_prefix(range)) {
+                let (k, _) = item.map_err(|e| inner.engine(e))?;
+                if k.get(TIMER_HEAD..)
+                    .is_some_and(|rest| rest.starts_with(&named))
+                {
+                    batch.remove(k);
+                    n += 1;
+                }
+            }
+            if n > 0 {
+                inner.db.apply_batch(batch).map_err(|e| inner.engine(e))?;
+                inner.flush()?;
+            }
+            Ok(n)
         })
         .await
     }
