@@ -133,9 +133,11 @@ fn copy(from: &Path, to: &Path) {
 }
 
 fn segments(journal: &Path) -> Vec<PathBuf> {
+    // Segments only: their index files (`.idx`) are accelerators, damaged in tests of their own.
     let mut s: Vec<PathBuf> = std::fs::read_dir(journal.join("inbox"))
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
         .collect();
     s.sort();
     s

@@ -11,8 +11,10 @@
 //! and the active segment's durable length (see [`LogMarks`]), so that a missing, shortened or
 //! damaged segment is told apart from the torn tail a crash leaves.
 
+mod plan;
 pub(crate) mod record;
 mod recover;
+mod sidecar;
 #[cfg(test)]
 mod tests;
 
@@ -29,7 +31,7 @@ use self::record::{Origin, encode_record, segment_path};
 use super::{Entry, Seq};
 use crate::error::{Error, Result};
 
-pub(crate) use self::recover::{first_with_data, list_segments};
+pub(crate) use self::plan::{first_with_data, list_segments};
 
 /// The segment ids in `dir`, none if it does not exist.
 pub(crate) fn list_segments_if_any(dir: &Path) -> Result<Vec<u64>> {
@@ -96,6 +98,8 @@ struct State {
     memory_bytes: u64,
     /// Emptied segments about to be deleted: markers no longer list them.
     deleting: std::collections::BTreeSet<u64>,
+    /// Closed segments whose sidecar is not written yet.
+    unindexed: Vec<u64>,
 }
 
 /// The inbox log. All methods take `&self`; one lock orders appends and acknowledgements.
@@ -123,6 +127,14 @@ fn create_segment(dir: &Path, path: &Path) -> Result<File> {
     // The new file's directory entry must survive a crash too.
     sync_dir(dir)?;
     Ok(f)
+}
+
+/// Damage found in the file at `path`.
+fn corrupt(path: &Path, detail: String) -> Error {
+    Error::Corrupt {
+        path: path.to_path_buf(),
+        detail,
+    }
 }
 
 /// fsyncs a directory, so that a rename, creation or deletion in it is durable.
@@ -223,8 +235,40 @@ impl Inbox {
         st.live.insert(id, 0);
         if st.live.get(&old) == Some(&0) {
             st.emptied.push(old);
+        } else {
+            st.unindexed.push(old);
         }
         Ok(())
+    }
+
+    /// Writes the sidecars of closed segments that have none yet (the journal thread does,
+    /// off the append path); a failure only costs a slower open, and is logged.
+    pub(crate) fn write_sidecars(&self) {
+        let ids = std::mem::take(&mut self.state().unindexed);
+        for id in ids {
+            if !self.state().closed.contains_key(&id) {
+                continue;
+            }
+            let built = match sidecar::Sidecar::build(&self.dir, id) {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
+                // Deleted meanwhile.
+                Err(_) if !self.state().closed.contains_key(&id) => continue,
+                Err(e) => {
+                    tracing::warn!(segment = id, error = %e, "cannot index a closed segment");
+                    continue;
+                }
+            };
+            // Renamed into place only while the segment is still there (a deletion holds
+            // the same lock and removes the sidecar with it).
+            let written = built.write(&self.dir, id, |rename| {
+                let st = self.state();
+                st.closed.contains_key(&id) && rename().is_ok()
+            });
+            if let Err(e) = written {
+                tracing::warn!(segment = id, error = %e, "cannot write the index file of a closed segment");
+            }
+        }
     }
 
     /// Makes every append durable (periodic durability, close).
@@ -441,6 +485,7 @@ impl Inbox {
         for &id in ids {
             if st.live.get(&id) == Some(&0) && id != st.active_id {
                 let path = segment_path(&self.dir, id);
+                sidecar::remove(&self.dir, id);
                 match std::fs::remove_file(&path) {
                     Ok(()) => deleted = true,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

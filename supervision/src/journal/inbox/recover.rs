@@ -12,8 +12,10 @@ use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 
-use super::record::{Origin, READ_BUFFER, next_valid, scan_segment, segment_id, segment_path};
-use super::{Inbox, LogMarks, Map, Pending, State, create_segment, sync_dir};
+use super::plan::{file_len, list_segments, plan};
+use super::record::{Origin, READ_BUFFER, next_valid, scan_segment, segment_path};
+use super::sidecar::{self, Sidecar, check_in_threads, file_name, list_sidecars, sidecar_id};
+use super::{Inbox, LogMarks, Map, Pending, State, corrupt, create_segment, sync_dir};
 use crate::error::{Error, Result};
 use crate::journal::Seq;
 
@@ -26,131 +28,6 @@ pub(crate) struct Recovered {
     pub(crate) torn: Option<(u64, u64, u64)>,
     /// Messages indexed.
     pub(crate) pending: u64,
-}
-
-fn corrupt(path: &Path, detail: String) -> Error {
-    Error::Corrupt {
-        path: path.to_path_buf(),
-        detail,
-    }
-}
-
-/// The segment ids in `dir`, sorted.
-pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>> {
-    let mut ids: Vec<u64> = std::fs::read_dir(dir)
-        .map_err(|e| Error::storage(dir, e))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| segment_id(e.file_name().to_str()?))
-        .collect();
-    ids.sort_unstable();
-    Ok(ids)
-}
-
-/// The first of the segments `ids` in `dir` that holds anything.
-pub(crate) fn first_with_data(dir: &Path, ids: &[u64]) -> Result<Option<std::path::PathBuf>> {
-    for &id in ids {
-        let path = segment_path(dir, id);
-        if file_len(&path)?.unwrap_or(0) > 0 {
-            return Ok(Some(path));
-        }
-    }
-    Ok(None)
-}
-
-fn file_len(path: &Path) -> Result<Option<u64>> {
-    match std::fs::metadata(path) {
-        Ok(m) => Ok(Some(m.len())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::storage(path, e)),
-    }
-}
-
-/// Which segments to read, checked against the marks; and leftovers of an interrupted
-/// deletion (emptied segments the marker no longer lists), deleted once the open succeeds.
-fn plan(dir: &Path, marks: &LogMarks, on_disk: &[u64]) -> Result<(Vec<u64>, Vec<u64>)> {
-    let Some((active, durable)) = marks.active else {
-        // The first open never finished: nothing was ever acknowledged. Segments it left
-        // are empty; anything else is not what this journal wrote.
-        if let Some(path) = first_with_data(dir, on_disk)? {
-            return Err(corrupt(
-                &path,
-                "segment holds data but the marker records no log: the marker was replaced \
-                 or damaged"
-                    .into(),
-            ));
-        }
-        return Ok((Vec::new(), on_disk.to_vec()));
-    };
-    for (&id, &len) in &marks.closed {
-        let path = segment_path(dir, id);
-        match file_len(&path)? {
-            None => {
-                return Err(corrupt(
-                    &path,
-                    format!("segment is missing: the marker lists it as closed with {len} bytes"),
-                ));
-            }
-            Some(actual) if actual != len => {
-                return Err(corrupt(
-                    &path,
-                    format!(
-                        "segment holds {actual} bytes but held {len} when it was closed: \
-                         {}",
-                        if actual < len {
-                            "data was lost (truncated)"
-                        } else {
-                            "it was written to after closing"
-                        }
-                    ),
-                ));
-            }
-            Some(_) => {}
-        }
-    }
-    let path = segment_path(dir, active);
-    match file_len(&path)? {
-        None => {
-            return Err(corrupt(
-                &path,
-                format!(
-                    "segment is missing: the marker names it as the active segment with \
-                     {durable} durable bytes"
-                ),
-            ));
-        }
-        Some(actual) if actual < durable => {
-            return Err(corrupt(
-                &path,
-                format!(
-                    "segment holds {actual} bytes but {durable} were durable: data was lost \
-                     (truncated)"
-                ),
-            ));
-        }
-        Some(_) => {}
-    }
-    let mut read: Vec<u64> = marks.closed.keys().copied().collect();
-    read.push(active);
-    let mut leftovers = Vec::new();
-    let mut expected = active + 1;
-    for &id in on_disk {
-        if id < active {
-            if !marks.closed.contains_key(&id) {
-                leftovers.push(id);
-            }
-        } else if id > active {
-            // Segments started after the marker was last written: they must follow on.
-            if id != expected {
-                return Err(corrupt(
-                    &segment_path(dir, expected),
-                    format!("segment is missing: segment {id} exists, the log has a hole"),
-                ));
-            }
-            read.push(id);
-            expected += 1;
-        }
-    }
-    Ok((read, leftovers))
 }
 
 /// Records handed from the reading thread to the indexing one, in log order.
@@ -273,6 +150,8 @@ struct KeyScan {
     /// The seq its next unacknowledged message must have.
     next: Seq,
     queue: VecDeque<Pending>,
+    /// Messages indexed from sidecars (not what presizing extrapolates).
+    from_sidecars: usize,
 }
 
 /// The indexing half of recovery: every key's unacknowledged messages, in order, with no
@@ -280,6 +159,10 @@ struct KeyScan {
 struct Index<F> {
     applied: F,
     keys: Vec<KeyScan>,
+    /// Each key's place in `keys`.
+    by_name: Map<Arc<str>, usize>,
+    /// The reader's key numbers, to places in `keys`.
+    slots: Vec<usize>,
     unfinished: Vec<(Arc<str>, Origin)>,
     /// Whether the queues were sized for the whole log yet (see [`Index::presize`]).
     presized: bool,
@@ -291,7 +174,12 @@ const PRESIZE_AFTER: u64 = 16;
 impl<F: FnMut(&str) -> Result<Seq>> Index<F> {
     /// Indexes one record of segment `id`; true if it is unacknowledged.
     fn add(&mut self, path: &Path, id: u64, m: &Meta) -> Result<bool> {
-        let Some(scan) = self.keys.get_mut(m.slot as usize) else {
+        let place = self
+            .slots
+            .get(m.slot as usize)
+            .copied()
+            .unwrap_or(usize::MAX);
+        let Some(scan) = self.keys.get_mut(place) else {
             return Err(corrupt(
                 path,
                 format!("record at offset {} names no key", m.offset),
@@ -345,22 +233,118 @@ impl<F: FnMut(&str) -> Result<Seq>> Index<F> {
         self.presized = true;
         let factor = total as f64 / done as f64;
         for scan in &mut self.keys {
-            let expected = (scan.queue.len() as f64 * factor * 1.05) as usize;
+            let scanned = scan.queue.len() - scan.from_sidecars;
+            let expected = scan.from_sidecars + (scanned as f64 * factor * 1.05) as usize;
             scan.queue
                 .reserve_exact(expected.saturating_sub(scan.queue.len()));
         }
     }
 
     /// Indexes a batch of segment `id`.
+    /// The place of `key` in `keys`, added (with its committed seq) if it is new.
+    fn place(&mut self, key: &Arc<str>) -> Result<usize> {
+        if let Some(&at) = self.by_name.get(key) {
+            return Ok(at);
+        }
+        let applied = (self.applied)(key)?;
+        let at = self.keys.len();
+        self.keys.push(KeyScan {
+            key: key.clone(),
+            applied,
+            next: applied + 1,
+            queue: VecDeque::new(),
+            from_sidecars: 0,
+        });
+        self.by_name.insert(key.clone(), at);
+        Ok(at)
+    }
+
+    /// Sizes each key's queue once for the whole log, before the sidecars fill it: what the
+    /// sidecars hold, extrapolated to the segments read record by record after them.
+    fn reserve_for(&mut self, sidecars: &[(u64, Sidecar)], sized: &[(u64, u64)]) -> Result<()> {
+        let in_sidecars: u64 = sidecars.iter().map(|(_, s)| s.segment_len).sum();
+        if in_sidecars == 0 {
+            return Ok(());
+        }
+        let all: u64 = sized.iter().map(|(_, len)| len).sum();
+        let factor = all as f64 / in_sidecars as f64 * 1.05;
+        let mut counts: Map<usize, usize> = Map::default();
+        for (_, sidecar) in sidecars {
+            let places = sidecar
+                .keys
+                .iter()
+                .map(|k| self.place(k))
+                .collect::<Result<Vec<_>>>()?;
+            for run in &sidecar.runs {
+                *counts.entry(places[run.key as usize]).or_default() += run.at.len();
+            }
+        }
+        for (at, n) in counts {
+            self.keys[at]
+                .queue
+                .reserve_exact((n as f64 * factor) as usize);
+        }
+        // Sized already: the record-by-record part need not guess again.
+        self.presized = true;
+        Ok(())
+    }
+
+    /// Indexes segment `id` from its sidecar; returns how many messages are unacknowledged.
+    fn add_sidecar(&mut self, path: &Path, id: u64, sidecar: &Sidecar) -> Result<u64> {
+        let places = sidecar
+            .keys
+            .iter()
+            .map(|k| self.place(k))
+            .collect::<Result<Vec<_>>>()?;
+        for (key, _, origin) in &sidecar.moved {
+            let at = places[*key as usize];
+            self.unfinished
+                .push((Arc::clone(&self.keys[at].key), *origin));
+        }
+        let mut count = 0;
+        for run in &sidecar.runs {
+            let scan = &mut self.keys[places[run.key as usize]];
+            // Acknowledged ones are skipped; the rest must continue the key's sequence.
+            let skip = scan
+                .applied
+                .saturating_sub(run.first.saturating_sub(1))
+                .min(run.at.len() as u64);
+            let first = run.first + skip;
+            if (skip as usize) < run.at.len() && first != scan.next {
+                let key = &scan.key;
+                let expected = scan.next;
+                return Err(corrupt(
+                    path,
+                    format!(
+                        "key {key:?}: seq {first} follows {}: messages {expected}..={} are                          missing (from its index file)",
+                        expected - 1,
+                        first.saturating_sub(1)
+                    ),
+                ));
+            }
+            let rest = &run.at[skip as usize..];
+            for (i, &(offset, len)) in rest.iter().enumerate() {
+                scan.queue.push_back(Pending {
+                    seq: first + i as u64,
+                    segment: id,
+                    offset: u64::from(offset),
+                    len,
+                    memory: None,
+                });
+            }
+            if !rest.is_empty() {
+                scan.next = first + rest.len() as u64;
+            }
+            scan.from_sidecars += rest.len();
+            count += rest.len() as u64;
+        }
+        Ok(count)
+    }
+
     fn add_batch(&mut self, path: &Path, id: u64, batch: &Batch) -> Result<u64> {
         for key in &batch.new_keys {
-            let applied = (self.applied)(key)?;
-            self.keys.push(KeyScan {
-                key: key.clone(),
-                applied,
-                next: applied + 1,
-                queue: VecDeque::new(),
-            });
+            let at = self.place(key)?;
+            self.slots.push(at);
         }
         let mut count = 0;
         for m in &batch.records {
@@ -373,6 +357,7 @@ impl<F: FnMut(&str) -> Result<Seq>> Index<F> {
 }
 
 /// What the per-segment half of recovery leaves.
+#[derive(Default)]
 struct Segments {
     files: Map<u64, Arc<File>>,
     live: BTreeMap<u64, u64>,
@@ -394,6 +379,27 @@ impl Inbox {
         segment_bytes: u64,
         mut applied: impl FnMut(&str) -> Result<Seq>,
     ) -> Result<(Self, Recovered)> {
+        match Self::open_with(dir, marks, segment_bytes, &mut applied, true) {
+            Err(Error::Corrupt { path, detail }) if sidecar_id(&file_name(&path)).is_some() => {
+                // A sidecar that passed its checksum but not the check against its segment:
+                // never trusted, so read every segment instead.
+                tracing::warn!(path = %path.display(), %detail, "an index file does not match its segment: reading the segments instead");
+                for id in list_sidecars(dir)? {
+                    sidecar::remove(dir, id);
+                }
+                Self::open_with(dir, marks, segment_bytes, &mut applied, false)
+            }
+            other => other,
+        }
+    }
+
+    fn open_with(
+        dir: &Path,
+        marks: &LogMarks,
+        segment_bytes: u64,
+        mut applied: impl FnMut(&str) -> Result<Seq>,
+        use_sidecars: bool,
+    ) -> Result<(Self, Recovered)> {
         std::fs::create_dir_all(dir).map_err(|e| Error::storage(dir, e))?;
         let on_disk = list_segments(dir)?;
         let (read, leftovers) = plan(dir, marks, &on_disk)?;
@@ -413,21 +419,67 @@ impl Inbox {
         let mut index = Index {
             applied: &mut applied,
             keys: Vec::new(),
+            by_name: Map::default(),
+            slots: Vec::new(),
             unfinished: Vec::new(),
             presized: false,
         };
+        // The leading closed segments that have a sidecar are indexed from it (and checked
+        // by other threads meanwhile); the rest are read and indexed record by record.
+        let mut sidecars = Vec::new();
+        for &(id, len) in &sized {
+            if !use_sidecars || len == 0 || marks.closed.get(&id) != Some(&len) {
+                break;
+            }
+            match Sidecar::load(dir, id, len) {
+                Some(s) => sidecars.push((id, s)),
+                None => break,
+            }
+        }
+        let scanned = &sized[sidecars.len()..];
+        tracing::debug!(
+            dir = %dir.display(),
+            from_sidecars = sidecars.len(),
+            read_whole = scanned.len(),
+            "recovering the inbox log"
+        );
+        let read: Vec<u64> = scanned.iter().map(|(id, _)| *id).collect();
         let (tx, rx) = mpsc::sync_channel(BATCHES);
         let (spare_tx, spare_rx) = mpsc::channel();
         let segments = std::thread::scope(|s| {
+            let checks = check_in_threads(s, dir, &sidecars)?;
+            let mut segments = Segments::default();
+            index.reserve_for(&sidecars, &sized)?;
+            for (id, sidecar) in &sidecars {
+                index_from_sidecar(dir, *id, sidecar, &mut index, &mut segments)?;
+            }
             let reader = std::thread::Builder::new()
                 .name("soma-journal-recovery".into())
                 .spawn_scoped(s, || read_segments(dir, &read, tx, spare_rx))
                 .map_err(|e| Error::storage(dir, e))?;
             // `rx` is dropped when indexing ends, so that a reader blocked on a full channel
             // sees the hang-up and the scope can join it.
-            let segments = index_segments(dir, &sized, newest, marks, &mut index, rx, spare_tx);
+            let indexed = index_segments(
+                dir,
+                scanned,
+                newest,
+                marks,
+                &mut index,
+                (rx, spare_tx),
+                segments,
+            );
             let _ = reader.join();
-            segments
+            let mut checked = Ok(());
+            for check in checks {
+                let result = check.join().unwrap_or_else(|_| {
+                    Err(corrupt(dir, "a recovery check thread panicked".into()))
+                });
+                if checked.is_ok() {
+                    checked = result;
+                }
+            }
+            // A damaged segment before an indexing error: it is the cause.
+            checked.and(indexed)
         })?;
         let Segments {
             files,
@@ -493,6 +545,26 @@ impl Inbox {
         if !leftovers.is_empty() {
             sync_dir(dir)?;
         }
+        // Sidecars are written for the closed segments read without one; any other sidecar
+        // (of a deleted segment, or half written) goes.
+        let unindexed: Vec<u64> = closed
+            .keys()
+            .copied()
+            .filter(|id| live.get(id).is_some_and(|n| *n > 0))
+            .filter(|id| !sidecars.iter().any(|(s, _)| s == id))
+            .collect();
+        for entry in std::fs::read_dir(dir).map_err(|e| Error::storage(dir, e))? {
+            let Ok(entry) = entry else { continue };
+            let name = entry.file_name().to_string_lossy().into_owned();
+            match sidecar_id(&name) {
+                Some(id) if live.get(&id).is_some_and(|n| *n > 0) => {}
+                Some(id) => sidecar::remove(dir, id),
+                None if name.ends_with(".idx.tmp") => {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+                None => {}
+            }
+        }
         Ok((
             Self {
                 dir: dir.to_path_buf(),
@@ -509,11 +581,30 @@ impl Inbox {
                     files,
                     memory_bytes: 0,
                     deleting: Default::default(),
+                    unindexed,
                 }),
             },
             report,
         ))
     }
+}
+
+/// Indexes closed segment `id` from its sidecar into `index` and `out`.
+fn index_from_sidecar<F: FnMut(&str) -> Result<Seq>>(
+    dir: &Path,
+    id: u64,
+    sidecar: &Sidecar,
+    index: &mut Index<F>,
+    out: &mut Segments,
+) -> Result<()> {
+    let path = segment_path(dir, id);
+    let count = index.add_sidecar(&sidecar::sidecar_path(dir, id), id, sidecar)?;
+    let file = File::open(&path).map_err(|e| Error::storage(&path, e))?;
+    out.pending += count;
+    out.files.insert(id, Arc::new(file));
+    out.live.insert(id, count);
+    out.closed.insert(id, sidecar.segment_len);
+    Ok(())
 }
 
 /// Indexes what the reader sends, segment by segment of `read` (id, length at open): each
@@ -524,16 +615,9 @@ fn index_segments<F: FnMut(&str) -> Result<Seq>>(
     newest: Option<u64>,
     marks: &LogMarks,
     index: &mut Index<F>,
-    rx: Receiver<Scanned>,
-    spare: Sender<Batch>,
+    (rx, spare): (Receiver<Scanned>, Sender<Batch>),
+    mut out: Segments,
 ) -> Result<Segments> {
-    let mut out = Segments {
-        files: Map::default(),
-        live: BTreeMap::new(),
-        closed: BTreeMap::new(),
-        torn: None,
-        pending: 0,
-    };
     let total: u64 = read.iter().map(|(_, len)| len).sum();
     let mut before = 0u64;
     for &(id, length) in read {

@@ -460,6 +460,7 @@ fn spawn_background(inner: std::sync::Weak<Inner>, durability: Durability) -> Ar
                 if inner.closed.load(Ordering::Acquire) {
                     return;
                 }
+                inner.inbox.write_sidecars();
                 let mut result = inner.flush_if_staged();
                 if let Some(every) = sync_every
                     && last_sync.elapsed() >= every

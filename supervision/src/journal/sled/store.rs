@@ -446,6 +446,8 @@ impl Inner {
     pub(super) fn close(&self) -> Result<()> {
         self.flush()?;
         self.inbox.sync()?;
+        // The next open reads what it can from sidecars.
+        self.inbox.write_sidecars();
         self.closed.store(true, Ordering::Release);
         self.mark_with(true)
     }
