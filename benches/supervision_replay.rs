@@ -121,6 +121,10 @@ fn main() {
         let fill_rt = tokio::runtime::Runtime::new().unwrap();
         fill_rt.block_on(fill(&path, keys));
         drop(fill_rt);
+        // A restarted process finds no one holding the state store; here sled's threads let
+        // go of its lock a moment after the filling journal is dropped (an open meanwhile
+        // waits for them): start the clock once they have, as a new process would.
+        std::thread::sleep(Duration::from_millis(500));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

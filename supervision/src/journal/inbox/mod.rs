@@ -98,8 +98,12 @@ struct State {
     memory_bytes: u64,
     /// Emptied segments about to be deleted: markers no longer list them.
     deleting: std::collections::BTreeSet<u64>,
-    /// Closed segments whose sidecar is not written yet.
+    /// Closed segments whose sidecar is to be built from the segment (read at open).
     unindexed: Vec<u64>,
+    /// The active segment's sidecar, built as it is written.
+    building: sidecar::Builder,
+    /// Sidecars of closed segments built as they were written, to be written out.
+    ready: Vec<(u64, sidecar::Sidecar)>,
 }
 
 /// The inbox log. All methods take `&self`; one lock orders appends and acknowledgements.
@@ -161,6 +165,9 @@ impl Inbox {
         for (key, seq, origin, payload) in entries {
             at.push(encode_record(&mut buf, key, *seq, *origin, payload) as u64);
         }
+        // The sidecar's CRC of the batch, outside the lock.
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&buf);
         let mut st = self.state();
         let id = st.active_id;
         let before = st.active_len;
@@ -179,6 +186,11 @@ impl Inbox {
         st.active_len += buf.len() as u64;
         if sync {
             st.synced_len = st.active_len;
+        }
+        st.building.bytes(&crc);
+        for ((key, seq, origin, payload), offset) in entries.iter().zip(at.iter()) {
+            st.building
+                .record(key, *seq, *origin, before + offset, payload.len());
         }
         for ((key, seq, _, payload), offset) in entries.iter().zip(at) {
             st.memory_bytes += payload.len() as u64;
@@ -233,10 +245,11 @@ impl Inbox {
         st.active_len = 0;
         st.synced_len = 0;
         st.live.insert(id, 0);
+        let built = std::mem::take(&mut st.building).finish(st.closed[&old]);
         if st.live.get(&old) == Some(&0) {
             st.emptied.push(old);
-        } else {
-            st.unindexed.push(old);
+        } else if let Some(sidecar) = built {
+            st.ready.push((old, sidecar));
         }
         Ok(())
     }
@@ -244,7 +257,16 @@ impl Inbox {
     /// Writes the sidecars of closed segments that have none yet (the journal thread does,
     /// off the append path); a failure only costs a slower open, and is logged.
     pub(crate) fn write_sidecars(&self) {
-        let ids = std::mem::take(&mut self.state().unindexed);
+        let (ready, ids) = {
+            let mut st = self.state();
+            (
+                std::mem::take(&mut st.ready),
+                std::mem::take(&mut st.unindexed),
+            )
+        };
+        for (id, built) in ready {
+            self.publish_sidecar(id, &built);
+        }
         for id in ids {
             if !self.state().closed.contains_key(&id) {
                 continue;
@@ -259,15 +281,19 @@ impl Inbox {
                     continue;
                 }
             };
-            // Renamed into place only while the segment is still there (a deletion holds
-            // the same lock and removes the sidecar with it).
-            let written = built.write(&self.dir, id, |rename| {
-                let st = self.state();
-                st.closed.contains_key(&id) && rename().is_ok()
-            });
-            if let Err(e) = written {
-                tracing::warn!(segment = id, error = %e, "cannot write the index file of a closed segment");
-            }
+            self.publish_sidecar(id, &built);
+        }
+    }
+
+    /// Writes the sidecar of closed segment `id`, renamed into place only while the segment
+    /// is still there (a deletion holds the same lock and removes the sidecar with it).
+    fn publish_sidecar(&self, id: u64, built: &sidecar::Sidecar) {
+        let written = built.write(&self.dir, id, |rename| {
+            let st = self.state();
+            st.closed.contains_key(&id) && rename().is_ok()
+        });
+        if let Err(e) = written {
+            tracing::warn!(segment = id, error = %e, "cannot write the index file of a closed segment");
         }
     }
 

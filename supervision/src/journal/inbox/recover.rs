@@ -582,6 +582,8 @@ impl Inbox {
                     memory_bytes: 0,
                     deleting: Default::default(),
                     unindexed,
+                    building: Default::default(),
+                    ready: Vec::new(),
                 }),
             },
             report,

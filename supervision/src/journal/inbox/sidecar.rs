@@ -85,6 +85,86 @@ impl Digest {
     }
 }
 
+/// A sidecar in the making, record by record: while a segment is written (the inbox adds
+/// each batch it appends), or from a segment read back.
+#[derive(Debug, Default)]
+pub(crate) struct Builder {
+    out: Sidecar,
+    numbers: Map<Arc<str>, u32>,
+    /// The run each key is in, by key number.
+    open_run: Vec<Option<usize>>,
+    digest: Digest,
+    crc: crc32fast::Hasher,
+    /// Offsets past 4 GiB cannot be listed: no sidecar then.
+    too_big: bool,
+}
+
+impl Builder {
+    /// Adds the CRC of bytes appended to the segment (computed before the inbox's lock is
+    /// taken; combining is cheap).
+    pub(crate) fn bytes(&mut self, crc: &crc32fast::Hasher) {
+        self.crc.combine(crc);
+    }
+
+    /// Adds one record.
+    pub(crate) fn record(
+        &mut self,
+        key: &str,
+        seq: Seq,
+        origin: Origin,
+        payload_offset: u64,
+        len: usize,
+    ) {
+        let number = match self.numbers.get(key) {
+            Some(k) => *k,
+            None => {
+                let k = self.out.keys.len() as u32;
+                let name: Arc<str> = Arc::from(key);
+                self.numbers.insert(name.clone(), k);
+                self.out.keys.push(name);
+                self.open_run.push(None);
+                k
+            }
+        };
+        self.digest.add(payload_offset, len as u64);
+        let (Ok(offset), Ok(len)) = (u32::try_from(payload_offset), u32::try_from(len)) else {
+            self.too_big = true;
+            return;
+        };
+        let runs = &mut self.out.runs;
+        let run = self.open_run[number as usize]
+            .filter(|&r| runs[r].first + runs[r].at.len() as u64 == seq);
+        match run {
+            Some(r) => runs[r].at.push((offset, len)),
+            None => {
+                self.open_run[number as usize] = Some(runs.len());
+                runs.push(Run {
+                    key: number,
+                    first: seq,
+                    at: vec![(offset, len)],
+                });
+            }
+        }
+        if origin != Origin::Send {
+            self.out.moved.push((number, seq, origin));
+        }
+    }
+
+    /// The sidecar of a segment of `segment_len` bytes, if it can be listed.
+    pub(crate) fn finish(self, segment_len: u64) -> Option<Sidecar> {
+        if self.too_big || self.digest.records == 0 {
+            return None;
+        }
+        Some(Sidecar {
+            segment_len,
+            segment_crc: self.crc.finalize(),
+            records: self.digest.records,
+            digest: self.digest.sum,
+            ..self.out
+        })
+    }
+}
+
 impl Sidecar {
     /// Reads segment `id` of `dir` and describes it; `None` if a record of it is damaged
     /// (recovery reports that, not this) or it cannot be described (over 4 GiB).
@@ -92,61 +172,27 @@ impl Sidecar {
         let path = segment_path(dir, id);
         let file = File::open(&path).map_err(|e| Error::storage(&path, e))?;
         let segment_len = file.metadata().map_err(|e| Error::storage(&path, e))?.len();
-        if u32::try_from(segment_len).is_err() {
-            return Ok(None);
-        }
-        let mut out = Sidecar {
-            segment_len,
-            ..Sidecar::default()
-        };
-        let mut numbers: Map<Arc<str>, u32> = Map::default();
-        // The run each key is in, by key number.
-        let mut open_run: Vec<Option<usize>> = Vec::new();
-        let mut digest = Digest::default();
+        let mut builder = Builder::default();
         let mut buf = vec![0u8; READ_BUFFER];
         let damaged = scan_segment(&file, &mut buf, |_, payload_offset, record| {
-            let key = match numbers.get(record.key) {
-                Some(k) => *k,
-                None => {
-                    let k = out.keys.len() as u32;
-                    let name: Arc<str> = Arc::from(record.key);
-                    numbers.insert(name.clone(), k);
-                    out.keys.push(name);
-                    open_run.push(None);
-                    k
-                }
-            };
-            let len = record.payload.len() as u64;
-            digest.add(payload_offset, len);
-            let at = (payload_offset as u32, len as u32);
-            let run = open_run[key as usize].filter(|&r| {
-                let run = &out.runs[r];
-                run.first + run.at.len() as u64 == record.seq
-            });
-            match run {
-                Some(r) => out.runs[r].at.push(at),
-                None => {
-                    open_run[key as usize] = Some(out.runs.len());
-                    out.runs.push(Run {
-                        key,
-                        first: record.seq,
-                        at: vec![at],
-                    });
-                }
-            }
-            if record.origin != Origin::Send {
-                out.moved.push((key, record.seq, record.origin));
-            }
+            builder.record(
+                record.key,
+                record.seq,
+                record.origin,
+                payload_offset,
+                record.payload.len(),
+            );
             Ok(())
         })
         .map_err(|e| e.at(&path))?;
         if damaged.is_some() {
             return Ok(None);
         }
-        out.records = digest.records;
-        out.digest = digest.sum;
-        out.segment_crc = crc_of(&file, &path)?;
-        Ok(Some(out))
+        let crc = crc_of(&file, &path)?;
+        Ok(builder.finish(segment_len).map(|s| Sidecar {
+            segment_crc: crc,
+            ..s
+        }))
     }
 
     fn encode(&self) -> Vec<u8> {

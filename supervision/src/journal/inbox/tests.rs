@@ -551,3 +551,21 @@ fn damage_in_a_closed_segment_with_a_sidecar_is_corruption_naming_it() {
     assert!(text.contains(&path.display().to_string()), "{text}");
     assert!(text.contains("closed segment"), "{text}");
 }
+
+#[test]
+fn a_sidecar_built_while_writing_equals_one_built_by_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let _marks = with_sidecars(dir.path());
+    let ids = sidecars(dir.path());
+    assert!(!ids.is_empty());
+    for id in ids {
+        let len = std::fs::metadata(segment_path(dir.path(), id))
+            .unwrap()
+            .len();
+        let written = super::sidecar::Sidecar::load(dir.path(), id, len).unwrap();
+        let read = super::sidecar::Sidecar::build(dir.path(), id)
+            .unwrap()
+            .unwrap();
+        assert_eq!(written, read, "segment {id}");
+    }
+}
