@@ -189,8 +189,14 @@ impl Inbox {
         }
         st.building.bytes(&crc);
         for ((key, seq, origin, payload), offset) in entries.iter().zip(at.iter()) {
-            st.building
-                .record(key, *seq, *origin, before + offset, payload.len());
+            st.building.record(
+                key,
+                || key.clone(),
+                *seq,
+                *origin,
+                before + offset,
+                payload.len(),
+            );
         }
         for ((key, seq, _, payload), offset) in entries.iter().zip(at) {
             st.memory_bytes += payload.len() as u64;
@@ -256,12 +262,17 @@ impl Inbox {
 
     /// Writes the sidecars of closed segments that have none yet (the journal thread does,
     /// off the append path); a failure only costs a slower open, and is logged.
-    pub(crate) fn write_sidecars(&self) {
+    ///
+    /// Sidecars built while writing are written out; of the segments that need a read to
+    /// build one, at most `builds` are read (the journal thread reads one per tick, so its
+    /// other work never waits for a whole log).
+    pub(crate) fn write_sidecars(&self, builds: usize) {
         let (ready, ids) = {
             let mut st = self.state();
+            let n = st.unindexed.len().min(builds);
             (
                 std::mem::take(&mut st.ready),
-                std::mem::take(&mut st.unindexed),
+                st.unindexed.drain(..n).collect::<Vec<_>>(),
             )
         };
         for (id, built) in ready {
@@ -290,7 +301,14 @@ impl Inbox {
     fn publish_sidecar(&self, id: u64, built: &sidecar::Sidecar) {
         let written = built.write(&self.dir, id, |rename| {
             let st = self.state();
-            st.closed.contains_key(&id) && rename().is_ok()
+            st.closed.contains_key(&id)
+                && match rename() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(segment = id, error = %e, "cannot put the index file of a closed segment in place");
+                        false
+                    }
+                }
         });
         if let Err(e) = written {
             tracing::warn!(segment = id, error = %e, "cannot write the index file of a closed segment");

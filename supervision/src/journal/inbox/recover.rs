@@ -267,7 +267,14 @@ impl<F: FnMut(&str) -> Result<Seq>> Index<F> {
             return Ok(());
         }
         let all: u64 = sized.iter().map(|(_, len)| len).sum();
-        let factor = all as f64 / in_sidecars as f64 * 1.05;
+        // Extrapolated only from a fair sample of the log (as `presize` does); else exact,
+        // and the record-by-record part sizes the rest.
+        let sample = in_sidecars.saturating_mul(PRESIZE_AFTER) >= all;
+        let factor = if sample {
+            all as f64 / in_sidecars as f64 * 1.05
+        } else {
+            1.0
+        };
         let mut counts: Map<usize, usize> = Map::default();
         for (_, sidecar) in sidecars {
             let places = sidecar
@@ -276,7 +283,13 @@ impl<F: FnMut(&str) -> Result<Seq>> Index<F> {
                 .map(|k| self.place(k))
                 .collect::<Result<Vec<_>>>()?;
             for run in &sidecar.runs {
-                *counts.entry(places[run.key as usize]).or_default() += run.at.len();
+                let at = places[run.key as usize];
+                // Only what will be indexed: records after the key's committed seq.
+                let applied = self.keys[at].applied;
+                let acked = applied
+                    .saturating_sub(run.first.saturating_sub(1))
+                    .min(run.at.len() as u64) as usize;
+                *counts.entry(at).or_default() += run.at.len() - acked;
             }
         }
         for (at, n) in counts {
@@ -284,8 +297,7 @@ impl<F: FnMut(&str) -> Result<Seq>> Index<F> {
                 .queue
                 .reserve_exact((n as f64 * factor) as usize);
         }
-        // Sized already: the record-by-record part need not guess again.
-        self.presized = true;
+        self.presized = sample;
         Ok(())
     }
 
@@ -488,6 +500,9 @@ impl Inbox {
             torn,
             pending,
         } = segments;
+        if let Some((id, at, dropped)) = torn {
+            cut_torn_tail(dir, id, at, dropped)?;
+        }
         let report = Recovered {
             unfinished: index.unfinished,
             torn,
@@ -649,12 +664,8 @@ fn index_segments<F: FnMut(&str) -> Result<Seq>>(
         let mut kept = len;
         if let Some(at) = damaged {
             check_torn(&path, &file, id, at, len, newest, marks)?;
-            tracing::warn!(path = %path.display(), offset = at, dropped = len - at, "cutting a torn write at the end of the inbox log");
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(|e| Error::storage(&path, e))?;
-            f.set_len(at).map_err(|e| Error::storage(&path, e))?;
+            // Cut once the whole open has succeeded (`cut_torn_tail`): an open that fails
+            // for another reason leaves the log as it found it.
             out.torn = Some((id, at, len - at));
             kept = at;
         }
@@ -670,6 +681,18 @@ fn index_segments<F: FnMut(&str) -> Result<Seq>>(
     Ok(out)
 }
 
+/// Cuts the torn tail found at `at` off segment `id`, durably.
+fn cut_torn_tail(dir: &Path, id: u64, at: u64, dropped: u64) -> Result<()> {
+    let path = segment_path(dir, id);
+    tracing::warn!(path = %path.display(), offset = at, dropped, "cutting a torn write at the end of the inbox log");
+    let f = OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::storage(&path, e))?;
+    f.set_len(at).map_err(|e| Error::storage(&path, e))?;
+    f.sync_data().map_err(|e| Error::storage(&path, e))
+}
+
 /// Damage at `at` in segment `id` may be cut only if it is a torn tail: in the newest
 /// segment, after its durable position, with no valid record after it.
 fn check_torn(
@@ -681,7 +704,8 @@ fn check_torn(
     newest: Option<u64>,
     marks: &LogMarks,
 ) -> Result<()> {
-    if Some(id) != newest {
+    // A segment the marker lists as closed was synced when it rolled: never torn.
+    if Some(id) != newest || marks.closed.contains_key(&id) {
         return Err(corrupt(
             path,
             format!(

@@ -1,14 +1,17 @@
 //! Index files of closed segments ("sidecars"): `NNN.idx` beside segment `NNN.log` lists
 //! every record of it by key (runs of consecutive seqs with their payload offsets and
-//! lengths) and the records moved in from elsewhere. Recovery builds its index of a segment
-//! from its sidecar instead of parsing and looking up the key of every record, while other
-//! threads still read every record and check its checksum; a sidecar must describe exactly
-//! the records they find (count and a digest of their offsets).
+//! lengths), the records moved in from elsewhere, and the CRC-32 of the whole segment as it
+//! was when the sidecar was made. Recovery builds its index of a segment from its sidecar
+//! instead of parsing and looking up the key of every record, while other threads compute
+//! the segment's CRC-32: when it matches, the segment holds exactly the bytes the sidecar was
+//! made from, so the sidecar's contents are taken as they are (they are covered by its own
+//! checksum); when it does not, the segment is read record by record (damage is corruption;
+//! none means the sidecar is stale, and it is not used).
 //!
-//! A sidecar is only an accelerator, never trusted on its own: one that is missing, damaged,
-//! written for another length of its segment, or not matching what the checks read, is
-//! ignored (and removed) and the segment is scanned as if it had none. The journal thread
-//! writes a segment's sidecar after it closes, from the segment itself.
+//! A sidecar is made while its segment is written (the inbox feeds a [`Builder`] each batch)
+//! and written out by the journal thread after the segment closes, or, for a segment read at
+//! open, made from the segment itself. One that is missing, damaged or made for another
+//! length is ignored and removed; the segment is then read as if it had none.
 
 use std::fs::File;
 use std::io::Write;
@@ -95,9 +98,14 @@ pub(crate) struct Builder {
     open_run: Vec<Option<usize>>,
     digest: Digest,
     crc: crc32fast::Hasher,
-    /// Offsets past 4 GiB cannot be listed: no sidecar then.
+    /// Offsets past 4 GiB cannot be listed, nor more than [`MAX_RUNS`] runs kept in memory:
+    /// no sidecar then (the segment is read record by record at the next open).
     too_big: bool,
 }
+
+/// Runs a sidecar may have (each about 100 bytes while it is built): a segment of many keys
+/// with a message or two each is cheaper to read back than to index in memory.
+pub(crate) const MAX_RUNS: usize = 256 * 1024;
 
 impl Builder {
     /// Adds the CRC of bytes appended to the segment (computed before the inbox's lock is
@@ -106,20 +114,24 @@ impl Builder {
         self.crc.combine(crc);
     }
 
-    /// Adds one record.
+    /// Adds one record; `owned` makes the key's shared name the first time it is met.
     pub(crate) fn record(
         &mut self,
         key: &str,
+        owned: impl FnOnce() -> Arc<str>,
         seq: Seq,
         origin: Origin,
         payload_offset: u64,
         len: usize,
     ) {
+        if self.too_big {
+            return;
+        }
         let number = match self.numbers.get(key) {
             Some(k) => *k,
             None => {
                 let k = self.out.keys.len() as u32;
-                let name: Arc<str> = Arc::from(key);
+                let name = owned();
                 self.numbers.insert(name.clone(), k);
                 self.out.keys.push(name);
                 self.open_run.push(None);
@@ -136,6 +148,7 @@ impl Builder {
             .filter(|&r| runs[r].first + runs[r].at.len() as u64 == seq);
         match run {
             Some(r) => runs[r].at.push((offset, len)),
+            None if runs.len() >= MAX_RUNS => self.too_big = true,
             None => {
                 self.open_run[number as usize] = Some(runs.len());
                 runs.push(Run {
@@ -177,6 +190,7 @@ impl Sidecar {
         let damaged = scan_segment(&file, &mut buf, |_, payload_offset, record| {
             builder.record(
                 record.key,
+                || Arc::from(record.key),
                 record.seq,
                 record.origin,
                 payload_offset,

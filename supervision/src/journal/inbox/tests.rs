@@ -437,7 +437,7 @@ fn with_sidecars(dir: &Path) -> LogMarks {
                 .unwrap();
         }
     }
-    inbox.write_sidecars();
+    inbox.write_sidecars(usize::MAX);
     crash(inbox)
 }
 
@@ -568,4 +568,30 @@ fn a_sidecar_built_while_writing_equals_one_built_by_reading() {
             .unwrap();
         assert_eq!(written, read, "segment {id}");
     }
+}
+
+#[test]
+fn damage_at_the_end_of_a_segment_the_marker_lists_as_closed_is_never_cut() {
+    // A roll with nothing appended after it (an erasure's `roll`): the newest segment
+    // holding data is closed, synced when it rolled. Damage at its end is not a torn write.
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    inbox
+        .append(&[entry("a", 1, b"x"), entry("a", 2, b"acknowledged")], true)
+        .unwrap();
+    assert!(inbox.roll_now().unwrap());
+    let marks = crash(inbox);
+    let path = segment_path(dir.path(), 1);
+    assert!(marks.closed.contains_key(&1));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+    let text = err_text(open_with(dir.path(), &marks, 0));
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len() as usize,
+        last + 1,
+        "nothing was cut"
+    );
 }

@@ -460,7 +460,6 @@ fn spawn_background(inner: std::sync::Weak<Inner>, durability: Durability) -> Ar
                 if inner.closed.load(Ordering::Acquire) {
                     return;
                 }
-                inner.inbox.write_sidecars();
                 let mut result = inner.flush_if_staged();
                 if let Some(every) = sync_every
                     && last_sync.elapsed() >= every
@@ -475,6 +474,8 @@ fn spawn_background(inner: std::sync::Weak<Inner>, durability: Durability) -> Ar
                 if let Err(e) = result {
                     tracing::error!(path = %inner.path.display(), error = %e, "journal background work failed");
                 }
+                // Last, and one segment read at most: the rest waits for the next tick.
+                inner.inbox.write_sidecars(1);
             }
         });
     let thread = match spawned {

@@ -446,8 +446,9 @@ impl Inner {
     pub(super) fn close(&self) -> Result<()> {
         self.flush()?;
         self.inbox.sync()?;
-        // The next open reads what it can from sidecars.
-        self.inbox.write_sidecars();
+        // The next open reads what it can from sidecars (those built while writing: a close
+        // never waits for segments to be read).
+        self.inbox.write_sidecars(0);
         self.closed.store(true, Ordering::Release);
         self.mark_with(true)
     }
