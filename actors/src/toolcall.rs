@@ -266,6 +266,16 @@ impl DurableActor for ToolCallActor {
 }
 
 impl ToolCallActor {
+    /// Whether `tenant` exists and its erasure has not begun, read now.
+    async fn tenant_live(&self, tenant: &str) -> std::result::Result<bool, HandlerError> {
+        let live = self
+            .tenants
+            .erasing(tenant)
+            .await
+            .map_err(HandlerError::new)?;
+        Ok(live == Some(false))
+    }
+
     async fn on(
         &self,
         key: &str,
@@ -287,12 +297,7 @@ impl ToolCallActor {
                 );
                 s.request = Some(req.clone());
                 if self.tools.get(&req.tool).is_none() {
-                    let live = self
-                        .tenants
-                        .erasing(tenant)
-                        .await
-                        .map_err(HandlerError::new)?;
-                    if live != Some(false) {
+                    if !self.tenant_live(tenant).await? {
                         *s = ToolCallState::default();
                         return Ok(());
                     }
@@ -345,12 +350,7 @@ impl ToolCallActor {
                 if matches!(s.status, Some(CallStatus::Awaiting { .. })) {
                     // Read when handled: an approval that lands once the tenant's erasure
                     // began runs nothing (the erasure forgets the call).
-                    let live = self
-                        .tenants
-                        .erasing(tenant)
-                        .await
-                        .map_err(HandlerError::new)?;
-                    if live != Some(false) {
+                    if !self.tenant_live(tenant).await? {
                         *s = ToolCallState::default();
                         return Ok(());
                     }

@@ -12,33 +12,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 use soma_actors::{
-    CallRequest, Error, EventKind, Invocation, Persona, Principal, PrincipalKind, SessionEvent,
-    TenantSettings, Tool, ToolError, ToolUse, TurnEnd,
+    CallRequest, Error, Invocation, Persona, Principal, PrincipalKind, TenantSettings, Tool,
+    ToolError, TurnEnd,
 };
 
-use common::{MODEL, Node};
-
-fn persona(tools: &[&str]) -> Persona {
-    Persona {
-        model: MODEL.into(),
-        tools: tools.iter().map(|t| t.to_string()).collect(),
-        tool_use: ToolUse::FirstStep,
-        max_steps: 1,
-        max_tokens_per_turn: 24,
-        system_prompt: "You are a helpful assistant with a long-term memory.".into(),
-        ..Persona::default()
-    }
-}
-
-fn ended(events: &[SessionEvent]) -> TurnEnd {
-    events
-        .iter()
-        .find_map(|e| match &e.kind {
-            EventKind::TurnEnded { end } => Some(end.clone()),
-            _ => None,
-        })
-        .expect("the turn ended")
-}
+use common::{MODEL, Node, ended, persona};
 
 fn request(tool: &str, arguments: Value) -> CallRequest {
     CallRequest {

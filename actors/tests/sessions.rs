@@ -6,33 +6,9 @@
 mod common;
 
 use serde_json::Value;
-use soma_actors::{
-    Error, EventKind, Persona, SessionEvent, TenantSettings, ToolUse, TurnEnd, Update,
-};
+use soma_actors::{Error, EventKind, SessionEvent, TenantSettings, TurnEnd, Update};
 
-use common::{MODEL, Node};
-
-fn persona(tools: &[&str]) -> Persona {
-    Persona {
-        model: MODEL.into(),
-        tools: tools.iter().map(|t| t.to_string()).collect(),
-        tool_use: ToolUse::FirstStep,
-        max_steps: 1,
-        max_tokens_per_turn: 24,
-        system_prompt: "You are a helpful assistant with a long-term memory.".into(),
-        ..Persona::default()
-    }
-}
-
-fn ended(events: &[SessionEvent]) -> TurnEnd {
-    events
-        .iter()
-        .find_map(|e| match &e.kind {
-            EventKind::TurnEnded { end } => Some(end.clone()),
-            _ => None,
-        })
-        .expect("the turn ended")
-}
+use common::{MODEL, Node, ended, persona};
 
 fn tool_result(events: &[SessionEvent]) -> (String, Value) {
     events

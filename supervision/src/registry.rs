@@ -731,13 +731,7 @@ impl<A: DurableActor> Registry<A> {
             .journal
             .discard_dead_letter(&jkey, seq, epoch)
             .await
-            .map_err(|e| match e {
-                Error::NoSuchDeadLetter { seq, .. } => Error::NoSuchDeadLetter {
-                    key: key.to_string(),
-                    seq,
-                },
-                other => other,
-            })
+            .map_err(named_for(key))
     }
 
     /// Removes every dead letter of the keys that start with `prefix`; returns how many.
@@ -800,13 +794,7 @@ impl<A: DurableActor> Registry<A> {
             .journal
             .redrive(&entry.jkey, seq, epoch)
             .await
-            .map_err(|e| match e {
-                Error::NoSuchDeadLetter { seq, .. } => Error::NoSuchDeadLetter {
-                    key: key.to_string(),
-                    seq,
-                },
-                other => other,
-            })?;
+            .map_err(named_for(key))?;
         shared.arrived_outside(&entry, new_seq, None);
         Ok(new_seq)
     }
@@ -877,5 +865,16 @@ impl<A: DurableActor> Registry<A> {
     /// unhandled messages stay in the journal.
     pub async fn stop(&self) {
         self.shared.stop().await;
+    }
+}
+
+/// A missing dead letter named by the registry's key (the journal names its own key).
+fn named_for(key: &str) -> impl FnOnce(Error) -> Error + '_ {
+    move |e| match e {
+        Error::NoSuchDeadLetter { seq, .. } => Error::NoSuchDeadLetter {
+            key: key.to_string(),
+            seq,
+        },
+        other => other,
     }
 }

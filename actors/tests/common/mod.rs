@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use soma_actors::{
-    Memory, RecallTool, RememberTool, RetryPolicy, SessionDeps, Sessions, Tenants, Tool, ToolCalls,
-    ToolRegistry,
+    EventKind, Memory, Persona, RecallTool, RememberTool, RetryPolicy, SessionDeps, SessionEvent,
+    Sessions, Tenants, Tool, ToolCalls, ToolRegistry, ToolUse, TurnEnd,
 };
 use soma_adapters::{EdgeVectors, SledEpisodic, SledLog};
 use soma_inference::{
@@ -139,4 +139,28 @@ impl Node {
             events,
         }
     }
+}
+
+/// A persona of the test model with `tools`, one tool step, 24 tokens a turn.
+pub(crate) fn persona(tools: &[&str]) -> Persona {
+    Persona {
+        model: MODEL.into(),
+        tools: tools.iter().map(|t| t.to_string()).collect(),
+        tool_use: ToolUse::FirstStep,
+        max_steps: 1,
+        max_tokens_per_turn: 24,
+        system_prompt: "You are a helpful assistant with a long-term memory.".into(),
+        ..Persona::default()
+    }
+}
+
+/// How the turn whose events are `events` ended.
+pub(crate) fn ended(events: &[SessionEvent]) -> TurnEnd {
+    events
+        .iter()
+        .find_map(|e| match &e.kind {
+            EventKind::TurnEnded { end } => Some(end.clone()),
+            _ => None,
+        })
+        .expect("the turn ended")
 }
