@@ -20,7 +20,6 @@ mod tests;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -123,9 +122,12 @@ pub(crate) struct Appended {
 
 fn create_segment(dir: &Path, path: &Path) -> Result<File> {
     let io = |e: std::io::Error| Error::storage(path, e);
+    // Written at explicit offsets (not `O_APPEND`): a batch always lands where the index
+    // says, even after a failed write whose cut-back failed too.
     let f = OpenOptions::new()
         .create(true)
-        .append(true)
+        .write(true)
+        .truncate(false)
         .open(path)
         .map_err(io)?;
     // The new file's directory entry must survive a crash too.
@@ -173,7 +175,7 @@ impl Inbox {
         let before = st.active_len;
         let written = st
             .active
-            .write_all(&buf)
+            .write_all_at(&buf, before)
             .and_then(|()| if sync { st.active.sync_data() } else { Ok(()) });
         if let Err(e) = written {
             // Nothing of a failed batch may stay: cut the file back. (After a failed fsync the
@@ -235,7 +237,12 @@ impl Inbox {
     /// Closes the active segment (synced) and starts the next one.
     fn roll(&self, st: &mut State) -> Result<()> {
         let old = st.active_id;
-        st.active.sync_data().map_err(|e| self.io(old, e))?;
+        // Whatever a failed write left past the indexed end goes (a no-op otherwise): a
+        // closed segment is exactly as long as the marker will say.
+        st.active
+            .set_len(st.active_len)
+            .and_then(|()| st.active.sync_data())
+            .map_err(|e| self.io(old, e))?;
         let id = old.checked_add(1).ok_or_else(|| Error::Corrupt {
             path: segment_path(&self.dir, old),
             detail: "segment number out of range".into(),

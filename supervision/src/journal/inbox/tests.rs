@@ -595,3 +595,25 @@ fn damage_at_the_end_of_a_segment_the_marker_lists_as_closed_is_never_cut() {
         "nothing was cut"
     );
 }
+
+#[test]
+fn a_batch_lands_where_the_index_says_even_past_leftover_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = fresh(dir.path());
+    inbox.append(&[entry("a", 1, b"one")], true).unwrap();
+    // What a failed write whose cut-back failed too leaves past the indexed end.
+    let path = segment_path(dir.path(), 1);
+    {
+        use std::io::Write;
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"garbage").unwrap();
+    }
+    inbox
+        .append(&[entry("a", 2, b"two, written over it")], true)
+        .unwrap();
+    let marks = crash(inbox);
+    let (inbox, _) = open_with(dir.path(), &marks, 0).unwrap();
+    let a = inbox.pending("a", 1, 10).unwrap();
+    assert_eq!(a.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(&*a[1].payload, b"two, written over it");
+}
