@@ -56,12 +56,12 @@ impl DurableActor for DirectoryActor {
         match msg {
             DirectoryMsg::OpenSession { id, limit } => {
                 // Read when handled: once the tenant's erasure began, nothing opens.
-                let live = self
+                if !self
                     .tenants
-                    .erasing(ctx.key())
+                    .is_live(ctx.key())
                     .await
-                    .map_err(HandlerError::new)?;
-                if live != Some(false) {
+                    .map_err(HandlerError::new)?
+                {
                     return Ok(());
                 }
                 if s.open.contains(&id) || s.open.len() < limit as usize {
@@ -113,12 +113,7 @@ impl Directory {
     pub(crate) async fn clear(&self, tenant: &str) -> Result<()> {
         let seq = self.registry.send(tenant, &DirectoryMsg::Clear).await?;
         self.registry.wait_handled(tenant, seq).await?;
-        for letter in self.registry.dead_letters(Some(tenant)).await? {
-            match self.registry.discard_dead_letter(tenant, letter.seq).await {
-                Ok(()) | Err(soma_supervision::Error::NoSuchDeadLetter { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.registry.discard_dead_letters(tenant).await?;
         Ok(())
     }
 }

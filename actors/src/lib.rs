@@ -13,6 +13,7 @@ mod audit;
 mod constitution;
 mod directory;
 mod error;
+mod forget;
 mod session;
 mod tenant;
 mod toolcall;

@@ -395,6 +395,11 @@ impl Tenants {
         Ok(s.exists.then_some(s.erasing))
     }
 
+    /// Whether tenant `id` exists and its erasure has not begun, read now.
+    pub(crate) async fn is_live(&self, id: &str) -> Result<bool> {
+        Ok(self.erasing(id).await? == Some(false))
+    }
+
     /// Begins erasing `id`: from when this returns it accepts nothing and every API says
     /// "not found"; work that passed a decision before may still finish.
     pub(crate) async fn begin_erase(&self, id: &str) -> Result<()> {
@@ -403,20 +408,12 @@ impl Tenants {
 
     /// Forgets the usage by day of `id` (once its erasure began); returns how many days.
     pub(crate) async fn erase_usage(&self, id: &str) -> Result<u64> {
-        let mut held = 0;
-        for key in self.usage.keys(&format!("{id}/")).await? {
-            if self.usage.state(&key).await? != crate::usage::DayUsage::default() {
-                held += 1;
-            }
-            let seq = self.usage.send(&key, &UsageMsg::Erase).await?;
-            self.usage.wait_handled(&key, seq).await?;
-            // Its retention timer would wake it again.
-            self.usage.discard_timers(&key).await?;
-        }
-        self.usage
-            .discard_dead_letters_under(&format!("{id}/"))
-            .await?;
-        Ok(held)
+        // Each day's retention timer goes with it.
+        let prefix = format!("{id}/");
+        crate::forget::forget_keys(&self.usage, &prefix, &UsageMsg::Erase, |s| {
+            *s != crate::usage::DayUsage::default()
+        })
+        .await
     }
 
     /// Forgets tenant `id` (settings, constitution, per-model usage) and its dead letters;
@@ -424,13 +421,7 @@ impl Tenants {
     pub(crate) async fn erase(&self, id: &str) -> Result<()> {
         check_id(id)?;
         // First: once the tenant is gone, an erasure cannot be run again to finish this.
-        // Exactly `id`: other tenants' ids may start with it.
-        for letter in self.registry.dead_letters(Some(id)).await? {
-            match self.registry.discard_dead_letter(id, letter.seq).await {
-                Ok(()) | Err(soma_supervision::Error::NoSuchDeadLetter { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.registry.discard_dead_letters(id).await?;
         self.apply(id, TenantMsg::Erase).await
     }
 

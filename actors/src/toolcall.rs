@@ -17,10 +17,9 @@ use soma_supervision::{Context, DurableActor, HandlerError, Registry, RegistryOp
 use tracing::Instrument;
 
 use crate::constitution::{Action, Decision, Principal};
-use futures_util::{StreamExt, TryStreamExt};
-
 use crate::directory::Directory;
 use crate::error::{Error, Result};
+use crate::forget::forget_keys;
 use crate::tenant::{Tenants, check_id, check_id_upto};
 use crate::tools::{Invocation, ToolError, ToolErrorKind, ToolRegistry};
 
@@ -97,9 +96,6 @@ pub enum ToolCallMsg {
     /// Forgets the call (its tenant is erased).
     Erase,
 }
-
-/// Calls erased at once when a tenant is erased.
-const ERASE_PARALLELISM: usize = 16;
 
 /// How failed runs are retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,12 +264,10 @@ impl DurableActor for ToolCallActor {
 impl ToolCallActor {
     /// Whether `tenant` exists and its erasure has not begun, read now.
     async fn tenant_live(&self, tenant: &str) -> std::result::Result<bool, HandlerError> {
-        let live = self
-            .tenants
-            .erasing(tenant)
+        self.tenants
+            .is_live(tenant)
             .await
-            .map_err(HandlerError::new)?;
-        Ok(live == Some(false))
+            .map_err(HandlerError::new)
     }
 
     async fn on(
@@ -481,25 +475,16 @@ impl ToolCalls {
     /// handled after the call's running message, so nothing it does lands afterwards.
     pub(crate) async fn erase_tenant(&self, tenant: &str) -> Result<u64> {
         let prefix = format!("{tenant}/");
-        let keys = self.registry.keys(&prefix).await?;
-        let erased = futures_util::stream::iter(keys)
-            .map(|key: String| async move {
-                let held = self.registry.state(&key).await?.request.is_some();
-                let seq = self.registry.send(&key, &ToolCallMsg::Erase).await?;
-                self.registry.wait_handled(&key, seq).await?;
-                Ok::<_, Error>(u64::from(held))
-            })
-            .buffer_unordered(ERASE_PARALLELISM)
-            .try_fold(0, |n, held| async move { Ok(n + held) })
-            .await?;
-        self.registry.discard_dead_letters_under(&prefix).await?;
-        Ok(erased)
+        forget_keys(&self.registry, &prefix, &ToolCallMsg::Erase, |s| {
+            s.request.is_some()
+        })
+        .await
     }
 
     /// The dead letters of `tenant`'s calls.
     pub async fn dead_letters(&self, tenant: &str) -> Result<Vec<soma_supervision::DeadLetter>> {
         check_id(tenant)?;
-        if self.tenants.erasing(tenant).await? != Some(false) {
+        if !self.tenants.is_live(tenant).await? {
             return Err(Error::NotFound {
                 what: "tenant",
                 id: tenant.to_string(),
@@ -542,25 +527,21 @@ impl ToolCalls {
         self.live_tenant(tenant, id).await?;
         let seq = self.registry.send(&key, &ToolCallMsg::Run(req)).await?;
         self.settle(&key, seq).await?;
-        // Nothing of a tenant whose erasure began meanwhile is returned.
-        if self.tenants.erasing(tenant).await? != Some(false) {
+        let read = self.read(&key, id).await;
+        // Nothing of a tenant whose erasure began meanwhile is returned (and nothing was
+        // recorded for a run handled after it began).
+        if !self.tenants.is_live(tenant).await? {
             return Err(Error::NotFound {
                 what: "tenant",
                 id: tenant.to_string(),
             });
         }
-        match self.read(&key, id).await {
-            // Handled, and nothing recorded: its tenant does not exist (or is being erased),
-            // or the run failed too often (a panic, a crash) and is in the dead letters.
-            Err(Error::NotFound { .. }) if self.tenants.erasing(tenant).await? == Some(false) => {
-                Err(Error::DeadLettered {
-                    what: "tool call",
-                    id: id.to_string(),
-                })
-            }
-            Err(Error::NotFound { .. }) => Err(Error::NotFound {
-                what: "tenant",
-                id: tenant.to_string(),
+        match read {
+            // Handled and nothing recorded, its tenant live: the run failed too often (a
+            // panic, a crash) and is in the dead letters.
+            Err(Error::NotFound { .. }) => Err(Error::DeadLettered {
+                what: "tool call",
+                id: id.to_string(),
             }),
             other => other,
         }
@@ -602,7 +583,7 @@ impl ToolCalls {
 
     /// Nothing of a tenant being erased is found.
     async fn live_tenant(&self, tenant: &str, id: &str) -> Result<()> {
-        if self.tenants.erasing(tenant).await? == Some(false) {
+        if self.tenants.is_live(tenant).await? {
             Ok(())
         } else {
             Err(Error::NotFound {

@@ -720,13 +720,19 @@ impl<A: DurableActor> Registry<A> {
         Ok(letters)
     }
 
+    /// `key`'s journal key and the epoch this runtime owns its range at.
+    fn owned(&self, key: &str) -> Result<(Arc<str>, crate::Epoch)> {
+        check_key(key)?;
+        let kind = &self.shared.kind;
+        let jkey = journal_key(&kind.name, key);
+        let epoch = kind.owner.require(&jkey)?;
+        Ok((jkey, epoch))
+    }
+
     /// Removes dead letter `seq` of `key` for good.
     pub async fn discard_dead_letter(&self, key: &str, seq: Seq) -> Result<()> {
-        check_key(key)?;
-        let shared = &self.shared;
-        let jkey = journal_key(&shared.kind.name, key);
-        let epoch = shared.kind.owner.require(&jkey)?;
-        shared
+        let (jkey, epoch) = self.owned(key)?;
+        self.shared
             .kind
             .journal
             .discard_dead_letter(&jkey, seq, epoch)
@@ -734,12 +740,28 @@ impl<A: DurableActor> Registry<A> {
             .map_err(named_for(key))
     }
 
+    /// Removes every dead letter of `key`; returns how many.
+    pub async fn discard_dead_letters(&self, key: &str) -> Result<u64> {
+        check_key(key)?;
+        let jkey = journal_key(&self.shared.kind.name, key);
+        // The journal matches by prefix: `k1` would also list `k10`.
+        self.discard_letters(&jkey, |k| k == &*jkey).await
+    }
+
     /// Removes every dead letter of the keys that start with `prefix`; returns how many.
     pub async fn discard_dead_letters_under(&self, prefix: &str) -> Result<u64> {
+        let jprefix = format!("{}{prefix}", namespace(&self.shared.kind.name));
+        self.discard_letters(&jprefix, |_| true).await
+    }
+
+    /// Removes the dead letters under journal prefix `jprefix` whose key is `wanted`.
+    async fn discard_letters(&self, jprefix: &str, wanted: impl Fn(&str) -> bool) -> Result<u64> {
         let kind = &self.shared.kind;
-        let jprefix = format!("{}{prefix}", namespace(&kind.name));
         let mut n = 0;
-        for letter in kind.journal.dead_letters(&jprefix).await? {
+        for letter in kind.journal.dead_letters(jprefix).await? {
+            if !wanted(&letter.key) {
+                continue;
+            }
             let epoch = kind.owner.require(&letter.key)?;
             match kind
                 .journal
@@ -758,11 +780,8 @@ impl<A: DurableActor> Registry<A> {
     /// Removes every stored timer of `key` (a timer already firing may still deliver its
     /// message); returns how many.
     pub async fn discard_timers(&self, key: &str) -> Result<u64> {
-        check_key(key)?;
-        let shared = &self.shared;
-        let jkey = journal_key(&shared.kind.name, key);
-        let epoch = shared.kind.owner.require(&jkey)?;
-        shared.kind.journal.discard_timers(&jkey, epoch).await
+        let (jkey, epoch) = self.owned(key)?;
+        self.shared.kind.journal.discard_timers(&jkey, epoch).await
     }
 
     /// Every key of this registry that starts with `prefix` and has a committed state or
@@ -771,12 +790,13 @@ impl<A: DurableActor> Registry<A> {
         let kind = &self.shared.kind;
         let namespace = namespace(&kind.name);
         let jprefix = format!("{namespace}{prefix}");
+        let ranges: Vec<KeyRange> = kind.owner.held().into_iter().map(|(r, _)| r).collect();
         let mut out = std::collections::BTreeSet::new();
-        for (range, _) in kind.owner.held() {
-            // Pending first: a key that commits in between is then listed as committed.
+        // Pending first: a key that commits in between is then listed as committed.
+        for &range in &ranges {
             out.extend(kind.journal.keys_with_pending(range, &jprefix).await?);
-            out.extend(kind.journal.keys_with_state(range, &jprefix).await?);
         }
+        out.extend(kind.journal.keys_with_state(&ranges, &jprefix).await?);
         Ok(out
             .into_iter()
             .filter_map(|k| k.strip_prefix(namespace.as_str()).map(str::to_string))

@@ -19,15 +19,11 @@
 //! Cut by a crash anywhere, running it again finishes it: the mark stays until the very
 //! last step.
 
-use futures_util::{StreamExt, TryStreamExt};
-
 use super::{SessionMsg, Sessions};
 use crate::error::{Error, Result};
+use crate::forget::forget_keys;
 use crate::tenant::check_id;
 use crate::toolcall::now_ms;
-
-/// Sessions erased at once.
-const PARALLELISM: usize = 16;
 
 /// What an erasure removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -78,18 +74,8 @@ impl Sessions {
         }
         let mut report = ErasureReport::default();
         let prefix = format!("{tenant}/");
-        let keys = self.registry.keys(&prefix).await?;
-        report.sessions = futures_util::stream::iter(keys)
-            .map(|key: String| async move {
-                let held = self.registry.state(&key).await?.exists;
-                let seq = self.registry.send(&key, &SessionMsg::Erase).await?;
-                self.registry.wait_handled(&key, seq).await?;
-                Ok::<_, Error>(u64::from(held))
-            })
-            .buffer_unordered(PARALLELISM)
-            .try_fold(0, |n, held| async move { Ok(n + held) })
-            .await?;
-        self.registry.discard_dead_letters_under(&prefix).await?;
+        report.sessions =
+            forget_keys(&self.registry, &prefix, &SessionMsg::Erase, |s| s.exists).await?;
         report.tool_calls = deps.tool_calls.erase_tenant(tenant).await?;
         report.history_entries = deps.episodic.erase_tenant(tenant).await?;
         if let Some(memory) = &deps.memory {

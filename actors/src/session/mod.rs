@@ -406,10 +406,10 @@ impl DurableActor for SessionActor {
                     .shared
                     .deps
                     .tenants
-                    .erasing(tenant)
+                    .is_live(tenant)
                     .await
                     .map_err(HandlerError::new)?;
-                if !s.exists && live == Some(false) {
+                if !s.exists && live {
                     *s = SessionState {
                         exists: true,
                         user,
@@ -574,8 +574,7 @@ impl Sessions {
         let key = Self::key(tenant, id)?;
         let s = self.registry.state(&key).await?;
         // A tenant being erased has nothing any more, even before its sessions are reached.
-        if s.exists && !s.deleted && self.shared.deps.tenants.erasing(tenant).await? == Some(false)
-        {
+        if s.exists && !s.deleted && self.shared.deps.tenants.is_live(tenant).await? {
             Ok((key, s))
         } else {
             Err(Error::NotFound {
@@ -772,7 +771,7 @@ impl Sessions {
     pub async fn delete(&self, tenant: &str, id: &str) -> Result<()> {
         let key = Self::key(tenant, id)?;
         let before = self.registry.state(&key).await?;
-        if !before.exists || self.shared.deps.tenants.erasing(tenant).await? != Some(false) {
+        if !before.exists || !self.shared.deps.tenants.is_live(tenant).await? {
             return Err(Error::NotFound {
                 what: "session",
                 id: id.to_string(),

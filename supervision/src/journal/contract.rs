@@ -444,7 +444,7 @@ where
     let listed = |j: Arc<dyn Journal>, prefix: &'static str| async move {
         let mut out = Vec::new();
         for r in 0..j.ranges() {
-            let in_range = j.keys_with_state(KeyRange(r), prefix).await.unwrap();
+            let in_range = j.keys_with_state(&[KeyRange(r)], prefix).await.unwrap();
             for k in &in_range {
                 assert_eq!(j.range_of(k), KeyRange(r), "{k} listed in another range");
             }

@@ -211,12 +211,12 @@ pub trait Journal: Send + Sync + std::fmt::Debug + 'static {
     /// Keys of `range` starting with `prefix` that have unacknowledged inbox entries.
     async fn keys_with_pending(&self, range: KeyRange, prefix: &str) -> Result<Vec<String>>;
 
-    /// Keys of `range` starting with `prefix` that have a committed state (whatever state:
+    /// Keys of `ranges` starting with `prefix` that have a committed state (whatever state:
     /// an actor reset to its initial state is listed too). With
     /// [`keys_with_pending`](Journal::keys_with_pending) it lists every key a registry has,
     /// when pending keys are listed first: a key only ever moves from pending to committed,
     /// so one that commits in between is found by the second call.
-    async fn keys_with_state(&self, range: KeyRange, prefix: &str) -> Result<Vec<String>>;
+    async fn keys_with_state(&self, ranges: &[KeyRange], prefix: &str) -> Result<Vec<String>>;
 
     /// Removes dead letter (`key`, `seq`) for good; [`Error::NoSuchDeadLetter`](crate::Error::NoSuchDeadLetter)
     /// if there is none.

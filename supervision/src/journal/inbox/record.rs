@@ -33,7 +33,12 @@ pub(crate) fn segment_path(dir: &Path, id: u64) -> PathBuf {
 
 /// The segment id of a file name, if it is a segment.
 pub(crate) fn segment_id(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(".log")?;
+    numbered(name, ".log")
+}
+
+/// The number of a file named by [`segment_path`]'s pattern with extension `ext`.
+pub(crate) fn numbered(name: &str, ext: &str) -> Option<u64> {
+    let digits = name.strip_suffix(ext)?;
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
         .then(|| digits.parse().ok())
         .flatten()

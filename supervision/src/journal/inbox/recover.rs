@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use super::plan::{file_len, list_segments, plan};
 use super::record::{Origin, READ_BUFFER, next_valid, scan_segment, segment_path};
-use super::sidecar::{self, Sidecar, check_in_threads, file_name, list_sidecars, sidecar_id};
+use super::sidecar::{self, Sidecar, check_in_threads, file_name, sidecar_id};
 use super::{Inbox, LogMarks, Map, Pending, State, corrupt, create_segment, sync_dir};
 use crate::error::{Error, Result};
 use crate::journal::Seq;
@@ -285,10 +285,7 @@ impl<F: FnMut(&str) -> Result<Seq>> Index<F> {
             for run in &sidecar.runs {
                 let at = places[run.key as usize];
                 // Only what will be indexed: records after the key's committed seq.
-                let applied = self.keys[at].applied;
-                let acked = applied
-                    .saturating_sub(run.first.saturating_sub(1))
-                    .min(run.at.len() as u64) as usize;
+                let acked = run.acknowledged(self.keys[at].applied);
                 *counts.entry(at).or_default() += run.at.len() - acked;
             }
         }
@@ -317,24 +314,22 @@ impl<F: FnMut(&str) -> Result<Seq>> Index<F> {
         for run in &sidecar.runs {
             let scan = &mut self.keys[places[run.key as usize]];
             // Acknowledged ones are skipped; the rest must continue the key's sequence.
-            let skip = scan
-                .applied
-                .saturating_sub(run.first.saturating_sub(1))
-                .min(run.at.len() as u64);
-            let first = run.first + skip;
-            if (skip as usize) < run.at.len() && first != scan.next {
+            let skip = run.acknowledged(scan.applied);
+            let first = run.first + skip as u64;
+            if skip < run.at.len() && first != scan.next {
                 let key = &scan.key;
                 let expected = scan.next;
                 return Err(corrupt(
                     path,
                     format!(
-                        "key {key:?}: seq {first} follows {}: messages {expected}..={} are                          missing (from its index file)",
+                        "key {key:?}: seq {first} follows {}: messages {expected}..={} are \
+                         missing (from its index file)",
                         expected - 1,
                         first.saturating_sub(1)
                     ),
                 ));
             }
-            let rest = &run.at[skip as usize..];
+            let rest = &run.at[skip..];
             for (i, &(offset, len)) in rest.iter().enumerate() {
                 scan.queue.push_back(Pending {
                     seq: first + i as u64,
@@ -396,9 +391,7 @@ impl Inbox {
                 // A sidecar that passed its checksum but not the check against its segment:
                 // never trusted, so read every segment instead.
                 tracing::warn!(path = %path.display(), %detail, "an index file does not match its segment: reading the segments instead");
-                for id in list_sidecars(dir)? {
-                    sidecar::remove(dir, id);
-                }
+                sidecar::sweep(dir, |_| false)?;
                 Self::open_with(dir, marks, segment_bytes, &mut applied, false)
             }
             other => other,
@@ -568,18 +561,7 @@ impl Inbox {
             .filter(|id| live.get(id).is_some_and(|n| *n > 0))
             .filter(|id| !sidecars.iter().any(|(s, _)| s == id))
             .collect();
-        for entry in std::fs::read_dir(dir).map_err(|e| Error::storage(dir, e))? {
-            let Ok(entry) = entry else { continue };
-            let name = entry.file_name().to_string_lossy().into_owned();
-            match sidecar_id(&name) {
-                Some(id) if live.get(&id).is_some_and(|n| *n > 0) => {}
-                Some(id) => sidecar::remove(dir, id),
-                None if name.ends_with(".idx.tmp") => {
-                    let _ = std::fs::remove_file(entry.path());
-                }
-                None => {}
-            }
-        }
+        sidecar::sweep(dir, |id| live.get(&id).is_some_and(|n| *n > 0))?;
         Ok((
             Self {
                 dir: dir.to_path_buf(),

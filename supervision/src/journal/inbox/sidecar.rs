@@ -21,7 +21,7 @@ use std::sync::Arc;
 use super::super::Seq;
 use super::Map;
 use super::corrupt;
-use super::record::{Origin, READ_BUFFER, scan_segment, segment_path};
+use super::record::{Origin, READ_BUFFER, numbered, scan_segment, segment_path};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"SOMAIDX1";
@@ -33,10 +33,7 @@ pub(crate) fn sidecar_path(dir: &Path, id: u64) -> PathBuf {
 
 /// The segment id of a sidecar's file name, if it is one.
 pub(crate) fn sidecar_id(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(".idx")?;
-    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| digits.parse().ok())
-        .flatten()
+    numbered(name, ".idx")
 }
 
 /// Consecutive records of one key.
@@ -48,6 +45,15 @@ pub(crate) struct Run {
     pub(crate) first: Seq,
     /// (payload offset, payload length) of each record.
     pub(crate) at: Vec<(u32, u32)>,
+}
+
+impl Run {
+    /// How many of its records are acknowledged when the key's committed seq is `applied`.
+    pub(crate) fn acknowledged(&self, applied: Seq) -> usize {
+        applied
+            .saturating_sub(self.first.saturating_sub(1))
+            .min(self.at.len() as u64) as usize
+    }
 }
 
 /// What a sidecar says of its segment.
@@ -474,12 +480,30 @@ pub(super) fn file_name(path: &Path) -> String {
 }
 
 /// The segment ids of the sidecars in `dir`.
+#[cfg(test)]
 pub(crate) fn list_sidecars(dir: &Path) -> Result<Vec<u64>> {
     Ok(std::fs::read_dir(dir)
         .map_err(|e| Error::storage(dir, e))?
         .filter_map(|e| e.ok())
         .filter_map(|e| sidecar_id(e.file_name().to_str()?))
         .collect())
+}
+
+/// Removes every sidecar in `dir` of a segment `keep` refuses, and half-written ones.
+pub(crate) fn sweep(dir: &Path, keep: impl Fn(u64) -> bool) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::storage(dir, e))? {
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name().to_string_lossy().into_owned();
+        match sidecar_id(&name) {
+            Some(id) if keep(id) => {}
+            Some(id) => remove(dir, id),
+            None if name.ends_with(".idx.tmp") => {
+                let _ = std::fs::remove_file(entry.path());
+            }
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 struct Reader<'a>(&'a [u8]);

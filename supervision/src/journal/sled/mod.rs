@@ -871,11 +871,14 @@ impl Journal for SledJournal {
         Ok(out)
     }
 
-    async fn keys_with_state(&self, range: KeyRange, prefix: &str) -> Result<Vec<String>> {
+    async fn keys_with_state(&self, ranges: &[KeyRange], prefix: &str) -> Result<Vec<String>> {
         let prefix = prefix.to_string();
+        let ranges: std::collections::HashSet<KeyRange> = ranges.iter().copied().collect();
         self.blocking(move |inner| {
-            let ranges = inner.ranges;
-            let wanted = |k: &str| k.starts_with(prefix.as_str()) && range_of(k, ranges) == range;
+            // One scan of the prefix, whatever the number of ranges.
+            let wanted = |k: &str| {
+                k.starts_with(prefix.as_str()) && ranges.contains(&range_of(k, inner.ranges))
+            };
             // Staged first: a commit taken for writing is still in the inbox index, which
             // `keys_with_pending` covers, until it is written.
             let mut out: std::collections::BTreeSet<String> = inner
