@@ -188,11 +188,21 @@ fn run_rounds(dir: &Path, mode: &str, rounds: u64) -> Acked {
                 }
             }
         });
-        let kill_at = std::time::Instant::now() + Duration::from_millis(fastrand::u64(150..600));
-        while let Some(left) = kill_at.checked_duration_since(std::time::Instant::now()) {
+        // Killed after a random amount of acknowledged work, not of wall-clock time: on a
+        // loaded machine a timed kill can land before the child has done anything.
+        let kill_after = fastrand::usize(200..1200);
+        let give_up = std::time::Instant::now() + Duration::from_secs(60);
+        let mut seen = 0;
+        while seen < kill_after {
+            let left = give_up.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) => record(&mut acked, &line),
-                Err(std_mpsc::RecvTimeoutError::Timeout) => break,
+                Ok(line) => {
+                    record(&mut acked, &line);
+                    seen += 1;
+                }
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("round {round}: {seen} lines in 60 s, the child made no progress")
+                }
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }

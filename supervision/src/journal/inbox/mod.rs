@@ -12,13 +12,14 @@
 //! damaged segment is told apart from the torn tail a crash leaves.
 
 mod plan;
+mod queue;
 pub(crate) mod record;
 mod recover;
 mod sidecar;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
+use self::queue::{Pending, Queue, Slot};
 use self::record::{Origin, encode_record, segment_path};
 use super::{Entry, Seq};
 use crate::error::{Error, Result};
@@ -65,18 +67,6 @@ pub(crate) struct LogMarks {
 }
 
 #[derive(Debug)]
-struct Pending {
-    seq: Seq,
-    segment: u64,
-    /// Where the payload is in its segment.
-    offset: u64,
-    len: u32,
-    /// The payload, while it is held in memory (appended by this process, range owned).
-    /// Boxed to keep the index small: recovery indexes millions of these, none in memory.
-    memory: Option<Box<Bytes>>,
-}
-
-#[derive(Debug)]
 struct State {
     active: File,
     active_id: u64,
@@ -88,7 +78,7 @@ struct State {
     /// Unacknowledged messages per segment.
     live: BTreeMap<u64, u64>,
     /// Unacknowledged messages per key, in seq order.
-    keys: Map<Arc<str>, VecDeque<Pending>>,
+    keys: Map<Arc<str>, Queue>,
     /// Segments emptied by acknowledgements that are not yet durable.
     emptied: Vec<u64>,
     /// Read handles of segments, for payloads not in memory.
@@ -355,11 +345,7 @@ impl Inbox {
 
     /// The last seq appended for `key` among its unacknowledged messages.
     pub(crate) fn last_seq(&self, key: &str) -> Option<Seq> {
-        self.state()
-            .keys
-            .get(key)
-            .and_then(|q| q.back())
-            .map(|p| p.seq)
+        self.state().keys.get(key).and_then(Queue::back_seq)
     }
 
     /// Like [`Inbox::pending`], if every payload wanted is in memory (no disk read);
@@ -374,11 +360,10 @@ impl Inbox {
         let Some(q) = st.keys.get(key) else {
             return Some(Vec::new());
         };
-        let start = q.partition_point(|p| p.seq < from);
-        q.range(start..)
+        q.from(from)
             .take(limit)
             .map(|p| {
-                p.memory.as_ref().map(|b| Entry {
+                p.memory.map(|b| Entry {
                     seq: p.seq,
                     payload: Bytes::clone(b),
                 })
@@ -393,8 +378,7 @@ impl Inbox {
             let Some(q) = st.keys.get(key) else {
                 return Ok(Vec::new());
             };
-            let start = q.partition_point(|p| p.seq < from);
-            q.range(start..)
+            q.from(from)
                 .take(limit)
                 .map(|p| Ok((p.seq, st.locate(&self.dir, p)?)))
                 .collect::<Result<_>>()?
@@ -418,10 +402,10 @@ impl Inbox {
             let Some(q) = st.keys.get(key) else {
                 return Ok(None);
             };
-            let Ok(i) = q.binary_search_by_key(&seq, |p| p.seq) else {
+            let Some(p) = q.get(seq) else {
                 return Ok(None);
             };
-            st.locate(&self.dir, &q[i])?
+            st.locate(&self.dir, p)?
         };
         self.read(at).map(Some)
     }
@@ -450,7 +434,7 @@ impl Inbox {
             .keys
             .iter()
             .filter(|(k, q)| wanted(k) && !q.is_empty())
-            .filter_map(|(k, q)| q.back().map(|p| (k.clone(), p.seq)))
+            .filter_map(|(k, q)| q.back_seq().map(|seq| (k.clone(), seq)))
             .collect();
         out.sort_unstable();
         out
@@ -466,11 +450,7 @@ impl Inbox {
             if !released(key) {
                 continue;
             }
-            for p in q.iter_mut() {
-                if p.memory.take().is_some() {
-                    freed += u64::from(p.len);
-                }
-            }
+            freed += q.forget_memory();
         }
         st.memory_bytes -= freed.min(st.memory_bytes);
         freed
@@ -489,18 +469,19 @@ impl Inbox {
         let Some(q) = st.keys.get_mut(key) else {
             return;
         };
-        while q.front().is_some_and(|p| p.seq <= upto) {
-            let Some(p) = q.pop_front() else { break };
-            if p.memory.is_some() {
-                st.memory_bytes = st.memory_bytes.saturating_sub(u64::from(p.len));
-            }
-            if let Some(n) = st.live.get_mut(&p.segment) {
-                *n = n.saturating_sub(1);
-                if *n == 0 && p.segment != st.active_id {
-                    st.emptied.push(p.segment);
+        let (live, emptied, active_id) = (&mut st.live, &mut st.emptied, st.active_id);
+        let mut freed = 0;
+        q.pop_upto(upto, |segment, count, bytes| {
+            freed += bytes;
+            if let Some(n) = live.get_mut(&segment) {
+                let before = *n;
+                *n = n.saturating_sub(count);
+                if before > 0 && *n == 0 && segment != active_id {
+                    emptied.push(segment);
                 }
             }
-        }
+        });
+        st.memory_bytes = st.memory_bytes.saturating_sub(freed);
         if q.is_empty() {
             st.keys.remove(key);
         }
@@ -567,7 +548,7 @@ impl Inbox {
     /// Messages held in the index (unacknowledged), for tests and metrics.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.state().keys.values().map(VecDeque::len).sum()
+        self.state().keys.values().map(Queue::len).sum()
     }
 
     /// Segment files on disk, for tests.
@@ -589,8 +570,8 @@ enum Located {
 }
 
 impl State {
-    fn locate(&self, dir: &Path, p: &Pending) -> Result<Located> {
-        if let Some(b) = &p.memory {
+    fn locate(&self, dir: &Path, p: Slot<'_>) -> Result<Located> {
+        if let Some(b) = p.memory {
             return Ok(Located::Memory(Bytes::clone(b)));
         }
         let file = match self.files.get(&p.segment) {

@@ -5,7 +5,7 @@
 //! position, with no valid record after it. Everything else is [`Error::Corrupt`] naming the
 //! file and offset; `soma journal check` and `salvage` are the operator's tools then.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -13,9 +13,10 @@ use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use super::plan::{file_len, list_segments, plan};
+use super::queue::{Pending, Queue};
 use super::record::{Origin, READ_BUFFER, next_valid, scan_segment, segment_path};
 use super::sidecar::{self, Sidecar, check_in_threads, file_name, sidecar_id};
-use super::{Inbox, LogMarks, Map, Pending, State, corrupt, create_segment, sync_dir};
+use super::{Inbox, LogMarks, Map, State, corrupt, create_segment, sync_dir};
 use crate::error::{Error, Result};
 use crate::journal::Seq;
 
@@ -60,8 +61,9 @@ struct Meta {
 }
 
 const BATCH: usize = 4096;
-/// Batches in flight between the two threads.
-const BATCHES: usize = 32;
+/// Batches in flight between the two threads: enough for the reader to read a whole active
+/// segment of about 20 MB while the sidecars load.
+const BATCHES: usize = 64;
 
 /// The reading half of recovery, on its own thread: reads each segment of `read` in order,
 /// checks every record's checksum and sends what it found. It stops when the indexing half
@@ -149,9 +151,7 @@ struct KeyScan {
     applied: Seq,
     /// The seq its next unacknowledged message must have.
     next: Seq,
-    queue: VecDeque<Pending>,
-    /// Messages indexed from sidecars (not what presizing extrapolates).
-    from_sidecars: usize,
+    queue: Queue,
 }
 
 /// The indexing half of recovery: every key's unacknowledged messages, in order, with no
@@ -222,8 +222,8 @@ impl<F: FnMut(&str) -> Result<Seq>> Index<F> {
         Ok(true)
     }
 
-    /// Sizes every key's queue for the whole log once `done` of its `total` bytes are
-    /// indexed, assuming the rest holds keys in the same proportions: one allocation per key
+    /// Sizes every key's queue for the segments read record by record once `done` of their
+    /// `total` bytes are indexed, assuming the rest holds keys in the same proportions: one allocation per key
     /// instead of a queue that doubles (and copies) its way up, which with many keys is much
     /// of the indexer's time. A key that turns out to have more grows as before.
     fn presize(&mut self, done: u64, total: u64) {
@@ -233,10 +233,9 @@ impl<F: FnMut(&str) -> Result<Seq>> Index<F> {
         self.presized = true;
         let factor = total as f64 / done as f64;
         for scan in &mut self.keys {
-            let scanned = scan.queue.len() - scan.from_sidecars;
-            let expected = scan.from_sidecars + (scanned as f64 * factor * 1.05) as usize;
-            scan.queue
-                .reserve_exact(expected.saturating_sub(scan.queue.len()));
+            let scanned = scan.queue.singles();
+            let expected = (scanned as f64 * factor * 1.05) as usize;
+            scan.queue.reserve(expected.saturating_sub(scanned));
         }
     }
 
@@ -252,66 +251,27 @@ impl<F: FnMut(&str) -> Result<Seq>> Index<F> {
             key: key.clone(),
             applied,
             next: applied + 1,
-            queue: VecDeque::new(),
-            from_sidecars: 0,
+            queue: Queue::default(),
         });
         self.by_name.insert(key.clone(), at);
         Ok(at)
     }
 
-    /// Sizes each key's queue once for the whole log, before the sidecars fill it: what the
-    /// sidecars hold, extrapolated to the segments read record by record after them.
-    fn reserve_for(&mut self, sidecars: &[(u64, Sidecar)], sized: &[(u64, u64)]) -> Result<()> {
-        let in_sidecars: u64 = sidecars.iter().map(|(_, s)| s.segment_len).sum();
-        if in_sidecars == 0 {
-            return Ok(());
-        }
-        let all: u64 = sized.iter().map(|(_, len)| len).sum();
-        // Extrapolated only from a fair sample of the log (as `presize` does); else exact,
-        // and the record-by-record part sizes the rest.
-        let sample = in_sidecars.saturating_mul(PRESIZE_AFTER) >= all;
-        let factor = if sample {
-            all as f64 / in_sidecars as f64 * 1.05
-        } else {
-            1.0
-        };
-        let mut counts: Map<usize, usize> = Map::default();
-        for (_, sidecar) in sidecars {
-            let places = sidecar
-                .keys
-                .iter()
-                .map(|k| self.place(k))
-                .collect::<Result<Vec<_>>>()?;
-            for run in &sidecar.runs {
-                let at = places[run.key as usize];
-                // Only what will be indexed: records after the key's committed seq.
-                let acked = run.acknowledged(self.keys[at].applied);
-                *counts.entry(at).or_default() += run.at.len() - acked;
-            }
-        }
-        for (at, n) in counts {
-            self.keys[at]
-                .queue
-                .reserve_exact((n as f64 * factor) as usize);
-        }
-        self.presized = sample;
-        Ok(())
-    }
-
-    /// Indexes segment `id` from its sidecar; returns how many messages are unacknowledged.
-    fn add_sidecar(&mut self, path: &Path, id: u64, sidecar: &Sidecar) -> Result<u64> {
+    /// Indexes segment `id` from its sidecar, one entry per key's run; returns how many
+    /// messages are unacknowledged.
+    fn add_sidecar(&mut self, path: &Path, id: u64, sidecar: Sidecar) -> Result<u64> {
         let places = sidecar
             .keys
             .iter()
             .map(|k| self.place(k))
             .collect::<Result<Vec<_>>>()?;
-        for (key, _, origin) in &sidecar.moved {
-            let at = places[*key as usize];
+        for (key, _, origin) in sidecar.moved {
+            let at = places[key as usize];
             self.unfinished
-                .push((Arc::clone(&self.keys[at].key), *origin));
+                .push((Arc::clone(&self.keys[at].key), origin));
         }
         let mut count = 0;
-        for run in &sidecar.runs {
+        for run in sidecar.runs {
             let scan = &mut self.keys[places[run.key as usize]];
             // Acknowledged ones are skipped; the rest must continue the key's sequence.
             let skip = run.acknowledged(scan.applied);
@@ -329,21 +289,12 @@ impl<F: FnMut(&str) -> Result<Seq>> Index<F> {
                     ),
                 ));
             }
-            let rest = &run.at[skip..];
-            for (i, &(offset, len)) in rest.iter().enumerate() {
-                scan.queue.push_back(Pending {
-                    seq: first + i as u64,
-                    segment: id,
-                    offset: u64::from(offset),
-                    len,
-                    memory: None,
-                });
+            let rest = run.at.len() - skip;
+            if rest > 0 {
+                scan.next = first + rest as u64;
             }
-            if !rest.is_empty() {
-                scan.next = first + rest.len() as u64;
-            }
-            scan.from_sidecars += rest.len();
-            count += rest.len() as u64;
+            count += rest as u64;
+            scan.queue.push_span(id, run.first, run.at, skip);
         }
         Ok(count)
     }
@@ -431,37 +382,42 @@ impl Inbox {
         };
         // The leading closed segments that have a sidecar are indexed from it (and checked
         // by other threads meanwhile); the rest are read and indexed record by record.
-        let mut sidecars = Vec::new();
-        for &(id, len) in &sized {
-            if !use_sidecars || len == 0 || marks.closed.get(&id) != Some(&len) {
-                break;
+        let candidates = if use_sidecars {
+            sized
+                .iter()
+                .take_while(|(id, len)| *len > 0 && marks.closed.get(id) == Some(len))
+                .count()
+        } else {
+            0
+        };
+        let (segments, from_sidecars) = std::thread::scope(|s| {
+            // The segments that have no sidecar are read while the sidecars load.
+            let certain = sized[candidates..].iter().map(|(id, _)| *id).collect();
+            let mut reading = start_reading(s, dir, certain)?;
+            let sidecars = load_sidecars(s, dir, &sized[..candidates]);
+            if sidecars.len() < candidates {
+                // One did not load: read from there on instead (rare: the reader starts over).
+                drop(reading.rx);
+                let _ = reading.handle.join();
+                let rest = sized[sidecars.len()..].iter().map(|(id, _)| *id).collect();
+                reading = start_reading(s, dir, rest)?;
             }
-            match Sidecar::load(dir, id, len) {
-                Some(s) => sidecars.push((id, s)),
-                None => break,
-            }
-        }
-        let scanned = &sized[sidecars.len()..];
-        tracing::debug!(
-            dir = %dir.display(),
-            from_sidecars = sidecars.len(),
-            read_whole = scanned.len(),
-            "recovering the inbox log"
-        );
-        let read: Vec<u64> = scanned.iter().map(|(id, _)| *id).collect();
-        let (tx, rx) = mpsc::sync_channel(BATCHES);
-        let (spare_tx, spare_rx) = mpsc::channel();
-        let segments = std::thread::scope(|s| {
-            let checks = check_in_threads(s, dir, &sidecars)?;
+            let scanned = &sized[sidecars.len()..];
+            tracing::debug!(
+                dir = %dir.display(),
+                from_sidecars = sidecars.len(),
+                read_whole = scanned.len(),
+                "recovering the inbox log"
+            );
+            let expected: Vec<sidecar::Check> =
+                sidecars.iter().map(|(id, s)| s.check(*id)).collect();
+            let from_sidecars: Vec<u64> = expected.iter().map(|c| c.id).collect();
+            let checks = check_in_threads(s, dir, expected)?;
             let mut segments = Segments::default();
-            index.reserve_for(&sidecars, &sized)?;
-            for (id, sidecar) in &sidecars {
-                index_from_sidecar(dir, *id, sidecar, &mut index, &mut segments)?;
+            for (id, sidecar) in sidecars {
+                index_from_sidecar(dir, id, sidecar, &mut index, &mut segments)?;
             }
-            let reader = std::thread::Builder::new()
-                .name("soma-journal-recovery".into())
-                .spawn_scoped(s, || read_segments(dir, &read, tx, spare_rx))
-                .map_err(|e| Error::storage(dir, e))?;
+            let Reading { handle, rx, spare } = reading;
             // `rx` is dropped when indexing ends, so that a reader blocked on a full channel
             // sees the hang-up and the scope can join it.
             let indexed = index_segments(
@@ -470,10 +426,10 @@ impl Inbox {
                 newest,
                 marks,
                 &mut index,
-                (rx, spare_tx),
+                (rx, spare),
                 segments,
             );
-            let _ = reader.join();
+            let _ = handle.join();
             let mut checked = Ok(());
             for check in checks {
                 let result = check.join().unwrap_or_else(|_| {
@@ -484,7 +440,9 @@ impl Inbox {
                 }
             }
             // A damaged segment before an indexing error: it is the cause.
-            checked.and(indexed)
+            checked
+                .and(indexed)
+                .map(|segments| (segments, from_sidecars))
         })?;
         let Segments {
             files,
@@ -508,7 +466,7 @@ impl Inbox {
             .filter(|(_, n)| **n == 0)
             .map(|(id, _)| *id)
             .collect();
-        let keys: Map<Arc<str>, VecDeque<Pending>> = index
+        let keys: Map<Arc<str>, Queue> = index
             .keys
             .into_iter()
             .filter(|s| !s.queue.is_empty())
@@ -559,7 +517,7 @@ impl Inbox {
             .keys()
             .copied()
             .filter(|id| live.get(id).is_some_and(|n| *n > 0))
-            .filter(|id| !sidecars.iter().any(|(s, _)| s == id))
+            .filter(|id| !from_sidecars.contains(id))
             .collect();
         sidecar::sweep(dir, |id| live.get(&id).is_some_and(|n| *n > 0))?;
         Ok((
@@ -588,21 +546,80 @@ impl Inbox {
     }
 }
 
+/// The reading half of recovery, started.
+struct Reading<'s> {
+    handle: std::thread::ScopedJoinHandle<'s, ()>,
+    rx: Receiver<Scanned>,
+    spare: Sender<Batch>,
+}
+
+/// Starts reading segments `read` of `dir` on a thread of `s`.
+fn start_reading<'s>(
+    s: &'s std::thread::Scope<'s, '_>,
+    dir: &'s Path,
+    read: Vec<u64>,
+) -> Result<Reading<'s>> {
+    let (tx, rx) = mpsc::sync_channel(BATCHES);
+    let (spare, spare_rx) = mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name("soma-journal-recovery".into())
+        .spawn_scoped(s, move || read_segments(dir, &read, tx, spare_rx))
+        .map_err(|e| Error::storage(dir, e))?;
+    Ok(Reading { handle, rx, spare })
+}
+
+/// The sidecars of `segments` (id, length), loaded by two threads: the leading ones that
+/// loaded, up to the first that did not.
+fn load_sidecars<'s>(
+    s: &'s std::thread::Scope<'s, '_>,
+    dir: &'s Path,
+    segments: &'s [(u64, u64)],
+) -> Vec<(u64, Sidecar)> {
+    let load = move |half: usize| {
+        segments
+            .iter()
+            .skip(half)
+            .step_by(2)
+            .map(|&(id, len)| Sidecar::load(dir, id, len))
+            .collect::<Vec<_>>()
+    };
+    let other = std::thread::Builder::new()
+        .name("soma-journal-load".into())
+        .spawn_scoped(s, move || load(1));
+    let even = load(0);
+    // Without the second thread (it could not start, or failed), its half counts as not
+    // loaded: those segments are read instead.
+    let odd = match other {
+        Ok(handle) => handle.join().unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    let mut out = Vec::with_capacity(segments.len());
+    let (mut even, mut odd) = (even.into_iter(), odd.into_iter());
+    for (i, &(id, _)) in segments.iter().enumerate() {
+        let next = if i % 2 == 0 { even.next() } else { odd.next() };
+        match next.flatten() {
+            Some(sidecar) => out.push((id, sidecar)),
+            None => break,
+        }
+    }
+    out
+}
+
 /// Indexes closed segment `id` from its sidecar into `index` and `out`.
 fn index_from_sidecar<F: FnMut(&str) -> Result<Seq>>(
     dir: &Path,
     id: u64,
-    sidecar: &Sidecar,
+    sidecar: Sidecar,
     index: &mut Index<F>,
     out: &mut Segments,
 ) -> Result<()> {
     let path = segment_path(dir, id);
+    out.closed.insert(id, sidecar.segment_len);
     let count = index.add_sidecar(&sidecar::sidecar_path(dir, id), id, sidecar)?;
     let file = File::open(&path).map_err(|e| Error::storage(&path, e))?;
     out.pending += count;
     out.files.insert(id, Arc::new(file));
     out.live.insert(id, count);
-    out.closed.insert(id, sidecar.segment_len);
     Ok(())
 }
 

@@ -56,6 +56,14 @@ impl Run {
     }
 }
 
+/// What the check of a segment against its sidecar needs of the sidecar.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Check {
+    pub(crate) id: u64,
+    pub(crate) segment_crc: u32,
+    pub(crate) records: u64,
+}
+
 /// What a sidecar says of its segment.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct Sidecar {
@@ -255,6 +263,15 @@ impl Sidecar {
         b
     }
 
+    /// What checking segment `id` against this sidecar needs.
+    pub(crate) fn check(&self, id: u64) -> Check {
+        Check {
+            id,
+            segment_crc: self.segment_crc,
+            records: self.records,
+        }
+    }
+
     /// Parses a sidecar; `None` for anything that is not a whole, consistent one.
     pub(crate) fn decode(bytes: &[u8]) -> Option<Sidecar> {
         let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
@@ -421,16 +438,18 @@ pub(crate) fn verify(file: &File, path: &Path) -> Result<(Digest, Option<u64>)> 
 pub(super) fn check_in_threads<'s>(
     s: &'s std::thread::Scope<'s, '_>,
     dir: &'s Path,
-    sidecars: &'s [(u64, Sidecar)],
+    sidecars: Vec<Check>,
 ) -> Result<Vec<std::thread::ScopedJoinHandle<'s, Result<()>>>> {
     let threads = sidecars.len().min(2);
+    let sidecars = Arc::new(sidecars);
     (0..threads)
         .map(|t| {
+            let sidecars = Arc::clone(&sidecars);
             std::thread::Builder::new()
                 .name("soma-journal-check".into())
                 .spawn_scoped(s, move || {
-                    for (id, sidecar) in sidecars.iter().skip(t).step_by(threads) {
-                        check_against(dir, *id, sidecar)?;
+                    for check in sidecars.iter().skip(t).step_by(threads) {
+                        check_against(dir, check)?;
                     }
                     Ok(())
                 })
@@ -441,7 +460,8 @@ pub(super) fn check_in_threads<'s>(
 
 /// Reads closed segment `id` whole: every record must be whole and match its checksum, and
 /// the records must be exactly those its sidecar lists.
-fn check_against(dir: &Path, id: u64, sidecar: &Sidecar) -> Result<()> {
+fn check_against(dir: &Path, sidecar: &Check) -> Result<()> {
+    let id = sidecar.id;
     let path = segment_path(dir, id);
     let file = File::open(&path).map_err(|e| Error::storage(&path, e))?;
     // Closed segments were synced when they rolled; a killed process may have left pages
