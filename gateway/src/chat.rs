@@ -424,10 +424,16 @@ pub(crate) async fn completions(
         if choice != soma_inference::ToolChoice::None {
             soma_inference::describe_tools(&mut req.messages, &tools);
         }
-        let outcome =
-            soma_inference::decide_tool(&pool, &req.messages, &req.params, &tools, &choice)
-                .instrument(span.clone())
-                .await?;
+        let outcome = soma_inference::decide_tool(
+            &pool,
+            &req.messages,
+            &req.params,
+            &tools,
+            &choice,
+            Some(&principal.tenant),
+        )
+        .instrument(span.clone())
+        .await?;
         // The tool step cost generations of its own (none with tool_choice none).
         let usage = outcome.usage();
         if usage != soma_inference::Usage::default() {
@@ -454,6 +460,7 @@ pub(crate) async fn completions(
             prompt: Prompt::Chat(req.messages),
             params: req.params,
             schema: req.schema,
+            tenant: Some(principal.tenant.clone()),
         })
         .instrument(span.clone())
         .await?;

@@ -72,6 +72,7 @@ fn main() {
                     prompt: Prompt::Text(PROMPT.into()),
                     params: SamplingParams::greedy(TOKENS),
                     schema: None,
+                    tenant: None,
                 };
                 let start = Instant::now();
                 let mut stream = pool.generate(req).await.unwrap();

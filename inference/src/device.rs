@@ -104,19 +104,19 @@ pub(crate) fn check_threads(wanted: Option<usize>) -> Result<()> {
     }
 }
 
-/// A compute pool for one replica: candle's element-wise CPU kernels parallelise with rayon,
-/// and a call from outside a rayon pool is handed to a pool thread and waited for (two
-/// context switches per operation, hundreds per token). Running a replica's work inside its
-/// own pool makes those calls run on the calling worker.
-pub(crate) fn replica_pool(name: &str, index: usize) -> Result<rayon::ThreadPool> {
+/// The compute pool of a model pool, shared by its replicas: candle's element-wise CPU
+/// kernels parallelise with rayon, and a call from outside a rayon pool is handed to a pool
+/// thread and waited for (two context switches per operation, hundreds per token). Running a
+/// replica's work inside the pool makes those calls run on the calling worker.
+pub(crate) fn replica_pool(name: &str) -> Result<rayon::ThreadPool> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(cpu_threads())
         .thread_name({
             let name = name.to_string();
-            move |i| format!("soma-{name}-{index}-{i}")
+            move |i| format!("soma-{name}-{i}")
         })
         .build()
-        .map_err(|e| Error::Config(format!("compute threads for {name} replica {index}: {e}")))
+        .map_err(|e| Error::Config(format!("compute threads for the {name} pool: {e}")))
 }
 
 /// Checks the environment variables the pool reads: `SOMA_INFERENCE_ISA` must be

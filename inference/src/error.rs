@@ -51,6 +51,9 @@ pub enum Error {
     /// The pool's request queue is full.
     #[error("the {0} pool's queue is full")]
     QueueFull(&'static str),
+    /// The request waited longer than the queue timeout without being admitted.
+    #[error("the request waited {0:?} in the queue without starting")]
+    QueueTimeout(std::time::Duration),
     /// A configuration value is invalid.
     #[error("configuration: {0}")]
     Config(String),

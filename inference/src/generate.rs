@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::gguf::{self, Quantization, TextTokenizer};
 use crate::native;
 use crate::sample::{Sampler, SamplingParams};
-use crate::schema::JsonSchema;
+use crate::schema::{JsonSchema, Matcher, MatcherState};
 
 /// How to load a generation model.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -68,6 +68,9 @@ pub struct GenerateRequest {
     pub params: SamplingParams,
     /// When set, the output is constrained to JSON valid against this schema.
     pub schema: Option<serde_json::Value>,
+    /// The tenant it is for: the batch queue is fair between tenants, and tokens are
+    /// counted per tenant.
+    pub tenant: Option<String>,
 }
 
 impl GenerateRequest {
@@ -77,6 +80,7 @@ impl GenerateRequest {
             prompt,
             params: SamplingParams::default(),
             schema: None,
+            tenant: None,
         }
     }
 }
@@ -143,7 +147,7 @@ pub enum GenerationEvent {
 pub(crate) struct Prepared {
     pub(crate) tokens: Vec<u32>,
     pub(crate) params: SamplingParams,
-    pub(crate) schema: Option<JsonSchema>,
+    pub(crate) schema: Option<Arc<JsonSchema>>,
 }
 
 /// The implementation behind a model.
@@ -355,7 +359,12 @@ impl GenerationModel {
             Prompt::Text(t) => self.tokenizer.encode(t)?,
             Prompt::Chat(m) => self.chat_tokens(m)?,
         };
-        let schema = req.schema.as_ref().map(JsonSchema::compile).transpose()?;
+        let schema = req
+            .schema
+            .as_ref()
+            .map(JsonSchema::compile)
+            .transpose()?
+            .map(Arc::new);
         if schema.is_some() && !req.params.stop.is_empty() {
             return Err(Error::InvalidRequest(
                 "stop sequences cannot be combined with a schema".into(),
@@ -438,9 +447,8 @@ impl GenerationModel {
             .map_err(Error::compute)
     }
 
-    /// Runs a prepared request. `emit` gets every token; when it returns false (the
-    /// requester is gone) generation stops as cancelled. `stopped` is checked between tokens
-    /// (the replica is being shut down).
+    /// Generates for `req` from an empty cache, calling `emit` with each event; `emit`
+    /// returning false (the reader is gone) cancels. Checks `stopped` between tokens.
     pub(crate) fn run(
         &mut self,
         req: &Prepared,
@@ -448,121 +456,204 @@ impl GenerationModel {
         emit: &mut dyn FnMut(GenerationEvent) -> bool,
     ) -> Result<Completion> {
         self.clear_cache();
-        let tok = self.tokenizer.clone();
-        let params = &req.params;
-        let mut sampler = Sampler::new(params);
-        let mut matcher = req.schema.as_ref().map(JsonSchema::matcher);
-        let mut out: Vec<u8> = Vec::new();
-        let mut emitted = 0usize;
-        let mut generated = 0usize;
-        let max_stop = params.stop.iter().map(String::len).max().unwrap_or(0);
+        let mut decoder = Decoder::new(req);
         let mut logits = self.forward(&req.tokens, 0)?;
         let mut pos = req.tokens.len();
-        let finish = loop {
-            if generated >= params.max_tokens {
-                break FinishReason::Length;
-            }
+        loop {
             if stopped.load(Ordering::Relaxed) {
                 return Err(Error::Compute("the replica is stopping".into()));
             }
-            logits.truncate(tok.vocab_size());
-            let next = match matcher.as_ref() {
-                None => sampler.pick(&logits, None),
-                Some(m) => {
-                    let mut ok = |t: u32| match &tok.bytes[t as usize] {
-                        None => tok.control[t as usize] && m.can_end(),
-                        Some(b) => m.accepts(b),
-                    };
-                    sampler.pick(&logits, Some(&mut ok))
+            match decoder.step(&self.tokenizer, &mut logits, emit)? {
+                Some(next) => {
+                    logits = self.forward(&[next], pos)?;
+                    pos += 1;
                 }
-            }
-            .ok_or_else(|| Error::Compute("no token can continue the output".into()))?;
-            generated += 1;
-            let Some(bytes) = tok.bytes[next as usize].as_ref() else {
-                // A control token (end of text or of the turn) ends the output.
-                if !emit(GenerationEvent::Token {
-                    id: next,
-                    text: String::new(),
-                }) {
-                    break FinishReason::Cancelled;
-                }
-                break FinishReason::Stop;
-            };
-            if let Some(m) = matcher.as_mut() {
-                m.feed_all(bytes);
-            }
-            out.extend_from_slice(bytes);
-            let valid = match std::str::from_utf8(&out) {
-                Ok(s) => s.len(),
-                Err(e) => e.valid_up_to(),
-            };
-            let text = String::from_utf8_lossy(&out[..valid]);
-            let hit = params
-                .stop
-                .iter()
-                .filter_map(|s| text.find(s.as_str()))
-                .min();
-            let safe = match hit {
-                Some(at) => at,
-                None => valid - held_back(&text, &params.stop, max_stop),
-            };
-            let delta = if safe > emitted {
-                text[emitted..safe].to_string()
-            } else {
-                String::new()
-            };
-            emitted = emitted.max(safe);
-            if !emit(GenerationEvent::Token {
-                id: next,
-                text: delta,
-            }) {
-                break FinishReason::Cancelled;
-            }
-            if let Some(at) = hit {
-                out.truncate(at);
-                break FinishReason::StopSequence;
-            }
-            if matcher.as_ref().is_some_and(|m| m.is_done()) {
-                break FinishReason::Stop;
-            }
-            logits = self.forward(&[next], pos)?;
-            pos += 1;
-        };
-        let text = String::from_utf8_lossy(&out).into_owned();
-        if finish != FinishReason::Cancelled && emitted < text.len() {
-            let rest = text.get(emitted..).unwrap_or_default().to_string();
-            if !rest.is_empty() && !emit_tail(emit, rest) {
-                return Ok(self.done(text, FinishReason::Cancelled, req, generated, None));
+                None => return decoder.finish(emit),
             }
         }
-        let json = match (&matcher, finish) {
-            (Some(m), FinishReason::Stop) if m.can_end() => Some(
+    }
+
+    /// The tokenizer, shared.
+    pub(crate) fn tokenizer(&self) -> &Arc<TextTokenizer> {
+        &self.tokenizer
+    }
+
+    /// The native engine's weights, if the model runs on it (what the batch scheduler runs).
+    pub(crate) fn native_weights(&self) -> Option<Arc<native::Weights>> {
+        match &self.backend {
+            Backend::Native(m) => Some(m.weights().clone()),
+            Backend::Candle(_) => None,
+        }
+    }
+}
+
+/// The decoding of one generation, token by token: sampling (under the schema, if any), stop
+/// sequences, text streamed as it becomes safe to show, the finish reason. The model runs
+/// elsewhere: [`Decoder::step`] takes the logits after the last token and says which token
+/// to run next.
+pub(crate) struct Decoder {
+    sampler: Sampler,
+    /// The schema and where the output is in it.
+    matcher: Option<(Arc<JsonSchema>, MatcherState)>,
+    params: SamplingParams,
+    prompt_tokens: usize,
+    out: Vec<u8>,
+    emitted: usize,
+    generated: usize,
+    max_stop: usize,
+    finish: Option<FinishReason>,
+}
+
+impl Decoder {
+    pub(crate) fn new(req: &Prepared) -> Self {
+        Self {
+            sampler: Sampler::new(&req.params),
+            matcher: req
+                .schema
+                .as_ref()
+                .map(|s| (s.clone(), s.matcher().suspend())),
+            params: req.params.clone(),
+            prompt_tokens: req.tokens.len(),
+            out: Vec::new(),
+            emitted: 0,
+            generated: 0,
+            max_stop: req.params.stop.iter().map(String::len).max().unwrap_or(0),
+            finish: None,
+        }
+    }
+
+    /// Picks the token after `logits` and emits what it adds; `Some(token)` to run it and
+    /// continue, `None` when the generation is over (see [`Decoder::finish`]).
+    pub(crate) fn step(
+        &mut self,
+        tok: &TextTokenizer,
+        logits: &mut Vec<f32>,
+        emit: &mut dyn FnMut(GenerationEvent) -> bool,
+    ) -> Result<Option<u32>> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
+        if self.generated >= self.params.max_tokens {
+            self.finish = Some(FinishReason::Length);
+            return Ok(None);
+        }
+        logits.truncate(tok.vocab_size());
+        let (schema, state) = self.matcher.take().unzip();
+        let mut resumed = schema.as_deref().zip(state).map(|(s, st)| s.resume(st));
+        let stepped = self.pick_and_emit(tok, logits, resumed.as_mut(), emit);
+        let state = resumed.map(Matcher::suspend);
+        self.matcher = schema.zip(state);
+        stepped
+    }
+
+    fn pick_and_emit(
+        &mut self,
+        tok: &TextTokenizer,
+        logits: &mut [f32],
+        mut matcher: Option<&mut Matcher<'_>>,
+        emit: &mut dyn FnMut(GenerationEvent) -> bool,
+    ) -> Result<Option<u32>> {
+        let next = match matcher.as_deref() {
+            None => self.sampler.pick(logits, None),
+            Some(m) => {
+                let mut ok = |t: u32| match &tok.bytes[t as usize] {
+                    None => tok.control[t as usize] && m.can_end(),
+                    Some(b) => m.accepts(b),
+                };
+                self.sampler.pick(logits, Some(&mut ok))
+            }
+        }
+        .ok_or_else(|| Error::Compute("no token can continue the output".into()))?;
+        self.generated += 1;
+        let Some(bytes) = tok.bytes[next as usize].as_ref() else {
+            // A control token (end of text or of the turn) ends the output.
+            let read = emit(GenerationEvent::Token {
+                id: next,
+                text: String::new(),
+            });
+            self.finish = Some(if read {
+                FinishReason::Stop
+            } else {
+                FinishReason::Cancelled
+            });
+            return Ok(None);
+        };
+        if let Some(m) = matcher.as_deref_mut() {
+            m.feed_all(bytes);
+        }
+        self.out.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&self.out) {
+            Ok(s) => s.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        let text = String::from_utf8_lossy(&self.out[..valid]);
+        let stops = &self.params.stop;
+        let hit = stops.iter().filter_map(|s| text.find(s.as_str())).min();
+        let safe = match hit {
+            Some(at) => at,
+            None => valid - held_back(&text, stops, self.max_stop),
+        };
+        let delta = if safe > self.emitted {
+            text[self.emitted..safe].to_string()
+        } else {
+            String::new()
+        };
+        self.emitted = self.emitted.max(safe);
+        if !emit(GenerationEvent::Token {
+            id: next,
+            text: delta,
+        }) {
+            self.finish = Some(FinishReason::Cancelled);
+            return Ok(None);
+        }
+        if let Some(at) = hit {
+            self.out.truncate(at);
+            self.finish = Some(FinishReason::StopSequence);
+            return Ok(None);
+        }
+        if matcher.is_some_and(|m| m.is_done()) {
+            self.finish = Some(FinishReason::Stop);
+            return Ok(None);
+        }
+        Ok(Some(next))
+    }
+
+    /// The completion, once [`Decoder::step`] said the generation is over: emits the text
+    /// held back, parses structured output.
+    pub(crate) fn finish(
+        self,
+        emit: &mut dyn FnMut(GenerationEvent) -> bool,
+    ) -> Result<Completion> {
+        let mut finish = self.finish.unwrap_or(FinishReason::Cancelled);
+        let text = String::from_utf8_lossy(&self.out).into_owned();
+        if finish != FinishReason::Cancelled && self.emitted < text.len() {
+            let rest = text.get(self.emitted..).unwrap_or_default().to_string();
+            if !rest.is_empty() && !emit_tail(emit, rest) {
+                finish = FinishReason::Cancelled;
+            }
+        }
+        let can_end = self
+            .matcher
+            .map(|(schema, state)| schema.resume(state).can_end());
+        let json = match (can_end, finish) {
+            (Some(true), FinishReason::Stop) => Some(
                 serde_json::from_str(&text)
                     .map_err(|e| Error::Compute(format!("structured output did not parse: {e}")))?,
             ),
-            (Some(_), FinishReason::Length) => return Err(Error::IncompleteStructured(generated)),
+            (Some(_), FinishReason::Length) => {
+                return Err(Error::IncompleteStructured(self.generated));
+            }
             _ => None,
         };
-        Ok(self.done(text, finish, req, generated, json))
-    }
-
-    fn done(
-        &self,
-        text: String,
-        finish: FinishReason,
-        req: &Prepared,
-        generated: usize,
-        json: Option<serde_json::Value>,
-    ) -> Completion {
-        Completion {
+        Ok(Completion {
             text,
             finish,
             usage: Usage {
-                prompt_tokens: req.tokens.len(),
-                completion_tokens: generated,
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: self.generated,
             },
             json,
-        }
+        })
     }
 }
 

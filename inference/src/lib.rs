@@ -32,7 +32,8 @@ pub use generate::{
 };
 pub use gguf::Quantization;
 pub use pool::{
-    EmbedderConfig, EmbedderPool, GenerationStream, GeneratorConfig, GeneratorPool, PoolStats,
+    BatchStats, EmbedderConfig, EmbedderPool, GenerationStream, GeneratorConfig, GeneratorPool,
+    PoolStats,
 };
 pub use sample::{MAX_STOP_SEQUENCES, SamplingParams};
 pub use schema::{JsonSchema, Matcher};

@@ -370,7 +370,26 @@ pub struct Matcher<'a> {
     stack: Vec<Frame>,
 }
 
+/// A [`Matcher`]'s state without its schema, to keep beside a shared schema between steps.
+#[derive(Debug, Clone)]
+pub(crate) struct MatcherState(Vec<Frame>);
+
+impl JsonSchema {
+    /// A matcher continuing from `state` (taken from a matcher of this schema).
+    pub(crate) fn resume(&self, state: MatcherState) -> Matcher<'_> {
+        Matcher {
+            schema: self,
+            stack: state.0,
+        }
+    }
+}
+
 impl Matcher<'_> {
+    /// The state, to resume with [`JsonSchema::resume`].
+    pub(crate) fn suspend(self) -> MatcherState {
+        MatcherState(self.stack)
+    }
+
     /// Feeds every byte of `bytes`; false (and the matcher left in an unspecified state) as
     /// soon as one cannot continue a valid value.
     pub fn feed_all(&mut self, bytes: &[u8]) -> bool {

@@ -97,6 +97,7 @@ pub async fn decide_tool(
     params: &SamplingParams,
     tools: &[ToolSpec],
     choice: &ToolChoice,
+    tenant: Option<&str>,
 ) -> Result<ToolStep> {
     let mut usage = Usage::default();
     let tool = match choice {
@@ -130,6 +131,7 @@ pub async fn decide_tool(
                         "required": ["tool"],
                         "additionalProperties": false,
                     })),
+                    tenant: tenant.map(str::to_string),
                 })
                 .await?;
             usage = add(usage, decision.usage);
@@ -166,6 +168,7 @@ pub async fn decide_tool(
             prompt: Prompt::Chat(prompt),
             params: p,
             schema: Some(t.parameters.clone()),
+            tenant: tenant.map(str::to_string),
         })
         .await?;
     usage = add(usage, args.usage);

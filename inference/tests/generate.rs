@@ -15,6 +15,7 @@ fn text(prompt: &str, params: SamplingParams) -> GenerateRequest {
         prompt: Prompt::Text(prompt.into()),
         params,
         schema: None,
+        tenant: None,
     }
 }
 
@@ -50,6 +51,7 @@ async fn greedy_and_seeded_generation_repeat() {
         prompt: Prompt::Chat(vec![ChatMessage::new("user", "Name three colours.")]),
         params,
         schema: None,
+        tenant: None,
     };
     let greedy = SamplingParams::greedy(24);
     let a = pool.complete(chat(greedy.clone())).await.expect("a");

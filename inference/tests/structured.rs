@@ -118,6 +118,7 @@ async fn twenty_prompts_give_valid_json_for_their_schema() {
                 prompt: Prompt::Chat(messages),
                 params,
                 schema: Some(schema.clone()),
+                tenant: None,
             };
             (i, schema, pool.complete(req).await)
         }));
@@ -152,6 +153,7 @@ async fn unsupported_schemas_are_refused_before_generation() {
         prompt: Prompt::Text("x".into()),
         params: SamplingParams::greedy(10),
         schema: Some(json!({"type":"string","format":"email"})),
+        tenant: None,
     };
     let err = pool.generate(req).await.expect_err("refused").to_string();
     assert!(err.contains("/format"), "{err}");

@@ -186,6 +186,7 @@ async fn random_weights_generate_with_every_quantization() {
                 prompt: Prompt::Text("the tiny model".into()),
                 params: SamplingParams::greedy(12),
                 schema: None,
+                tenant: None,
             })
             .await
             .unwrap();
@@ -204,6 +205,7 @@ async fn random_weights_generate_with_every_quantization() {
                 prompt: Prompt::Text("x".into()),
                 params: SamplingParams::greedy(1),
                 schema: None,
+                tenant: None,
             })
             .await
             .unwrap();
@@ -247,6 +249,7 @@ async fn structured_output_holds_under_random_logits() {
                     ..SamplingParams::default()
                 },
                 schema: Some(schema.clone()),
+                tenant: None,
             };
             match pool.complete(req).await {
                 Ok(c) => {

@@ -282,8 +282,15 @@ impl Turn<'_> {
                         max_tokens: TOOL_STEP_TOKENS,
                         ..params.clone()
                     };
-                    let decided =
-                        decide_tool(&pool, &messages, &step_params, &specs, &choice).await;
+                    let decided = decide_tool(
+                        &pool,
+                        &messages,
+                        &step_params,
+                        &specs,
+                        &choice,
+                        Some(self.tenant),
+                    )
+                    .await;
                     let decided = match decided {
                         Ok(d) => d,
                         Err(e) => return failed("the tool step", e),
@@ -480,6 +487,7 @@ impl Turn<'_> {
                 prompt: Prompt::Chat(messages),
                 params,
                 schema: None,
+                tenant: Some(self.tenant.to_string()),
             })
             .await;
         let mut stream = match stream {

@@ -196,13 +196,43 @@ impl Weights {
     }
 }
 
-/// Per-sequence state: the key-value cache and reusable buffers.
-#[derive(Debug, Default)]
-struct State {
-    /// Per layer: keys and values, `[position][kv head][head_dim]`.
+/// One sequence's key-value cache: per layer, keys and values `[position][kv head][head_dim]`.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Cache {
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
     len: usize,
+}
+
+impl Cache {
+    /// Positions held.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Keeps the first `len` positions (a shared prefix), drops the rest.
+    pub(crate) fn truncate(&mut self, len: usize, kv_dim: usize) {
+        if len >= self.len {
+            return;
+        }
+        for k in &mut self.keys {
+            k.truncate(len * kv_dim);
+        }
+        for v in &mut self.values {
+            v.truncate(len * kv_dim);
+        }
+        self.len = len;
+    }
+
+    /// Forgets every position (the memory is kept for reuse).
+    pub(crate) fn clear(&mut self) {
+        self.truncate(0, 0);
+    }
+}
+
+/// Buffers reused by every step of a model, whatever sequences it runs.
+#[derive(Debug, Default)]
+pub(crate) struct Work {
     x: Vec<f32>,
     h: Vec<f32>,
     q: Vec<f32>,
@@ -214,6 +244,8 @@ struct State {
     u: Vec<f32>,
     scores: Vec<f32>,
     rot: Vec<(f32, f32)>,
+    /// Per input row: its sequence and position.
+    rows: Vec<(usize, usize)>,
     scratch: Scratch,
 }
 
@@ -221,7 +253,8 @@ struct State {
 #[derive(Debug)]
 pub(crate) struct Model {
     w: Arc<Weights>,
-    s: State,
+    cache: Cache,
+    work: Work,
 }
 
 impl Clone for Model {
@@ -316,73 +349,122 @@ pub(crate) fn with_warm_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-impl Model {
-    pub(crate) fn new(w: Arc<Weights>) -> Self {
-        let layers = w.layers.len();
-        Self {
-            w,
-            s: State {
-                keys: vec![Vec::new(); layers],
-                values: vec![Vec::new(); layers],
-                ..State::default()
-            },
+impl Weights {
+    /// Floats of one position's keys (or values) in one layer.
+    pub(crate) fn kv_dim(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+
+    /// Bytes one position takes in a [`Cache`] (keys and values of every layer).
+    pub(crate) fn cache_bytes_per_token(&self) -> usize {
+        self.layers.len() * self.kv_dim() * 2 * std::mem::size_of::<f32>()
+    }
+
+    /// An empty cache for this model.
+    pub(crate) fn cache(&self) -> Cache {
+        Cache {
+            keys: vec![Vec::new(); self.layers.len()],
+            values: vec![Vec::new(); self.layers.len()],
+            len: 0,
         }
     }
 
-    /// Forgets the cached sequence.
-    pub(crate) fn clear(&mut self) {
-        for k in &mut self.s.keys {
-            k.clear();
-        }
-        for v in &mut self.s.values {
-            v.clear();
-        }
-        self.s.len = 0;
-    }
-
-    /// Runs `tokens` at positions `pos..` (which must continue the cache) and returns the
-    /// logits of the last one.
-    pub(crate) fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
-        if tokens.is_empty() {
-            candle_core::bail!("no tokens to run");
-        }
-        if pos != self.s.len {
-            candle_core::bail!("position {pos} does not continue a cache of {}", self.s.len);
-        }
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.w.vocab) {
-            candle_core::bail!("token {t} is outside the vocabulary of {}", self.w.vocab);
-        }
-        let run = |model: &mut Self| {
-            let mut done = 0;
-            while done < tokens.len() {
-                let n = (tokens.len() - done).min(PREFILL_CHUNK);
-                model.layers(&tokens[done..done + n]);
-                done += n;
+    /// Runs one step for several sequences at once: each `(cache, tokens)` runs `tokens` at
+    /// the positions after its cache. Every weight row is read once for all the rows of the
+    /// step; a row's result does not depend on the others (each is computed as it would be
+    /// alone). Returns the logits after each sequence's last token, in order. Call it inside
+    /// the compute pool (see [`with_warm_pool`]).
+    pub(crate) fn step(
+        &self,
+        work: &mut Work,
+        seqs: &mut [(&mut Cache, &[u32])],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        for (cache, tokens) in seqs.iter() {
+            if tokens.is_empty() {
+                candle_core::bail!("no tokens to run");
             }
-            model.logits()
-        };
-        Ok(with_warm_pool(|| run(self)))
+            if cache.keys.len() != self.layers.len() {
+                candle_core::bail!("the cache is not this model's");
+            }
+            if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
+                candle_core::bail!("token {t} is outside the vocabulary of {}", self.vocab);
+            }
+        }
+        // Prompt chunks of at most PREFILL_CHUNK rows in all: longer inputs run in several
+        // passes, each sequence's logits kept from the pass that ran its last token.
+        let mut logits: Vec<Option<Vec<f32>>> = vec![None; seqs.len()];
+        let mut done = vec![0usize; seqs.len()];
+        loop {
+            let mut pass: Vec<(usize, usize)> = Vec::new();
+            let mut rows = 0;
+            for (i, (_, tokens)) in seqs.iter().enumerate() {
+                let left = tokens.len() - done[i];
+                if left == 0 {
+                    continue;
+                }
+                // Every sequence gets a row; the chunk limit bounds the long ones.
+                let take = left.min(PREFILL_CHUNK.saturating_sub(rows).max(1));
+                pass.push((i, take));
+                rows += take;
+            }
+            if pass.is_empty() {
+                break;
+            }
+            let last_rows = self.layers_of(work, seqs, &pass, &done);
+            let finished: Vec<(usize, usize)> = pass
+                .iter()
+                .zip(&last_rows)
+                .filter(|((i, take), _)| done[*i] + take == seqs[*i].1.len())
+                .map(|((i, _), &row)| (*i, row))
+                .collect();
+            for (out, (i, _)) in self.logits_of(work, &finished).into_iter().zip(&finished) {
+                logits[*i] = Some(out);
+            }
+            for (i, take) in pass {
+                done[i] += take;
+            }
+        }
+        logits
+            .into_iter()
+            .map(|l| l.ok_or_else(|| candle_core::Error::Msg("a sequence ran no token".into())))
+            .collect()
     }
 
-    fn layers(&mut self, tokens: &[u32]) {
-        let w = &*self.w;
-        let s = &mut self.s;
-        let n = tokens.len();
+    /// Runs `take` tokens of each sequence `i` of `pass` (from `done[i]` on) through the
+    /// layers; returns the row of each one's last token in `work.x`.
+    fn layers_of(
+        &self,
+        work: &mut Work,
+        seqs: &mut [(&mut Cache, &[u32])],
+        pass: &[(usize, usize)],
+        done: &[usize],
+    ) -> Vec<usize> {
+        let w = self;
+        let s = work;
         let (dim, hd, nh, nkv) = (w.dim, w.head_dim, w.n_head, w.n_kv_head);
         let kv_dim = nkv * hd;
-        let start = s.len;
+        s.rows.clear();
+        for &(i, take) in pass {
+            let start = seqs[i].0.len;
+            s.rows.extend((0..take).map(|t| (i, start + t)));
+        }
+        let n = s.rows.len();
         s.x.resize(n * dim, 0.0);
-        for (t, &tok) in tokens.iter().enumerate() {
-            w.embed
-                .row_f32(tok as usize, &mut s.x[t * dim..(t + 1) * dim]);
+        let mut r = 0;
+        for &(i, take) in pass {
+            for &tok in &seqs[i].1[done[i]..done[i] + take] {
+                w.embed
+                    .row_f32(tok as usize, &mut s.x[r * dim..(r + 1) * dim]);
+                r += 1;
+            }
         }
         // (`matmul` sizes its outputs: q, k, v, o, g, u.)
         s.h.resize(n * dim, 0.0);
         s.att.resize(n * dim, 0.0);
         let pairs = w.rope_dim / 2;
         s.rot.clear();
-        for t in 0..n {
-            let pos = (start + t) as f32;
+        for &(_, pos) in &s.rows {
+            let pos = pos as f32;
             s.rot.extend(w.inv_freq.iter().map(|f| (pos * f).sin_cos()));
         }
         let scale = 1.0 / (hd as f32).sqrt();
@@ -404,12 +486,18 @@ impl Model {
                 rope(&mut s.q[t * dim..(t + 1) * dim], hd, rot);
                 rope(&mut s.k[t * kv_dim..(t + 1) * kv_dim], hd, rot);
             }
-            s.keys[li].extend_from_slice(&s.k);
-            s.values[li].extend_from_slice(&s.v);
-            let (keys, values) = (&s.keys[li], &s.values[li]);
+            let mut first = 0;
+            for &(i, take) in pass {
+                let rows = first * kv_dim..(first + take) * kv_dim;
+                let cache = &mut *seqs[i].0;
+                cache.keys[li].extend_from_slice(&s.k[rows.clone()]);
+                cache.values[li].extend_from_slice(&s.v[rows]);
+                first += take;
+            }
             for t in 0..n {
-                let seen = start + t + 1;
-                s.scores.resize(seen, 0.0);
+                let (i, pos) = s.rows[t];
+                let (keys, values) = (&seqs[i].0.keys[li], &seqs[i].0.values[li]);
+                s.scores.resize(pos + 1, 0.0);
                 for h in 0..nh {
                     let kvh = h / group;
                     let at = |p: usize| p * kv_dim + kvh * hd;
@@ -447,21 +535,77 @@ impl Model {
                 *x += o;
             }
         }
-        s.len += n;
-        // Keep only the last input's hidden state for the logits.
-        let last = (n - 1) * dim;
-        s.x.copy_within(last..last + dim, 0);
-        s.x.truncate(dim);
+        let mut last = Vec::with_capacity(pass.len());
+        let mut first = 0;
+        for &(i, take) in pass {
+            seqs[i].0.len += take;
+            first += take;
+            last.push(first - 1);
+        }
+        last
     }
 
-    fn logits(&mut self) -> Vec<f32> {
-        let w = &*self.w;
-        let s = &mut self.s;
-        s.h.resize(w.dim, 0.0);
-        rms_norm(&s.x[..w.dim], &w.norm, w.eps, &mut s.h[..w.dim]);
-        let out = w.output.as_ref().unwrap_or(&w.embed);
-        let mut logits = Vec::with_capacity(w.vocab);
-        matmul(&[out], &s.h[..w.dim], 1, &mut [&mut logits], &mut s.scratch);
+    /// The logits after each `(sequence, row)` of `work.x`, in order, in one pass over the
+    /// output matrix.
+    fn logits_of(&self, work: &mut Work, rows: &[(usize, usize)]) -> Vec<Vec<f32>> {
+        if rows.is_empty() {
+            return Vec::new();
+        }
+        let (dim, n) = (self.dim, rows.len());
+        work.h.resize(n * dim, 0.0);
+        for (j, &(_, row)) in rows.iter().enumerate() {
+            rms_norm(
+                &work.x[row * dim..(row + 1) * dim],
+                &self.norm,
+                self.eps,
+                &mut work.h[j * dim..(j + 1) * dim],
+            );
+        }
+        let out = self.output.as_ref().unwrap_or(&self.embed);
+        let mut all = Vec::new();
+        matmul(
+            &[out],
+            &work.h[..n * dim],
+            n,
+            &mut [&mut all],
+            &mut work.scratch,
+        );
+        all.chunks_exact(self.vocab).map(<[f32]>::to_vec).collect()
+    }
+}
+
+impl Model {
+    pub(crate) fn new(w: Arc<Weights>) -> Self {
+        Self {
+            cache: w.cache(),
+            w,
+            work: Work::default(),
+        }
+    }
+
+    /// The weights, shared.
+    pub(crate) fn weights(&self) -> &Arc<Weights> {
+        &self.w
+    }
+
+    /// Forgets the cached sequence.
+    pub(crate) fn clear(&mut self) {
+        self.cache.clear();
+    }
+
+    /// Runs `tokens` at positions `pos..` (which must continue the cache) and returns the
+    /// logits of the last one.
+    pub(crate) fn forward(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
+        if pos != self.cache.len {
+            candle_core::bail!(
+                "position {pos} does not continue a cache of {}",
+                self.cache.len
+            );
+        }
+        let Self { w, cache, work } = self;
+        let mut logits = with_warm_pool(|| w.step(work, &mut [(cache, tokens)]))?;
         logits
+            .pop()
+            .ok_or_else(|| candle_core::Error::Msg("no logits".into()))
     }
 }

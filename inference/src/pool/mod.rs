@@ -1,6 +1,7 @@
 //! Replica pools: N supervised replica actors per model, each registering itself in a slot;
 //! requests go to the live replica with the fewest in flight.
 
+mod batch;
 mod embedder;
 mod generator;
 
@@ -15,6 +16,7 @@ use soma_supervision::{
 
 use crate::error::{Error, Result};
 
+pub use batch::BatchStats;
 pub use embedder::{EmbedderConfig, EmbedderPool};
 pub use generator::{GenerationStream, GeneratorConfig, GeneratorPool};
 
@@ -109,6 +111,28 @@ pub(crate) struct Replicas<M: Send + 'static> {
     starts: Arc<AtomicUsize>,
 }
 
+/// Counts one accepted request against a pool's limit until dropped.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts one more if fewer than `limit` are counted.
+    pub(crate) fn try_new(count: &Arc<AtomicUsize>, limit: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(count.clone()))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl<M: ractor::Message> Replicas<M> {
     pub(crate) fn new(name: &'static str, n: usize) -> Self {
         Self {
@@ -128,15 +152,18 @@ impl<M: ractor::Message> Replicas<M> {
     }
 
     /// Starts the supervisor with one child per slot, made by `make` from the replica's
-    /// context (each replica gets its own compute threads, kept across restarts).
+    /// context (the replicas share the pool's compute threads, kept across restarts).
     pub(crate) async fn start<A, F>(&mut self, make: F) -> Result<()>
     where
         A: ractor::Actor<Msg = M>,
         F: Fn(ReplicaCtx<M>) -> (A, A::Arguments) + Send + Sync + Clone + 'static,
     {
         let mut children = Vec::with_capacity(self.slots.len());
+        // One set of compute threads for the whole pool: replicas x threads never exceeds
+        // the threads configured (the cores).
+        let shared = Arc::new(crate::device::replica_pool(self.name)?);
         for slot in &self.slots {
-            let compute = Arc::new(crate::device::replica_pool(self.name, slot.index)?);
+            let compute = shared.clone();
             let (slot, make, starts, pool) =
                 (slot.clone(), make.clone(), self.starts.clone(), self.name);
             children.push(ChildSpec::new(
