@@ -136,6 +136,10 @@ fn llama(gguf: &Path, threads: usize) -> Option<Server> {
         .args([
             "--n_ctx",
             "4096",
+            // By default a new request interrupts the one being generated; a server under
+            // several clients must finish each.
+            "--interrupt_requests",
+            "False",
             "--host",
             "127.0.0.1",
             "--port",

@@ -44,7 +44,7 @@ impl QuantActs {
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut sum = 0i32;
             for (q, v) in self.qs[b * BLOCK..(b + 1) * BLOCK].iter_mut().zip(chunk) {
-                let r = (v * inv).round() as i8;
+                let r = round_half_away(v * inv);
                 *q = r;
                 sum += i32::from(r);
             }
@@ -75,6 +75,18 @@ impl QuantActs {
         }
         let _ = isa;
     }
+}
+
+/// `x` rounded half away from zero (what `f32::round`, and ggml's `roundf`, give) for
+/// `|x| <= 127.5`, as an `i8`: truncation and an exact remainder, which vectorise, where
+/// `f32::round` is a call into libm per value.
+#[inline]
+fn round_half_away(x: f32) -> i8 {
+    let t = x as i32; // toward zero; NaN gives 0, as `round() as i8` did
+    // Exact: `x` and its truncation are less than 1 apart.
+    let frac = x - t as f32;
+    let r = t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5);
+    r.clamp(-127, 127) as i8
 }
 
 /// Which instruction set the dot products use, decided once per process. Ordered: the
@@ -791,7 +803,30 @@ mod tests {
         (a - b).abs() <= 1e-4 * (1.0 + a.abs().max(b.abs()))
     }
 
+    #[test]
+    fn rounding_is_f32_round_at_the_ties_and_next_to_them() {
+        for whole in -127i32..=127 {
+            for x in [whole as f32 - 0.5, whole as f32, whole as f32 + 0.5] {
+                for y in [
+                    x,
+                    f32::from_bits(x.to_bits() + 1),
+                    f32::from_bits(x.to_bits().saturating_sub(1)),
+                ] {
+                    if y.abs() <= 127.0 {
+                        assert_eq!(round_half_away(y), y.round() as i8, "{y}");
+                    }
+                }
+            }
+        }
+        assert_eq!(round_half_away(f32::NAN), 0);
+    }
+
     proptest! {
+        #[test]
+        fn rounding_is_f32_round(x in -127.0f32..=127.0) {
+            prop_assert_eq!(round_half_away(x), x.round() as i8);
+        }
+
         #[test]
         fn every_isa_computes_the_same_q4_dot(nb in 1usize..40, seed in any::<u64>()) {
             let mut rng = fastrand::Rng::with_seed(seed);

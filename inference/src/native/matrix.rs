@@ -319,8 +319,15 @@ pub(crate) fn matmul(
     let isa = kernels::isa();
     scratch.acts.resize_with(n, QuantActs::default);
     if mats.iter().any(|m| m.quantized()) {
-        for (t, a) in scratch.acts.iter_mut().enumerate().take(n) {
-            a.quantize(isa, &x[t * cols..(t + 1) * cols]);
+        let acts = &mut scratch.acts[..n];
+        if n > 1 && rayon::current_num_threads() > 1 {
+            acts.par_iter_mut()
+                .enumerate()
+                .for_each(|(t, a)| a.quantize(isa, &x[t * cols..(t + 1) * cols]));
+        } else {
+            for (t, a) in acts.iter_mut().enumerate() {
+                a.quantize(isa, &x[t * cols..(t + 1) * cols]);
+            }
         }
     }
     let acts = &scratch.acts[..n];

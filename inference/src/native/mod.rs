@@ -494,10 +494,12 @@ impl Weights {
                 cache.values[li].extend_from_slice(&s.v[rows]);
                 first += take;
             }
-            for t in 0..n {
+            // Each row attends over its own sequence's cache: rows in parallel when there
+            // are several (each computed as it would be alone).
+            let row = |t: usize, att: &mut [f32], scores: &mut Vec<f32>| {
                 let (i, pos) = s.rows[t];
                 let (keys, values) = (&seqs[i].0.keys[li], &seqs[i].0.values[li]);
-                s.scores.resize(pos + 1, 0.0);
+                scores.resize(pos + 1, 0.0);
                 for h in 0..nh {
                     let kvh = h / group;
                     let at = |p: usize| p * kv_dim + kvh * hd;
@@ -506,10 +508,23 @@ impl Weights {
                         |p| &keys[at(p)..at(p) + hd],
                         |p| &values[at(p)..at(p) + hd],
                         scale,
-                        &mut s.scores,
-                        &mut s.att[t * dim + h * hd..t * dim + (h + 1) * hd],
+                        scores,
+                        &mut att[h * hd..(h + 1) * hd],
                     );
                 }
+            };
+            if n > 1 && rayon::current_num_threads() > 1 {
+                use rayon::prelude::*;
+                s.att[..n * dim]
+                    .par_chunks_mut(dim)
+                    .enumerate()
+                    .for_each_init(Vec::new, |scores, (t, att)| row(t, att, scores));
+            } else {
+                let mut scores = std::mem::take(&mut s.scores);
+                for (t, att) in s.att[..n * dim].chunks_mut(dim).enumerate() {
+                    row(t, att, &mut scores);
+                }
+                s.scores = scores;
             }
             matmul(&[&layer.wo], &s.att, n, &mut [&mut s.o], &mut s.scratch);
             for (x, o) in s.x.iter_mut().zip(&s.o) {
