@@ -1,4 +1,14 @@
 //! Nodes of a SomaAgent cluster: membership, placement of durable actors by key, routing,
 //! rebalancing on join and leave, and failover after node loss (ractor_cluster).
 //!
-//! Not built yet: this crate holds no code until its issue comes.
+//! Built so far: [`Placement`], the shard-to-node map every node computes alike from the
+//! member list, and [`Membership`], the nodes' leases and states in Redis. Node links,
+//! routing, hand-off and failover are not built yet.
+
+mod error;
+pub mod membership;
+mod placement;
+
+pub use error::{Error, Result};
+pub use membership::{Member, Membership, NodeState, Serving};
+pub use placement::{Move, NodeName, Placement, SLACK};
