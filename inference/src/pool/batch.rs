@@ -186,9 +186,11 @@ impl Out {
         if self.tx.capacity() >= EVENT_ROOM {
             return false;
         }
-        self.paused.store(true, Ordering::Release);
+        // SeqCst on both sides (the reader swaps the flag after it read): a store then a
+        // load on two locations may otherwise each miss the other's write.
+        self.paused.swap(true, Ordering::SeqCst);
         if self.tx.capacity() >= EVENT_ROOM {
-            self.paused.store(false, Ordering::Release);
+            self.paused.store(false, Ordering::SeqCst);
             return false;
         }
         true
@@ -209,8 +211,10 @@ struct Queue {
     /// The tenant admitted from last: the next admission starts after it.
     cursor: Option<Arc<str>>,
     waiting: usize,
-    /// Something changed that a waiting scheduler should look at.
-    woken: bool,
+    /// Bumped whenever something changed that a waiting scheduler should look at: each
+    /// scheduler compares it with the value it read before it last looked (a flag that one
+    /// scheduler clears would hide the change from the others).
+    wakes: u64,
     /// Each scheduler slot's current incarnation: an older one stops.
     incarnations: Vec<u64>,
 }
@@ -313,7 +317,7 @@ impl Inbox {
 
     /// Wakes a scheduler waiting for something to do (a stream read or closed).
     pub(crate) fn wake(&self) {
-        self.lock().woken = true;
+        self.lock().wakes += 1;
         self.cv.notify_all();
     }
 
@@ -369,6 +373,8 @@ struct Prefix {
 /// What one scheduler holds between steps.
 #[derive(Default)]
 struct Running {
+    /// The inbox's wake count when this scheduler last looked (see `Queue::wakes`).
+    wakes_seen: u64,
     seqs: Vec<Seq>,
     prefixes: Vec<Prefix>,
     admissions: u64,
@@ -476,6 +482,9 @@ impl Scheduler {
     /// the memory allow. False when this incarnation is over.
     fn admit(&self, running: &mut Running) -> bool {
         let kv_dim = self.weights.kv_dim();
+        // Read the wake count before looking at the streams: a stream closed or read after
+        // this look bumps it, and `wait` returns.
+        running.wakes_seen = self.inbox.lock().wakes;
         running.seqs.retain_mut(|seq| {
             if !seq.out.tx.is_closed() {
                 return true;
@@ -488,7 +497,6 @@ impl Scheduler {
         if !self.current(&q) {
             return false;
         }
-        q.woken = false;
         running.stats.finished += q.sweep(self.limits.queue_timeout) as u64;
         while running.seqs.len() < self.limits.max_batch {
             let Some(front) = q.front() else { break };
@@ -597,7 +605,7 @@ impl Scheduler {
                         || running.seq_blocks() + blocks(f.tokens.len() + 1)
                             <= self.limits.kv_blocks
                 });
-            if q.woken || admissible {
+            if q.wakes != running.wakes_seen || admissible {
                 return true;
             }
             self.publish(running, q.waiting);

@@ -313,7 +313,7 @@ impl Stream for GenerationStream {
                     self.finished = true;
                 }
                 if let Some((paused, inbox)) = &self.wake
-                    && paused.swap(false, Ordering::AcqRel)
+                    && paused.swap(false, Ordering::SeqCst)
                 {
                     inbox.wake();
                 }
@@ -497,11 +497,14 @@ impl GeneratorPool {
         config: &GeneratorConfig,
     ) -> Result<Batch> {
         let block_bytes = weights.cache_bytes_per_token() * BLOCK_TOKENS;
-        let kv_blocks = config.kv_cache_mib.saturating_mul(1 << 20) / block_bytes.max(1);
+        // The budget is the pool's: each batch replica (one scheduler) gets an equal part.
+        let kv_blocks = config.kv_cache_mib.saturating_mul(1 << 20)
+            / block_bytes.max(1)
+            / config.replicas.max(1);
         if kv_blocks == 0 {
             return Err(Error::Config(format!(
-                "generator.kv_cache_mib: {} MiB holds no block of {BLOCK_TOKENS} tokens of this model's cache ({block_bytes} bytes)",
-                config.kv_cache_mib
+                "generator.kv_cache_mib: {} MiB over {} replica(s) holds no block of {BLOCK_TOKENS} tokens of this model's cache ({block_bytes} bytes) per replica",
+                config.kv_cache_mib, config.replicas
             )));
         }
         if kv_blocks < base.context_length().div_ceil(BLOCK_TOKENS) {
@@ -563,7 +566,12 @@ impl GeneratorPool {
         let prepared = self.base.prepare(req)?;
         let prompt_tokens = prepared.tokens.len();
         let replicas = match &self.mode {
-            Mode::Batch(batch) => return self.generate_batched(batch, prepared, tenant),
+            Mode::Batch(batch) => {
+                // A request is queued only while a scheduler runs (or restarts within
+                // REPLICA_WAIT): with none, nothing would ever take it or time it out.
+                batch.replicas.wait_live().await?;
+                return self.generate_batched(batch, prepared, tenant);
+            }
             Mode::Replicas(r) => r,
         };
         if replicas.total_load() >= self.queue {

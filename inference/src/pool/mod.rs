@@ -219,6 +219,19 @@ impl<M: ractor::Message> Replicas<M> {
         }
     }
 
+    /// Returns once some replica is live, waiting for a restarting one up to
+    /// [`REPLICA_WAIT`]; [`Error::Unavailable`] after that.
+    pub(crate) async fn wait_live(&self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + REPLICA_WAIT;
+        while !self.slots.iter().any(|s| s.live().is_some()) {
+            if self.supervisor.is_none() || tokio::time::Instant::now() >= deadline {
+                return Err(Error::Unavailable(self.name));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
     pub(crate) fn total_load(&self) -> usize {
         self.slots
             .iter()
