@@ -31,6 +31,25 @@ pub enum Error {
         /// Its incarnation.
         incarnation: u64,
     },
+    /// Another live incarnation holds the shard: it must release it first (or lose its
+    /// lease).
+    #[error("{shard} is held by node {holder} incarnation {incarnation}")]
+    ShardHeld {
+        /// The shard.
+        shard: soma_supervision::KeyRange,
+        /// Its holder.
+        holder: crate::NodeName,
+        /// The holder's incarnation.
+        incarnation: u64,
+    },
+    /// A release by an incarnation that does not hold the shard at that epoch.
+    #[error("{shard} is not held by this incarnation at epoch {epoch}")]
+    NotHolder {
+        /// The shard.
+        shard: soma_supervision::KeyRange,
+        /// The epoch the caller thought it held.
+        epoch: soma_supervision::Epoch,
+    },
     /// A row of the membership table that does not parse.
     #[error("membership row of {node:?} is damaged: {detail}")]
     BadMember {

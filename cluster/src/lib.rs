@@ -2,13 +2,16 @@
 //! rebalancing on join and leave, and failover after node loss (ractor_cluster).
 //!
 //! Built so far: [`Placement`], the shard-to-node map every node computes alike from the
-//! member list, and [`Membership`], the nodes' leases and states in Redis. Node links,
+//! member list, [`Membership`], the nodes' leases and states in Redis, and [`Shards`], each
+//! shard's owner epoch in Redis, taken by compare-and-set. Node links,
 //! routing, hand-off and failover are not built yet.
 
 mod error;
 pub mod membership;
 mod placement;
+pub mod shards;
 
 pub use error::{Error, Result};
 pub use membership::{Member, Membership, NodeState, Serving};
 pub use placement::{Move, NodeName, Placement, SLACK};
+pub use shards::{Holder, Shards, Taken};

@@ -155,7 +155,7 @@ impl Options {
 
 /// Keys of one cluster in Redis.
 #[derive(Debug, Clone)]
-struct Keys {
+pub(crate) struct Keys {
     prefix: String,
 }
 
@@ -166,11 +166,18 @@ impl Keys {
     fn incarnation(&self, node: &NodeName) -> String {
         format!("{}:incarnation:{node}", self.prefix)
     }
-    fn lease(&self, node: &NodeName) -> String {
+    pub(crate) fn lease(&self, node: &NodeName) -> String {
         format!("{}:lease:{node}", self.prefix)
     }
     fn events(&self) -> String {
         format!("{}:events", self.prefix)
+    }
+    pub(crate) fn shard(&self, shard: soma_supervision::KeyRange) -> String {
+        format!("{}:shard:{}", self.prefix, shard.0)
+    }
+    /// What `lease` puts before a node's name (the shard scripts look a holder's lease up).
+    pub(crate) fn lease_prefix(&self) -> String {
+        format!("{}:lease:", self.prefix)
     }
 }
 
@@ -409,6 +416,15 @@ impl Membership {
         }
     }
 
+    pub(crate) fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    /// A handle on the shared connection (cheap: it multiplexes).
+    pub(crate) fn connection(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
     fn row(&self, state: NodeState) -> Member {
         Member {
             name: self.inner.options.node.clone(),
@@ -435,8 +451,10 @@ struct Renewer {
 
 impl Renewer {
     async fn run(mut self, mut sent: Instant, mut stop: watch::Receiver<bool>) {
-        let mut events = scripts::subscribe(&self.options.redis_url, &self.keys).await;
-        self.refresh().await;
+        let mut events = self
+            .guarded(scripts::subscribe(&self.options.redis_url, &self.keys))
+            .await;
+        self.guarded(self.refresh()).await;
         loop {
             let next = sent + self.options.renew;
             let serving = *self.serving.borrow() == Serving::Yes;
@@ -449,7 +467,7 @@ impl Renewer {
                 }
                 changed = scripts::next_event(&mut events) => {
                     if changed {
-                        self.refresh().await;
+                        self.guarded(self.refresh()).await;
                     } else {
                         // The subscription dropped (Redis restarted): subscribe again at
                         // the next renewal.
@@ -484,15 +502,17 @@ impl Renewer {
                 }
             }
             if events.is_none() {
-                events = scripts::subscribe(&self.options.redis_url, &self.keys).await;
+                events = self
+                    .guarded(scripts::subscribe(&self.options.redis_url, &self.keys))
+                    .await;
             }
-            self.refresh().await;
+            self.guarded(self.refresh()).await;
         }
     }
 
     /// One renewal, bounded by the renewal period, during which the serving deadline still
     /// applies (a renewal that hangs must not keep the node serving past it).
-    async fn renew(&mut self) -> Result<bool> {
+    async fn renew(&self) -> Result<bool> {
         let mut conn = self.conn.clone();
         let renewal = tokio::time::timeout(
             self.options.renew,
@@ -504,13 +524,19 @@ impl Renewer {
                 self.options.lease,
             ),
         );
-        tokio::pin!(renewal);
+        self.guarded(renewal)
+            .await
+            .unwrap_or_else(|_| Err(Error::Redis("lease renewal timed out".into())))
+    }
+
+    /// Runs `work` (a call to Redis, which may hang) while the serving deadline still
+    /// applies: the node turns `Suspended` at its deadline whatever it is waiting for.
+    async fn guarded<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(work);
         loop {
             let serving = *self.serving.borrow() == Serving::Yes;
             tokio::select! {
-                r = &mut renewal => {
-                    return r.unwrap_or_else(|_| Err(Error::Redis("lease renewal timed out".into())));
-                }
+                r = &mut work => return r,
                 _ = tokio::time::sleep_until(self.deadline), if serving => self.suspend(),
             }
         }
@@ -522,8 +548,9 @@ impl Renewer {
     }
 
     /// Reads the table, marks down the members whose lease expired, publishes the table.
-    async fn refresh(&mut self) {
-        let rows = match scripts::read_members(&mut self.conn, &self.keys).await {
+    async fn refresh(&self) {
+        let mut conn = self.conn.clone();
+        let rows = match scripts::read_members(&mut conn, &self.keys).await {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::warn!(error = %e, "membership table unreadable");
@@ -533,7 +560,7 @@ impl Renewer {
         let mut members = Vec::with_capacity(rows.len());
         for (raw, mut m) in rows {
             if m.state != NodeState::Down && m.name != self.options.node {
-                match scripts::mark_down(&mut self.conn, &self.keys, &raw, &m).await {
+                match scripts::mark_down(&mut conn, &self.keys, &raw, &m).await {
                     Ok(true) => {
                         metrics::counter!(MARKED_DOWN).increment(1);
                         tracing::warn!(down = %m.name, incarnation = m.incarnation, "lease expired: node marked down");

@@ -38,11 +38,18 @@ static RENEW: LazyLock<Script> = LazyLock::new(|| {
 });
 
 /// Writes this incarnation's row (and drops its lease, with `ARGV[4] == '1'`) if it holds
-/// the lease.
+/// the lease. A leave whose reply was lost and is sent again finds the lease gone and its
+/// own row written: that is a success too.
 static SET_STATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-        if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+        if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+            if ARGV[4] == '1' and redis.call('EXISTS', KEYS[1]) == 0
+                and redis.call('HGET', KEYS[2], ARGV[2]) == ARGV[3] then
+                return 1
+            end
+            return 0
+        end
         redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
         if ARGV[4] == '1' then redis.call('DEL', KEYS[1]) end
         redis.call('PUBLISH', KEYS[3], ARGV[3])
