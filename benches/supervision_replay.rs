@@ -111,6 +111,13 @@ async fn replay(path: &std::path::Path, keys: u64) -> Result1 {
 }
 
 fn main() {
+    // RUST_LOG=soma_supervision=debug shows the journal open's phases.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     println!(
         "P4 replay of {TOTAL} unacknowledged messages, {}",
         common::machine()

@@ -217,7 +217,9 @@ impl SledJournal {
             }
         }
         let unclean = !creating && !marker.clean;
+        let opening = Instant::now();
         let db = open_state_store(&path, options.cache_capacity_bytes)?;
+        let state_store = opening.elapsed();
         let corrupt = |detail: String| Error::Corrupt {
             path: path.clone(),
             detail,
@@ -288,6 +290,7 @@ impl SledJournal {
             Inbox::open(&inbox_dir(&path), &marks, options.segment_bytes, |key| {
                 read_applied(&db, &path, key)
             })?;
+        let inbox_done = started.elapsed();
         let inner = Arc::new(Inner {
             db,
             inbox,
@@ -317,7 +320,10 @@ impl SledJournal {
             unclean,
             pending = recovered.pending,
             torn_bytes = recovered.torn.map_or(0, |t| t.2),
+            state_store_ms = state_store.as_millis() as u64,
+            inbox_ms = inbox_done.as_millis() as u64,
             recovery_ms = started.elapsed().as_millis() as u64,
+            total_ms = opening.elapsed().as_millis() as u64,
             "journal opened"
         );
         let background = spawn_background(Arc::downgrade(&inner), options.durability);
