@@ -67,6 +67,11 @@ enum Command {
         #[command(subcommand)]
         command: JournalCommand,
     },
+    /// Looks at a cluster in its coordination store (Redis).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Hosts durable counters for the demo and the durability tests (driven over stdio).
     #[command(hide = true)]
     DurableHost {
@@ -99,6 +104,40 @@ impl ConfigArgs {
             self.listen,
         )?)
     }
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Prints the members (state, incarnation, lease left, address) and the shards each
+    /// live incarnation holds.
+    Status {
+        /// The coordination store (credentials allowed; never printed).
+        #[arg(
+            long,
+            env = "SOMA_REDIS_URL",
+            default_value = "redis://127.0.0.1:6379/"
+        )]
+        redis: String,
+        /// The cluster's name.
+        #[arg(long, default_value = "soma")]
+        cluster: String,
+        /// The number of shards (the journal's ranges).
+        #[arg(long, default_value_t = 64)]
+        shards: u32,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hands off every shard of a node, then makes it leave. Not implemented yet.
+    Drain {
+        /// The node's name.
+        node: String,
+    },
+    /// Makes a node leave without handing off. Not implemented yet.
+    Leave {
+        /// The node's name.
+        node: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -267,6 +306,26 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Config {
             command: ConfigCommand::Print { config },
         } => print!("{}", config.load()?.to_toml()),
+        Command::Cluster { command } => match command {
+            ClusterCommand::Status {
+                redis,
+                cluster,
+                shards,
+                json,
+            } => {
+                let status = rt.block_on(soma_cluster::status(&redis, &cluster, shards))?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    print!("{status}");
+                }
+            }
+            ClusterCommand::Drain { node } | ClusterCommand::Leave { node } => {
+                anyhow::bail!(
+                    "not implemented: nodes do not run in a cluster yet (node links, routing and hand-off are to come), so there is nothing to drain or leave on {node}"
+                );
+            }
+        },
         Command::DurableHost { data } => rt.block_on(demo::host(&data))?,
         Command::Demo { data, rounds, keys } => {
             let temporary = data.is_none();

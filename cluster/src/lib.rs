@@ -10,8 +10,10 @@ mod error;
 pub mod membership;
 mod placement;
 pub mod shards;
+mod status;
 
 pub use error::{Error, Result};
 pub use membership::{Member, Membership, NodeState, Serving};
 pub use placement::{Move, NodeName, Placement, SLACK};
 pub use shards::{Holder, Shards, Taken};
+pub use status::{MemberStatus, Status, status};

@@ -17,7 +17,7 @@
 //! see the lease gone, mark the node down and take its shards. `docs/semantics.md` states
 //! this as the cluster's promise.
 
-mod scripts;
+pub(crate) mod scripts;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -160,6 +160,13 @@ pub(crate) struct Keys {
 }
 
 impl Keys {
+    pub(crate) fn of(cluster: &str) -> Self {
+        // A hash tag: on a Redis Cluster every key of one cluster is in one slot, so the
+        // scripts may touch several of them.
+        Self {
+            prefix: format!("soma:{{{cluster}}}"),
+        }
+    }
     fn members(&self) -> String {
         format!("{}:members", self.prefix)
     }
@@ -241,11 +248,7 @@ impl Membership {
         let mut conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(Error::redis)?;
-        let keys = Keys {
-            // A hash tag: on a Redis Cluster every key of one cluster is in one slot, so the
-            // scripts may touch several of them.
-            prefix: format!("soma:{{{}}}", options.cluster),
-        };
+        let keys = Keys::of(&options.cluster);
         let incarnation: u64 = redis::cmd("INCR")
             .arg(keys.incarnation(&options.node))
             .query_async(&mut conn)

@@ -166,7 +166,7 @@ pub(super) async fn mark_down(
 }
 
 /// Every row, raw and parsed; a row that does not parse is [`Error::BadMember`].
-pub(super) async fn read_members(
+pub(crate) async fn read_members(
     conn: &mut ConnectionManager,
     keys: &Keys,
 ) -> Result<Vec<(String, Member)>> {
