@@ -49,7 +49,7 @@ async fn status_shows_members_leases_and_shards_per_live_node() {
     b.leave().await.unwrap();
 
     let url = redis.url();
-    let (code, out, err) = soma(&[
+    let status = [
         "cluster",
         "status",
         "--redis",
@@ -58,8 +58,8 @@ async fn status_shows_members_leases_and_shards_per_live_node() {
         "ops",
         "--shards",
         "16",
-        "--json",
-    ]);
+    ];
+    let (code, out, err) = soma(&[&status[..], &["--json"]].concat());
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["shards"], 16);
@@ -76,16 +76,7 @@ async fn status_shows_members_leases_and_shards_per_live_node() {
     assert_eq!(bravo["shards"], 0);
     assert!(bravo["lease_left_ms"].is_null());
 
-    let (code, table, _) = soma(&[
-        "cluster",
-        "status",
-        "--redis",
-        &url,
-        "--cluster",
-        "ops",
-        "--shards",
-        "16",
-    ]);
+    let (code, table, _) = soma(&status);
     assert_eq!(code, 0);
     assert!(
         table.starts_with("cluster ops: 2 member(s), 16 shard(s), 11 unowned"),

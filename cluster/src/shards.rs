@@ -85,6 +85,18 @@ pub enum Taken {
     Held,
 }
 
+impl Taken {
+    /// The word the acquire script and the `how` label of the metric use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Free => "free",
+            Self::Released => "released",
+            Self::Expired => "expired",
+            Self::Held => "held",
+        }
+    }
+}
+
 /// The shard table of one cluster, used through a node's [`Membership`].
 #[derive(Debug, Clone)]
 pub struct Shards {
@@ -128,18 +140,13 @@ impl Shards {
         match int(reply.first())? {
             1 => {
                 let epoch = int(reply.get(1))? as Epoch;
-                let taken = match text(reply.get(2))?.as_str() {
-                    "free" => Taken::Free,
-                    "released" => Taken::Released,
-                    "expired" => Taken::Expired,
-                    _ => Taken::Held,
-                };
+                let word = text(reply.get(2))?;
+                let taken = [Taken::Free, Taken::Released, Taken::Expired]
+                    .into_iter()
+                    .find(|t| t.as_str() == word)
+                    .unwrap_or(Taken::Held);
                 if taken != Taken::Held {
-                    let how = match taken {
-                        Taken::Free => "free",
-                        Taken::Released => "released",
-                        _ => "expired",
-                    };
+                    let how = taken.as_str();
                     metrics::counter!(ACQUIRED, "how" => how).increment(1);
                     tracing::info!(epoch, how, "shard acquired");
                 }

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::ConnectionManagerConfig;
 use serde::Serialize;
 
-use crate::membership::{Keys, scripts};
+use crate::membership::{Keys, connect, scripts};
 use crate::{Error, Member, Result};
 
 /// One member as the status shows it.
@@ -37,17 +37,13 @@ pub struct Status {
 
 /// Reads the status of `cluster` on the Redis at `redis_url` (shards `0..shards`).
 pub async fn status(redis_url: &str, cluster: &str, shards: u32) -> Result<Status> {
-    let client = redis::Client::open(redis_url).map_err(|_| Error::Config {
-        key: "cluster.redis_url",
-        reason: "is not a valid redis:// URL",
-    })?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_number_of_retries(1)
-        .set_connection_timeout(Duration::from_secs(2))
-        .set_response_timeout(Duration::from_secs(5));
-    let mut conn = ConnectionManager::new_with_config(client, config)
-        .await
-        .map_err(Error::redis)?;
+    let mut conn = connect(
+        redis_url,
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(5)),
+    )
+    .await?;
     let keys = Keys::of(cluster);
     let rows = scripts::read_members(&mut conn, &keys).await?;
     let mut pipe = redis::pipe();

@@ -217,6 +217,21 @@ impl std::fmt::Debug for Inner {
     }
 }
 
+/// A connection to the coordination store at `url` (one reconnection attempt per failed
+/// call; the rest of `config` is the caller's).
+pub(crate) async fn connect(
+    url: &str,
+    config: ConnectionManagerConfig,
+) -> Result<ConnectionManager> {
+    let client = redis::Client::open(url).map_err(|_| Error::Config {
+        key: "cluster.redis_url",
+        reason: "is not a valid redis:// URL",
+    })?;
+    ConnectionManager::new_with_config(client, config.set_number_of_retries(1))
+        .await
+        .map_err(Error::redis)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -235,19 +250,14 @@ impl Membership {
     #[tracing::instrument(skip_all, fields(cluster = %options.cluster, node = %options.node))]
     pub async fn join(options: Options) -> Result<Self> {
         options.validate()?;
-        let client =
-            redis::Client::open(options.redis_url.as_str()).map_err(|_| Error::Config {
-                key: "cluster.redis_url",
-                reason: "is not a valid redis:// URL",
-            })?;
-        let config = ConnectionManagerConfig::new()
-            .set_number_of_retries(1)
-            .set_max_delay(millis(options.renew))
-            .set_connection_timeout(options.renew)
-            .set_response_timeout(options.renew);
-        let mut conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(Error::redis)?;
+        let mut conn = connect(
+            &options.redis_url,
+            ConnectionManagerConfig::new()
+                .set_max_delay(millis(options.renew))
+                .set_connection_timeout(options.renew)
+                .set_response_timeout(options.renew),
+        )
+        .await?;
         let keys = Keys::of(&options.cluster);
         let incarnation: u64 = redis::cmd("INCR")
             .arg(keys.incarnation(&options.node))
