@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod project;
 mod serve;
 
 // mimalloc: the domain's hot paths (policy evaluation above all) allocate and free many small
@@ -67,6 +68,11 @@ enum Command {
         #[command(subcommand)]
         command: JournalCommand,
     },
+    /// Runs KAMACHIQ projects (task DAGs) on an embedded node.
+    Project {
+        #[command(subcommand)]
+        command: ProjectCommand,
+    },
     /// Looks at a cluster in its coordination store (Redis).
     Cluster {
         #[command(subcommand)]
@@ -104,6 +110,38 @@ impl ConfigArgs {
             self.listen,
         )?)
     }
+}
+
+#[derive(Subcommand)]
+enum ProjectCommand {
+    /// Runs a plan (JSON, docs/plan.schema.json) until the project ends, with a progress bar
+    /// per wave and approvals asked on the terminal; run again with the same id to go on
+    /// after a crash. Exits 0 only if the project succeeded.
+    Run {
+        /// The plan file.
+        plan: PathBuf,
+        /// Data directory (the journal lives under it).
+        #[arg(long, env = "SOMA_DATA", default_value = "data")]
+        data: PathBuf,
+        /// Models directory (agent tasks use its GGUF models).
+        #[arg(long, env = "SOMA_MODELS", default_value = "models")]
+        models: PathBuf,
+        /// The tenant (created with the default constitution if missing).
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        /// Who runs it (the principal of its tasks and approvals).
+        #[arg(long, default_value = "cli")]
+        user: String,
+        /// The project id (default: from the plan's file name).
+        #[arg(long)]
+        id: Option<String>,
+        /// The goal (default: "run <plan file>").
+        #[arg(long)]
+        goal: Option<String>,
+        /// Approves every gate without asking.
+        #[arg(long)]
+        approve_all: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -306,6 +344,37 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Config {
             command: ConfigCommand::Print { config },
         } => print!("{}", config.load()?.to_toml()),
+        Command::Project {
+            command:
+                ProjectCommand::Run {
+                    plan,
+                    data,
+                    models,
+                    tenant,
+                    user,
+                    id,
+                    goal,
+                    approve_all,
+                },
+        } => {
+            let status = rt.block_on(project::run(project::RunArgs {
+                plan,
+                data,
+                models,
+                tenant,
+                user,
+                id,
+                goal,
+                approve_all,
+            }))?;
+            println!("project {}", status.name());
+            if let soma_actors::ProjectStatus::Failed { task, error } = &status {
+                println!("failed at {task}: {error}");
+            }
+            if status != soma_actors::ProjectStatus::Succeeded {
+                std::process::exit(1);
+            }
+        }
         Command::Cluster { command } => match command {
             ClusterCommand::Status {
                 redis,

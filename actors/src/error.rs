@@ -111,6 +111,34 @@ pub enum Error {
         /// The seq to resubscribe from.
         resume_from: u64,
     },
+    /// A plan that cannot run (the task it concerns, when one does).
+    #[error("invalid plan{}: {reason}", task.as_ref().map(|t| format!(" (task {t:?})")).unwrap_or_default())]
+    InvalidPlan {
+        /// The task at fault, if one is.
+        task: Option<String>,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The request needs something that has ended (a killed, failed or finished project).
+    #[error("{what} {id:?} has ended ({status})")]
+    Ended {
+        /// What.
+        what: &'static str,
+        /// Its id.
+        id: String,
+        /// How it ended.
+        status: String,
+    },
+    /// A subscriber asked for events that are no longer kept.
+    #[error("events before seq {oldest} of {what} {id:?} are no longer kept")]
+    EventsGone {
+        /// What.
+        what: &'static str,
+        /// Its id.
+        id: String,
+        /// The oldest seq kept.
+        oldest: u64,
+    },
     /// Inference failed.
     #[error(transparent)]
     Inference(#[from] soma_inference::Error),

@@ -8,12 +8,14 @@
 //! acknowledged: a call whose result was journaled never runs again; a run cut by a crash
 //! runs again with the same idempotency key.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use soma_supervision::{Context, DurableActor, HandlerError, Registry, RegistryOptions, Runtime};
+use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::constitution::{Action, Decision, Principal};
@@ -115,12 +117,26 @@ impl Default for RetryPolicy {
     }
 }
 
+/// Per call key, the switch that cancels its run (set before the run starts, it cancels the
+/// run as soon as it begins).
+type Cancels = Arc<Mutex<HashMap<String, watch::Sender<bool>>>>;
+
+fn cancel_switch(cancels: &Cancels, key: &str) -> watch::Receiver<bool> {
+    cancels
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(key.to_string())
+        .or_insert_with(|| watch::channel(false).0)
+        .subscribe()
+}
+
 /// The tool-call actor.
 #[derive(Debug)]
 pub struct ToolCallActor {
     tools: Arc<ToolRegistry>,
     tenants: Tenants,
     retry: RetryPolicy,
+    cancels: Cancels,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -164,6 +180,13 @@ impl ToolCallActor {
         let started = Instant::now();
         let mut backoff = self.retry.backoff;
         let mut attempt = 0;
+        let mut cancel = cancel_switch(&self.cancels, key);
+        let cancelled = || {
+            ToolError::new(
+                ToolErrorKind::Cancelled,
+                "the call was cancelled by its caller",
+            )
+        };
         let outcome = loop {
             attempt += 1;
             s.attempts += 1;
@@ -174,7 +197,13 @@ impl ToolCallActor {
                 attempt,
                 arguments: arguments.clone(),
             };
-            let run = tokio::time::timeout(tool.timeout(), tool.run(&inv)).await;
+            if *cancel.borrow_and_update() {
+                break Err(cancelled());
+            }
+            let run = tokio::select! {
+                run = tokio::time::timeout(tool.timeout(), tool.run(&inv)) => run,
+                _ = cancel.wait_for(|c| *c) => break Err(cancelled()),
+            };
             let result = run.unwrap_or_else(|_| {
                 Err(ToolError::new(
                     ToolErrorKind::TimedOut,
@@ -185,12 +214,19 @@ impl ToolCallActor {
                 Err(e) if e.kind.retryable() && attempt < self.retry.max_attempts => {
                     tracing::warn!(tenant, call = id, tool = %req.tool, attempt, error = %e, "tool run failed, retrying");
                     audit(s, format!("attempt {attempt} failed: {e}"));
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = cancel.wait_for(|c| *c) => break Err(cancelled()),
+                    }
                     backoff = backoff.saturating_mul(2);
                 }
                 other => break other,
             }
         };
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
         self.end(s, &req.tool, outcome, started);
     }
 
@@ -233,6 +269,7 @@ fn kind_label(kind: ToolErrorKind) -> &'static str {
         ToolErrorKind::Denied => "denied",
         ToolErrorKind::Rejected => "rejected",
         ToolErrorKind::UnknownTool => "unknown_tool",
+        ToolErrorKind::Cancelled => "cancelled",
     }
 }
 
@@ -422,6 +459,7 @@ pub struct ToolCalls {
     runtime: Runtime,
     directory: Directory,
     tenants: Tenants,
+    cancels: Cancels,
 }
 
 impl std::fmt::Debug for ToolCalls {
@@ -442,10 +480,12 @@ impl ToolCalls {
         let mut options = RegistryOptions::new("toolcall");
         options.passivate_after_ms = Some(30_000);
         let directory = Directory::open(rt, tenants.clone()).await?;
+        let cancels = Cancels::default();
         let actor = ToolCallActor {
             tools: tools.clone(),
             tenants: tenants.clone(),
             retry,
+            cancels: cancels.clone(),
         };
         Ok(Self {
             registry: rt.registry(actor, options).await?,
@@ -453,6 +493,7 @@ impl ToolCalls {
             runtime: rt.clone(),
             directory,
             tenants,
+            cancels,
         })
     }
 
@@ -606,6 +647,29 @@ impl ToolCalls {
         let seq = self.registry.send(&key, &msg).await?;
         self.settle(&key, seq).await?;
         self.read(&key, id).await
+    }
+
+    /// Cancels call `id` of `tenant` in this process: a run under way stops and the call
+    /// fails with [`ToolErrorKind::Cancelled`]; a run that has not begun yet is cancelled as
+    /// it begins. A call that ended is not changed. Whoever cancels calls
+    /// [`forget_cancel`](Self::forget_cancel) once the call has ended.
+    pub fn cancel(&self, tenant: &str, id: &str) -> Result<()> {
+        let key = Self::key(tenant, id)?;
+        let mut map = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(key)
+            .or_insert_with(|| watch::channel(false).0)
+            .send_replace(true);
+        Ok(())
+    }
+
+    /// Drops the cancel switch of call `id` (after [`cancel`](Self::cancel), once it ended).
+    pub fn forget_cancel(&self, tenant: &str, id: &str) {
+        if let Ok(key) = Self::key(tenant, id) {
+            self.cancels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        }
     }
 
     /// Approves call `id` of `tenant`, which waits for it: it runs now.

@@ -57,6 +57,8 @@ pub enum ToolErrorKind {
     Rejected,
     /// No tool of that name is registered (or the persona does not allow it).
     UnknownTool,
+    /// Its caller cancelled the call while it ran (a project was killed or failed).
+    Cancelled,
 }
 
 impl ToolErrorKind {
