@@ -79,7 +79,7 @@ pub use journal::{
 };
 pub use options::{RegistryOptions, WhenFull};
 pub use policy::{Backoff, Intensity, Restart, Strategy};
-pub use registry::Registry;
+pub use registry::{Registry, WeakRegistry};
 pub use runtime::{Runtime, RuntimeOptions};
 pub use supervisor::{ChildSpec, Policy, Supervisor, SupervisorMsg, SupervisorState};
 pub use writer::WriterStats;

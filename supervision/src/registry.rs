@@ -516,6 +516,33 @@ pub struct Registry<A: DurableActor> {
     shared: Arc<Shared<A>>,
 }
 
+/// A handle to a registry that does not keep it alive (for an actor that sends to its own
+/// registry from what the registry owns: a strong handle there would be a cycle).
+pub struct WeakRegistry<A: DurableActor> {
+    shared: Weak<Shared<A>>,
+}
+
+impl<A: DurableActor> Clone for WeakRegistry<A> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<A: DurableActor> std::fmt::Debug for WeakRegistry<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeakRegistry").finish_non_exhaustive()
+    }
+}
+
+impl<A: DurableActor> WeakRegistry<A> {
+    /// The registry, while something else keeps it.
+    pub fn upgrade(&self) -> Option<Registry<A>> {
+        self.shared.upgrade().map(|shared| Registry { shared })
+    }
+}
+
 impl<A: DurableActor> Clone for Registry<A> {
     fn clone(&self) -> Self {
         Self {
@@ -585,6 +612,13 @@ impl<A: DurableActor> Registry<A> {
             .recover(wiring.owner.held().into_iter().map(|(r, _)| r), after_crash)
             .await?;
         Ok(Self { shared })
+    }
+
+    /// A handle that does not keep the registry alive.
+    pub fn downgrade(&self) -> WeakRegistry<A> {
+        WeakRegistry {
+            shared: Arc::downgrade(&self.shared),
+        }
     }
 
     /// The registry's name.

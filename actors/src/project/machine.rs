@@ -320,6 +320,15 @@ pub(crate) enum Effect {
         /// The task.
         task: u32,
     },
+    /// Reject the escalated tool call `call` (its task was rejected).
+    RejectCall {
+        /// The call id.
+        call: String,
+        /// Who decided.
+        by: String,
+        /// Why.
+        comment: String,
+    },
     /// Wake the project for a retry of `task` after `after_ms`.
     RetryAfter {
         /// The task.
@@ -545,12 +554,21 @@ impl Machine<'_> {
         }
     }
 
+    /// Tasks that never started (waiting, ready, between retries) will not: cancelled (one
+    /// event for the project's end covers them).
+    fn cancel_unstarted(&mut self) {
+        for t in &mut self.s.tasks {
+            if matches!(t.phase, Phase::Waiting | Phase::Ready | Phase::Retrying) {
+                t.phase = Phase::Cancelled;
+            }
+        }
+    }
+
     /// The project fails because of `task`: nothing new starts; running tasks are cancelled.
     fn fail(&mut self, task: String, error: String) -> Vec<Effect> {
         self.s.status = Some(ProjectStatus::Failing { task, error });
-        for t in std::mem::take(&mut self.s.ready) {
-            self.s.tasks[t as usize].phase = Phase::Cancelled;
-        }
+        self.s.ready.clear();
+        self.cancel_unstarted();
         self.s.resume.clear();
         for (t, _) in std::mem::take(&mut self.s.gates) {
             self.cancelled(t);
@@ -664,6 +682,14 @@ impl Machine<'_> {
         .to_string();
         self.s.decisions.insert(task, decided);
         let mut effects = Vec::new();
+        if let (false, Gate::ToolCall { call, .. }) = (approved, &gate) {
+            let d = &self.s.decisions[&task];
+            effects.push(Effect::RejectCall {
+                call: call.clone(),
+                by: d.by.clone(),
+                comment: d.comment.clone(),
+            });
+        }
         if !approved {
             self.s.tasks[task as usize].phase = Phase::Failed;
             self.s.errors.insert(task, comment.clone());
@@ -703,9 +729,8 @@ impl Machine<'_> {
         for (task, _) in std::mem::take(&mut self.s.gates) {
             self.cancelled(task);
         }
-        for t in std::mem::take(&mut self.s.ready) {
-            self.s.tasks[t as usize].phase = Phase::Cancelled;
-        }
+        self.s.ready.clear();
+        self.cancel_unstarted();
         self.s.resume.clear();
         self.s.undoing = None;
         self.s.status = Some(ProjectStatus::Killed {

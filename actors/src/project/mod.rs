@@ -7,6 +7,8 @@
 //! approvals and kills while its tasks run. The plan itself is stored once, as JSON, under the
 //! same key in registry `project-plan`, and kept compiled in memory.
 
+mod api;
+mod generate;
 mod machine;
 mod plan;
 mod run;
@@ -18,17 +20,18 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use soma_adapters::{AuditEvent, Outcome};
 use soma_inference::GeneratorPool;
-use soma_supervision::{Context, DurableActor, HandlerError, Registry, RegistryOptions, Runtime};
+use soma_supervision::{Context, DurableActor, HandlerError, Registry, WeakRegistry};
 use tokio::sync::{Notify, Semaphore, broadcast, watch};
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::tenant::{Tenants, check_id};
+use crate::tenant::Tenants;
 use crate::toolcall::{ToolCalls, now_ms, split_key};
 
+pub use api::{ProjectInfo, ProjectSubscription, Projects, TaskInfo};
+pub use generate::{MAX_GENERATED_TASKS, PlanRequest};
 pub use machine::{
     Decided, EventKind as ProjectEventKind, Gate, MAX_PROJECT_EVENTS, Phase, ProjectEvent,
     ProjectState, ProjectStatus, RunOutcome,
@@ -167,17 +170,23 @@ struct Inflight {
     handle: Option<tokio::task::JoinHandle<()>>,
 }
 
+/// The events of one handled message, by its seq.
+type Unpublished = (u64, Vec<ProjectEvent>);
+
 /// What the project actors and their runners share.
 pub(crate) struct Shared {
     deps: ProjectDeps,
     options: ProjectOptions,
-    registry: OnceLock<Registry<ProjectActor>>,
+    /// Weak: the registry owns the actor, which owns this.
+    registry: OnceLock<WeakRegistry<ProjectActor>>,
     plans: Registry<PlanActor>,
     cache: Mutex<HashMap<String, Arc<Checked>>>,
     inflight: Mutex<HashMap<(String, u32, Work), Inflight>>,
     idle: Notify,
     tenant_slots: Mutex<HashMap<String, Arc<Semaphore>>>,
     hub: Mutex<HashMap<String, broadcast::Sender<ProjectEvent>>>,
+    /// Per project, events waiting for their message's commit before subscribers see them.
+    unpublished: Mutex<HashMap<String, VecDeque<Unpublished>>>,
 }
 
 impl Shared {
@@ -217,6 +226,52 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.to_string(), checked.clone());
         Ok(Some(checked))
+    }
+
+    /// Streams `events` of message `seq` once that message is handled (a subscriber that sees
+    /// an event reads a state that has it), in order, by one task per project at a time.
+    fn after_commit(self: &Arc<Self>, key: &str, seq: u64, events: Vec<ProjectEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut map = self.unpublished.lock().unwrap_or_else(|p| p.into_inner());
+        let start = !map.contains_key(key);
+        map.entry(key.to_string())
+            .or_default()
+            .push_back((seq, events));
+        if start {
+            tokio::spawn(self.clone().drain(key.to_string()));
+        }
+    }
+
+    async fn drain(self: Arc<Self>, key: String) {
+        loop {
+            let next = {
+                let mut map = self.unpublished.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(q) = map.get_mut(&key) else { return };
+                match q.pop_front() {
+                    Some(n) => n,
+                    None => {
+                        map.remove(&key);
+                        return;
+                    }
+                }
+            };
+            let (seq, events) = next;
+            let Some(registry) = self.registry.get().and_then(WeakRegistry::upgrade) else {
+                return;
+            };
+            if registry.wait_handled(&key, seq).await.is_err() {
+                self.unpublished
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
+                return;
+            }
+            for e in &events {
+                self.publish_live(&key, e);
+            }
+        }
     }
 
     fn publish_live(&self, key: &str, event: &ProjectEvent) {
@@ -304,16 +359,21 @@ fn outcome_of(kind: &ProjectEventKind) -> Outcome {
 }
 
 impl ProjectActor {
-    /// Streams the events after `before` and publishes them on `agent.audit`.
+    /// Publishes the events after `before` on `agent.audit`; returns them for the stream.
     async fn publish(
         &self,
         key: &str,
         s: &ProjectState,
         before: u64,
-    ) -> std::result::Result<(), HandlerError> {
+    ) -> std::result::Result<Vec<ProjectEvent>, HandlerError> {
         let (tenant, project) = split_key(key);
-        for e in s.events.iter().filter(|e| e.seq > before) {
-            self.shared.publish_live(key, e);
+        let new: Vec<ProjectEvent> = s
+            .events
+            .iter()
+            .filter(|e| e.seq > before)
+            .cloned()
+            .collect();
+        for e in &new {
             let audit = AuditEvent {
                 actor: format!("project/{project}"),
                 action: format!("project.{}", e.kind.name()),
@@ -328,7 +388,7 @@ impl ProjectActor {
                 .await
                 .map_err(HandlerError::new)?;
         }
-        Ok(())
+        Ok(new)
     }
 
     fn apply(
@@ -344,7 +404,7 @@ impl ProjectActor {
                 Effect::Run { task, attempt } => {
                     let spec = plan.plan.tasks[task as usize].clone();
                     let inputs = outputs_of(s, plan, &plan::referenced(&spec));
-                    let approved = s.decisions.get(&task).is_some_and(|d| d.approved);
+                    let decided = s.decisions.get(&task).filter(|d| d.approved).cloned();
                     let job = Job {
                         key: key.to_string(),
                         seq: ctx.seq(),
@@ -354,7 +414,7 @@ impl ProjectActor {
                         goal: s.goal.clone(),
                         user: s.user.clone(),
                         inputs,
-                        approved,
+                        decided,
                         undo: false,
                     };
                     self.shared.spawn(job, Work::Run(task));
@@ -373,12 +433,24 @@ impl ProjectActor {
                         goal: s.goal.clone(),
                         user: s.user.clone(),
                         inputs,
-                        approved: true,
+                        decided: None,
                         undo: true,
                     };
                     self.shared.spawn(job, Work::Undo);
                 }
                 Effect::Cancel { task } => self.shared.cancel(key, task),
+                Effect::RejectCall { call, by, comment } => {
+                    let calls = self.shared.deps.tool_calls.clone();
+                    let tenant = split_key(key).0.to_string();
+                    tokio::spawn(async move {
+                        match calls.reject(&tenant, &call, &by, &comment).await {
+                            Ok(_) | Err(Error::NotAwaiting { .. }) => {}
+                            Err(e) => {
+                                tracing::warn!(tenant, call, error = %e, "cannot reject a tool call");
+                            }
+                        }
+                    });
+                }
                 Effect::RetryAfter { task, after_ms } => ctx
                     .schedule(
                         Duration::from_millis(after_ms),
@@ -468,8 +540,10 @@ impl ProjectActor {
             metrics::counter!("soma_projects_ended_total", "status" => status.name()).increment(1);
             tracing::info!(project = key, status = status.name(), "project ended");
         }
-        self.publish(key, s, before).await?;
-        self.apply(ctx, key, s, &plan, effects)
+        let new = self.publish(key, s, before).await?;
+        self.apply(ctx, key, s, &plan, effects)?;
+        self.shared.after_commit(key, ctx.seq(), new);
+        Ok(())
     }
 }
 
@@ -530,558 +604,5 @@ impl DurableActor for PlanActor {
             PlanMsg::Erase => *s = None,
         }
         Ok(())
-    }
-}
-
-/// One task as read.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct TaskInfo {
-    /// Its id.
-    pub id: String,
-    /// What it does.
-    pub kind: TaskKind,
-    /// Where it stands.
-    pub phase: Phase,
-    /// Runs started.
-    pub attempts: u32,
-    /// What it waits for, when gated.
-    pub gate: Option<Gate>,
-    /// The human decision on it, if any.
-    pub decided: Option<Decided>,
-    /// Its output, once done.
-    pub output: Option<Value>,
-    /// Its last error, if a run failed.
-    pub error: Option<String>,
-}
-
-/// A project as read.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ProjectInfo {
-    /// Its id.
-    pub id: String,
-    /// Its goal.
-    pub goal: String,
-    /// Who started it.
-    pub user: String,
-    /// Where it stands.
-    pub status: ProjectStatus,
-    /// Its tasks, in plan order.
-    pub tasks: Vec<TaskInfo>,
-    /// Tasks done.
-    pub done: u32,
-    /// The seq of its newest event.
-    pub last_event: u64,
-    /// When it started, ms since the Unix epoch.
-    pub created_ms: u64,
-    /// When it ended, if it did.
-    pub ended_ms: Option<u64>,
-}
-
-impl ProjectInfo {
-    /// The task called `id`.
-    pub fn task(&self, id: &str) -> Option<&TaskInfo> {
-        self.tasks.iter().find(|t| t.id == id)
-    }
-}
-
-/// A subscription to a project: its kept events from the seq asked for, then live ones.
-#[derive(Debug)]
-pub struct ProjectSubscription {
-    backlog: VecDeque<ProjectEvent>,
-    live: broadcast::Receiver<ProjectEvent>,
-    last: u64,
-    project: String,
-}
-
-impl ProjectSubscription {
-    /// The next event; `None` when the project was erased or the runtime stopped.
-    /// [`Error::Lagged`] when this subscriber fell too far behind: resubscribe from the seq
-    /// it names.
-    pub async fn next(&mut self) -> Option<Result<ProjectEvent>> {
-        if let Some(e) = self.backlog.pop_front() {
-            self.last = e.seq;
-            return Some(Ok(e));
-        }
-        loop {
-            match self.live.recv().await {
-                Ok(e) if e.seq <= self.last => continue,
-                Ok(e) => {
-                    self.last = e.seq;
-                    return Some(Ok(e));
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    return Some(Err(Error::Lagged {
-                        session: self.project.clone(),
-                        missed: n,
-                        resume_from: self.last + 1,
-                    }));
-                }
-            }
-        }
-    }
-}
-
-/// The projects of a runtime.
-#[derive(Clone)]
-pub struct Projects {
-    registry: Registry<ProjectActor>,
-    plans: Registry<PlanActor>,
-    shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for Projects {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Projects").finish_non_exhaustive()
-    }
-}
-
-fn key(tenant: &str, id: &str) -> Result<String> {
-    check_id(tenant)?;
-    check_id(id)?;
-    Ok(format!("{tenant}/{id}"))
-}
-
-impl Projects {
-    /// The projects of `rt` (registries `project` and `project-plan`); the projects that had
-    /// not ended when the runtime last stopped go on.
-    pub async fn open(rt: &Runtime, deps: ProjectDeps, options: ProjectOptions) -> Result<Self> {
-        options.validate()?;
-        if let Some(m) = &options.default_model
-            && !deps.generators.contains_key(m)
-        {
-            return Err(Error::Config(format!(
-                "projects.default_model {m:?} is not loaded"
-            )));
-        }
-        let mut plan_options = RegistryOptions::new("project-plan");
-        plan_options.passivate_after_ms = Some(10_000);
-        let plans = rt.registry(PlanActor, plan_options).await?;
-        let shared = Arc::new(Shared {
-            deps,
-            options,
-            registry: OnceLock::new(),
-            plans: plans.clone(),
-            cache: Mutex::default(),
-            inflight: Mutex::default(),
-            idle: Notify::new(),
-            tenant_slots: Mutex::default(),
-            hub: Mutex::default(),
-        });
-        let mut project_options = RegistryOptions::new("project");
-        project_options.passivate_after_ms = Some(300_000);
-        // Reports of runs arrive in bursts: many wait rather than fail.
-        project_options.max_in_flight = 65_536;
-        let registry = rt
-            .registry(
-                ProjectActor {
-                    shared: shared.clone(),
-                },
-                project_options,
-            )
-            .await?;
-        let _ = shared.registry.set(registry.clone());
-        let projects = Self {
-            registry,
-            plans,
-            shared,
-        };
-        projects.resume_all().await?;
-        Ok(projects)
-    }
-
-    /// Sends `Resume` to every project that has not ended.
-    async fn resume_all(&self) -> Result<()> {
-        let mut resumed = 0u64;
-        for key in self.registry.keys("").await? {
-            let s = self.registry.state(&key).await?;
-            if s.exists && !s.status.as_ref().is_some_and(ProjectStatus::is_final) {
-                self.registry.send(&key, &ProjectMsg::Resume).await?;
-                resumed += 1;
-            }
-        }
-        if resumed > 0 {
-            tracing::info!(projects = resumed, "projects resumed");
-        }
-        Ok(())
-    }
-
-    /// Starts project `id` of `tenant` for `user`: `plan` is validated (an error names what is
-    /// wrong), stored, and its first wave dispatched before this returns.
-    pub async fn start(
-        &self,
-        tenant: &str,
-        id: &str,
-        user: &str,
-        goal: &str,
-        plan: Plan,
-    ) -> Result<ProjectInfo> {
-        let k = key(tenant, id)?;
-        check_id(user)?;
-        if goal.trim().is_empty() || goal.len() > MAX_GOAL {
-            return Err(Error::Invalid(format!(
-                "a goal is 1-{MAX_GOAL} bytes of text"
-            )));
-        }
-        let checked = plan.check(self.shared.deps.tool_calls.tools())?;
-        let default_model = self.shared.default_model();
-        for t in &checked.plan.tasks {
-            if t.kind != TaskKind::Agent {
-                continue;
-            }
-            match t.model.as_ref().or(default_model.as_ref()) {
-                Some(m) if self.shared.deps.generators.contains_key(m) => {}
-                Some(m) => {
-                    return Err(Error::InvalidPlan {
-                        task: Some(t.id.clone()),
-                        reason: format!(
-                            "model {m:?} is not loaded (loaded: {:?})",
-                            self.shared.deps.generators.keys().collect::<Vec<_>>()
-                        ),
-                    });
-                }
-                None => {
-                    return Err(Error::InvalidPlan {
-                        task: Some(t.id.clone()),
-                        reason: "no model is loaded for agent tasks".into(),
-                    });
-                }
-            }
-        }
-        self.shared.deps.tenants.get(tenant).await?;
-        let exists = || Error::AlreadyExists {
-            what: "project",
-            id: id.to_string(),
-        };
-        if self.registry.state(&k).await?.exists {
-            return Err(exists());
-        }
-        let text = serde_json::to_string(&checked.plan)
-            .map_err(|e| Error::Invalid(format!("the plan cannot be stored: {e}")))?;
-        // The start follows the plan's append; the project's handler waits for the plan's
-        // message to be handled before it reads the plan.
-        let plan_seq = self.plans.send(&k, &PlanMsg::Set(text.clone())).await?;
-        let seq = self
-            .registry
-            .send(
-                &k,
-                &ProjectMsg::Start {
-                    goal: goal.to_string(),
-                    user: user.to_string(),
-                    plan_seq,
-                },
-            )
-            .await?;
-        self.registry.wait_handled(&k, seq).await?;
-        if self.plans.state(&k).await?.as_deref() != Some(text.as_str()) {
-            // Another start of the same id stored its plan first.
-            return Err(exists());
-        }
-        self.status(tenant, id).await
-    }
-
-    async fn existing(&self, tenant: &str, id: &str) -> Result<(String, ProjectState)> {
-        let k = key(tenant, id)?;
-        let s = self.registry.state(&k).await?;
-        if s.exists && self.shared.deps.tenants.is_live(tenant).await? {
-            Ok((k, s))
-        } else {
-            Err(Error::NotFound {
-                what: "project",
-                id: id.to_string(),
-            })
-        }
-    }
-
-    async fn checked(&self, k: &str) -> Result<Arc<Checked>> {
-        self.shared
-            .plan(k)
-            .await
-            .map_err(|e| Error::Invalid(format!("the stored plan: {e}")))?
-            .ok_or_else(|| Error::NotFound {
-                what: "project plan",
-                id: k.to_string(),
-            })
-    }
-
-    /// Project `id` of `tenant` as it stands.
-    pub async fn status(&self, tenant: &str, id: &str) -> Result<ProjectInfo> {
-        let (k, s) = self.existing(tenant, id).await?;
-        let plan = self.checked(&k).await?;
-        let tasks = plan
-            .plan
-            .tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let i = i as u32;
-                let slot = s.tasks.get(i as usize);
-                TaskInfo {
-                    id: t.id.clone(),
-                    kind: t.kind,
-                    phase: slot.map_or(Phase::Waiting, |x| x.phase),
-                    attempts: slot.map_or(0, |x| x.attempts),
-                    gate: s.gates.get(&i).cloned(),
-                    decided: s.decisions.get(&i).cloned(),
-                    output: s.outputs.get(&i).map(|o| {
-                        serde_json::from_str(o).unwrap_or_else(|_| Value::String(o.clone()))
-                    }),
-                    error: s.errors.get(&i).cloned(),
-                }
-            })
-            .collect();
-        Ok(ProjectInfo {
-            id: id.to_string(),
-            goal: s.goal.clone(),
-            user: s.user.clone(),
-            status: s.status.clone().unwrap_or(ProjectStatus::Running),
-            tasks,
-            done: s.done,
-            last_event: s.next_event,
-            created_ms: s.created_ms,
-            ended_ms: s.ended_ms,
-        })
-    }
-
-    async fn task_index(&self, k: &str, task: &str) -> Result<u32> {
-        let plan = self.checked(k).await?;
-        plan.plan
-            .tasks
-            .iter()
-            .position(|t| t.id == task)
-            .map(|i| i as u32)
-            .ok_or_else(|| Error::NotFound {
-                what: "task",
-                id: task.to_string(),
-            })
-    }
-
-    async fn decide(
-        &self,
-        tenant: &str,
-        id: &str,
-        task: &str,
-        decided: Decided,
-    ) -> Result<ProjectInfo> {
-        let (k, s) = self.existing(tenant, id).await?;
-        let i = self.task_index(&k, task).await?;
-        if let Some(st) = s
-            .status
-            .as_ref()
-            .filter(|st| **st != ProjectStatus::Running)
-        {
-            return Err(Error::Ended {
-                what: "project",
-                id: id.to_string(),
-                status: st.name().into(),
-            });
-        }
-        let Some(gate) = s.gates.get(&i) else {
-            return Err(Error::NotAwaiting {
-                what: "task",
-                id: task.to_string(),
-            });
-        };
-        // A tool call the constitution escalated is decided on the call itself first.
-        if let Gate::ToolCall { call, .. } = gate {
-            let calls = &self.shared.deps.tool_calls;
-            let r = if decided.approved {
-                calls
-                    .approve(tenant, call, &decided.by, &decided.comment)
-                    .await
-            } else {
-                calls
-                    .reject(tenant, call, &decided.by, &decided.comment)
-                    .await
-            };
-            match r {
-                // Decided before (a retried approval after a crash): the project goes on.
-                Ok(_) | Err(Error::NotAwaiting { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let seq = self
-            .registry
-            .send(&k, &ProjectMsg::Decide { task: i, decided })
-            .await?;
-        self.registry.wait_handled(&k, seq).await?;
-        self.status(tenant, id).await
-    }
-
-    /// Approves gated task `task` of project `id`: it goes on.
-    pub async fn approve(
-        &self,
-        tenant: &str,
-        id: &str,
-        task: &str,
-        by: &str,
-        comment: &str,
-    ) -> Result<ProjectInfo> {
-        let decided = Decided {
-            approved: true,
-            by: by.to_string(),
-            comment: comment.to_string(),
-            at_ms: now_ms(),
-        };
-        self.decide(tenant, id, task, decided).await
-    }
-
-    /// Rejects gated task `task` of project `id`: it fails, and so does the project (after
-    /// its compensations).
-    pub async fn reject(
-        &self,
-        tenant: &str,
-        id: &str,
-        task: &str,
-        by: &str,
-        comment: &str,
-    ) -> Result<ProjectInfo> {
-        let decided = Decided {
-            approved: false,
-            by: by.to_string(),
-            comment: comment.to_string(),
-            at_ms: now_ms(),
-        };
-        self.decide(tenant, id, task, decided).await
-    }
-
-    /// Kills project `id`: running tasks are cancelled, nothing else starts, and it cannot
-    /// be resumed (it can still be read).
-    pub async fn kill(
-        &self,
-        tenant: &str,
-        id: &str,
-        by: &str,
-        reason: &str,
-    ) -> Result<ProjectInfo> {
-        let (k, s) = self.existing(tenant, id).await?;
-        if let Some(st) = s.status.as_ref().filter(|st| st.is_final()) {
-            return Err(Error::Ended {
-                what: "project",
-                id: id.to_string(),
-                status: st.name().into(),
-            });
-        }
-        let seq = self
-            .registry
-            .send(
-                &k,
-                &ProjectMsg::Kill {
-                    by: by.to_string(),
-                    reason: reason.to_string(),
-                },
-            )
-            .await?;
-        self.registry.wait_handled(&k, seq).await?;
-        self.status(tenant, id).await
-    }
-
-    /// Kills every project of `tenant` that has not ended; returns how many.
-    pub async fn kill_tenant(&self, tenant: &str, by: &str, reason: &str) -> Result<usize> {
-        check_id(tenant)?;
-        let mut waits = Vec::new();
-        for k in self.registry.keys(&format!("{tenant}/")).await? {
-            let s = self.registry.state(&k).await?;
-            if !s.exists || s.status.as_ref().is_some_and(ProjectStatus::is_final) {
-                continue;
-            }
-            let msg = ProjectMsg::Kill {
-                by: by.to_string(),
-                reason: reason.to_string(),
-            };
-            waits.push((k.clone(), self.registry.send(&k, &msg).await?));
-        }
-        for (k, seq) in &waits {
-            self.registry.wait_handled(k, *seq).await?;
-        }
-        Ok(waits.len())
-    }
-
-    /// The events of project `id` from seq `from` (1 for all kept), then live ones.
-    /// [`Error::EventsGone`] if events from `from` on are no longer all kept.
-    pub async fn subscribe(
-        &self,
-        tenant: &str,
-        id: &str,
-        from: u64,
-    ) -> Result<ProjectSubscription> {
-        let k = key(tenant, id)?;
-        let live = {
-            let mut map = self.shared.hub.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(k.clone())
-                .or_insert_with(|| broadcast::channel(PROJECT_LIVE_BUFFER).0)
-                .subscribe()
-        };
-        let (_, s) = self.existing(tenant, id).await?;
-        // Past the newest event: from the next one.
-        let from = from.max(1).min(s.next_event + 1);
-        let oldest = s.events.front().map_or(s.next_event + 1, |e| e.seq);
-        if from < oldest && from <= s.next_event {
-            return Err(Error::EventsGone {
-                what: "project",
-                id: id.to_string(),
-                oldest,
-            });
-        }
-        let backlog: VecDeque<ProjectEvent> =
-            s.events.iter().filter(|e| e.seq >= from).cloned().collect();
-        Ok(ProjectSubscription {
-            last: from - 1,
-            backlog,
-            live,
-            project: id.to_string(),
-        })
-    }
-
-    /// Waits until project `id` has ended, and returns it.
-    pub async fn wait_ended(&self, tenant: &str, id: &str) -> Result<ProjectInfo> {
-        let mut sub = self.subscribe(tenant, id, u64::MAX).await?;
-        loop {
-            let info = self.status(tenant, id).await?;
-            if info.status.is_final() {
-                return Ok(info);
-            }
-            match sub.next().await {
-                Some(Ok(_)) => {}
-                Some(Err(Error::Lagged { .. })) => {
-                    sub = self.subscribe(tenant, id, u64::MAX).await?;
-                }
-                Some(Err(e)) => return Err(e),
-                None => {
-                    return Err(Error::Runtime(soma_supervision::Error::Stopped {
-                        what: "projects",
-                    }));
-                }
-            }
-        }
-    }
-
-    /// Stops every runner of this process without reporting (their runs resume when the
-    /// projects are opened again); call before the runtime's shutdown.
-    pub async fn shutdown(&self) {
-        let runners: Vec<Inflight> = {
-            let mut map = self
-                .shared
-                .inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            map.drain().map(|(_, v)| v).collect()
-        };
-        for r in runners {
-            if let Some(h) = r.handle {
-                h.abort();
-                let _ = h.await;
-            }
-        }
-        metrics::gauge!("soma_project_runners").set(0.0);
-    }
-
-    /// Runners under way in this process.
-    pub fn runners(&self) -> usize {
-        self.shared
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
     }
 }

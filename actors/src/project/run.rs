@@ -14,6 +14,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use soma_inference::{ChatMessage, GenerateRequest, GenerationEvent, Prompt, SamplingParams};
+use soma_supervision::WeakRegistry;
 use tokio::sync::watch;
 
 use super::machine::{Gate, RunOutcome};
@@ -36,8 +37,9 @@ pub(crate) struct Job {
     pub(crate) user: String,
     /// The outputs it references, by task id.
     pub(crate) inputs: BTreeMap<String, Value>,
-    /// A human approved its start (the constitution is not asked again).
-    pub(crate) approved: bool,
+    /// A human approved it (its start is not decided again; an escalated tool call of it is
+    /// approved with this decision).
+    pub(crate) decided: Option<super::machine::Decided>,
     /// A compensation rather than the task itself.
     pub(crate) undo: bool,
 }
@@ -85,7 +87,7 @@ fn failed(error: impl std::fmt::Display, retryable: bool) -> RunOutcome {
 impl Shared {
     /// Runs `job` and reports how it ended to the project.
     pub(crate) async fn run(self: Arc<Self>, job: Job, mut cancel: watch::Receiver<bool>) {
-        let Some(registry) = self.registry.get() else {
+        let Some(registry) = self.registry.get().and_then(WeakRegistry::upgrade) else {
             return;
         };
         // Only once the dispatching handler has committed (or its message was given up).
@@ -149,7 +151,7 @@ impl Shared {
 
     /// The constitution's word on starting the task (`None`: go).
     async fn start_gate(&self, job: &Job) -> Option<RunOutcome> {
-        if job.approved {
+        if job.decided.is_some() {
             return None;
         }
         let resource = json!({
@@ -218,6 +220,16 @@ impl Shared {
             principal: job.principal(),
             session: None,
         };
+        // A call the constitution escalated and a human approved through the project.
+        if let Some(d) = &job.decided
+            && let Ok(r) = calls.get(tenant, &id).await
+            && matches!(r.status, Some(CallStatus::Awaiting { .. }))
+        {
+            match calls.approve(tenant, &id, &d.by, &d.comment).await {
+                Ok(_) | Err(Error::NotAwaiting { .. }) => {}
+                Err(e) => return failed(format!("approving the tool call: {e}"), true),
+            }
+        }
         let call = calls.call(tenant, &id, req);
         tokio::pin!(call);
         let first = tokio::select! {

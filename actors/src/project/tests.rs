@@ -217,7 +217,7 @@ impl Sim {
                 Effect::RetryAfter { task, .. } => {
                     self.retries.insert(task);
                 }
-                Effect::TimeoutAfter { .. } => {}
+                Effect::TimeoutAfter { .. } | Effect::RejectCall { .. } => {}
             }
         }
         let running = self.s.running.len() as u32;
@@ -400,7 +400,7 @@ fn a_kill_cancels_what_runs_and_starts_nothing() {
         assert!(fx.is_empty());
     }
     assert!(matches!(sim.s.status, Some(ProjectStatus::Killed { .. })));
-    assert_eq!(sim.s.tasks[2].phase, Phase::Waiting);
+    assert_eq!(sim.s.tasks[2].phase, Phase::Cancelled);
     assert!(sim.machine().kill("ops".into(), "again".into()).is_err());
 }
 
