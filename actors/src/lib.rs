@@ -28,11 +28,13 @@ pub use constitution::{
 pub use directory::{DirectoryActor, DirectoryMsg, Listing};
 pub use error::{Error, Result};
 pub use project::{
-    Checked, Compensation, Decided, Gate, MAX_ATTEMPTS, MAX_DEPENDENCIES, MAX_GENERATED_TASKS,
+    Capsule, CapsuleActor, CapsuleMsg, CapsuleParam, CapsuleVersion, Checked, Compensation,
+    Decided, Gate, MAX_ATTEMPTS, MAX_CAPSULE_VERSIONS, MAX_DEPENDENCIES, MAX_GENERATED_TASKS,
     MAX_GOAL, MAX_PARALLEL, MAX_PROJECT_EVENTS, MAX_TASK_TEXT, MAX_TASKS, PROJECT_LIVE_BUFFER,
-    Phase, Plan, PlanActor, PlanMsg, PlanRequest, ProjectActor, ProjectDeps, ProjectEvent,
-    ProjectEventKind, ProjectInfo, ProjectMsg, ProjectOptions, ProjectState, ProjectStatus,
-    ProjectSubscription, Projects, RunOutcome, TaskInfo, TaskKind, TaskRetry, TaskSpec,
+    ParamType, Phase, Plan, PlanActor, PlanMsg, PlanRequest, ProjectActor, ProjectDeps,
+    ProjectEvent, ProjectEventKind, ProjectInfo, ProjectMsg, ProjectOptions, ProjectState,
+    ProjectStatus, ProjectSubscription, Projects, RunOutcome, TaskInfo, TaskKind, TaskRetry,
+    TaskSpec,
 };
 pub use session::{
     Approval, ErasureReport, EventKind, HISTORY_ENTRIES, LIVE_BUFFER, MAX_DEFERRED,

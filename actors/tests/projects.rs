@@ -631,3 +631,108 @@ async fn a_plan_written_by_smollm2_under_the_schema_validates_and_runs() {
     }
     close(n).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capsules_are_versioned_templates_whose_arguments_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::default();
+    let n = open(dir.path(), &log, false).await;
+    let capsule: soma_actors::Capsule = serde_json::from_value(json!({
+        "description": "build then ship",
+        "params": {
+            "target": {"type": "string"},
+            "copies": {"type": "integer", "default": 2}
+        },
+        "plan": {"tasks": [
+            {"id": "build", "kind": "tool", "tool": "t.work", "arguments": {"task": "build-{{params.target}}"}},
+            {"id": "ship", "kind": "tool", "tool": "t.work", "arguments": {"task": "ship-{{params.target}}x{{params.copies}}"}, "depends_on": ["build"]}
+        ]}
+    }))
+    .unwrap();
+    assert_eq!(
+        n.projects
+            .create_capsule("acme", "release", &capsule)
+            .await
+            .unwrap(),
+        1
+    );
+    let mut v2 = capsule.clone();
+    v2.description = "version two".into();
+    assert_eq!(
+        n.projects
+            .create_capsule("acme", "release", &v2)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        n.projects.capsules("acme").await.unwrap(),
+        [("release".to_string(), 2)]
+    );
+    assert_eq!(
+        n.projects
+            .capsule("acme", "release", Some(1))
+            .await
+            .unwrap()
+            .1,
+        capsule
+    );
+    let args = |v: Value| v.as_object().unwrap().clone();
+    let info = n
+        .projects
+        .start_from_capsule(
+            "acme",
+            "c1",
+            "alice",
+            "ship web",
+            "release",
+            None,
+            &args(json!({"target": "web"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(info.tasks.len(), 2);
+    n.projects.wait_ended("acme", "c1").await.unwrap();
+    assert_eq!(log.lines(), ["t.work:build-web", "t.work:ship-webx2"]);
+    for (bad, want) in [
+        (json!({}), "\"target\" is required"),
+        (json!({"target": 3}), "must be of type string"),
+        (json!({"target": "x", "copies": "two"}), "must be of type integer"),
+        (
+            json!({"target": "x", "colour": "red"}),
+            "no parameter \"colour\"",
+        ),
+    ] {
+        let e = n
+            .projects
+            .start_from_capsule("acme", "c2", "alice", "g", "release", Some(1), &args(bad))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains(want), "{e} (wanted {want})");
+    }
+    // A template that is not a valid plan is refused when it is created.
+    let mut broken = capsule.clone();
+    broken.plan["tasks"][0]["tool"] = json!("nope");
+    let e = n
+        .projects
+        .create_capsule("acme", "bad", &broken)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown tool"), "{e}");
+    let mut unknown = capsule;
+    unknown.plan["tasks"][0]["arguments"]["task"] = json!("{{params.missing}}");
+    let e = n
+        .projects
+        .create_capsule("acme", "bad", &unknown)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("unknown parameter \"missing\""),
+        "{e}"
+    );
+    assert!(matches!(
+        n.projects.capsule("acme", "bad", None).await,
+        Err(Error::NotFound { .. })
+    ));
+    close(n).await;
+}

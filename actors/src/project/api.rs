@@ -8,6 +8,7 @@ use serde_json::Value;
 use soma_supervision::{Registry, RegistryOptions, Runtime};
 use tokio::sync::{Notify, broadcast};
 
+use super::capsule::CapsuleActor;
 use super::machine::{Decided, Gate, Phase, ProjectEvent, ProjectState, ProjectStatus};
 use super::plan::{Checked, Plan, TaskKind};
 use super::{
@@ -112,6 +113,7 @@ impl ProjectSubscription {
 pub struct Projects {
     registry: Registry<ProjectActor>,
     plans: Registry<PlanActor>,
+    capsules: Registry<CapsuleActor>,
     pub(super) shared: Arc<Shared>,
 }
 
@@ -142,6 +144,9 @@ impl Projects {
         let mut plan_options = RegistryOptions::new("project-plan");
         plan_options.passivate_after_ms = Some(10_000);
         let plans = rt.registry(PlanActor, plan_options).await?;
+        let mut capsule_options = RegistryOptions::new("capsule");
+        capsule_options.passivate_after_ms = Some(10_000);
+        let capsules = rt.registry(CapsuleActor, capsule_options).await?;
         let shared = Arc::new(Shared {
             deps,
             options,
@@ -170,10 +175,15 @@ impl Projects {
         let projects = Self {
             registry,
             plans,
+            capsules,
             shared,
         };
         projects.resume_all().await?;
         Ok(projects)
+    }
+
+    pub(super) fn capsules_reg(&self) -> &Registry<CapsuleActor> {
+        &self.capsules
     }
 
     /// Sends `Resume` to every project that has not ended.

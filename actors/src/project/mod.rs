@@ -8,6 +8,7 @@
 //! same key in registry `project-plan`, and kept compiled in memory.
 
 mod api;
+mod capsule;
 mod generate;
 mod machine;
 mod plan;
@@ -31,6 +32,10 @@ use crate::tenant::Tenants;
 use crate::toolcall::{ToolCalls, now_ms, split_key};
 
 pub use api::{ProjectInfo, ProjectSubscription, Projects, TaskInfo};
+pub use capsule::{
+    Capsule, CapsuleActor, CapsuleMsg, CapsuleParam, CapsuleVersion, MAX_CAPSULE_VERSIONS,
+    ParamType,
+};
 pub use generate::{MAX_GENERATED_TASKS, PlanRequest};
 pub use machine::{
     Decided, EventKind as ProjectEventKind, Gate, MAX_PROJECT_EVENTS, Phase, ProjectEvent,
