@@ -139,6 +139,10 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ProjectStatus> {
     let text = std::fs::read_to_string(&args.plan)
         .with_context(|| format!("reading the plan {}", args.plan.display()))?;
     let plan = Plan::from_json(&text).with_context(|| args.plan.display().to_string())?;
+    // The waves below need a plan without cycles; the tools are checked at the start.
+    plan.clone()
+        .compile()
+        .with_context(|| args.plan.display().to_string())?;
     let id = args.id.clone().unwrap_or_else(|| id_from(&args.plan));
     std::fs::create_dir_all(&args.data).with_context(|| format!("data {}", args.data.display()))?;
     let rt = soma_supervision::Runtime::open(soma_supervision::RuntimeOptions::new(

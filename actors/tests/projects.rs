@@ -697,7 +697,10 @@ async fn capsules_are_versioned_templates_whose_arguments_are_checked() {
     for (bad, want) in [
         (json!({}), "\"target\" is required"),
         (json!({"target": 3}), "must be of type string"),
-        (json!({"target": "x", "copies": "two"}), "must be of type integer"),
+        (
+            json!({"target": "x", "copies": "two"}),
+            "must be of type integer",
+        ),
         (
             json!({"target": "x", "colour": "red"}),
             "no parameter \"colour\"",

@@ -265,6 +265,7 @@ impl Projects {
                     goal: goal.to_string(),
                     user: user.to_string(),
                     plan_seq,
+                    plan_digest: super::digest(&text),
                 },
             )
             .await?;

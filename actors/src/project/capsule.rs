@@ -154,6 +154,11 @@ fn fill(v: &Value, args: &Map<String, Value>) -> std::result::Result<Value, Stri
         Value::String(s) => {
             let mut out = String::new();
             let mut rest = s.as_str();
+            // Exactly one reference and nothing else: the value itself.
+            let single = s.starts_with("{{params.")
+                && s.ends_with("}}")
+                && s.matches("{{").count() == 1
+                && s.matches("}}").count() == 1;
             let mut whole: Option<Value> = None;
             while let Some(at) = rest.find("{{params.") {
                 let Some(end) = rest[at..].find("}}") else {
@@ -163,7 +168,7 @@ fn fill(v: &Value, args: &Map<String, Value>) -> std::result::Result<Value, Stri
                 let value = args
                     .get(name)
                     .ok_or_else(|| format!("the template uses unknown parameter {name:?}"))?;
-                if at == 0 && at + end + 2 == rest.len() && out.is_empty() {
+                if single {
                     whole = Some(value.clone());
                 }
                 out.push_str(&rest[..at]);

@@ -309,6 +309,8 @@ pub(crate) enum Effect {
         task: u32,
         /// The attempt.
         attempt: u32,
+        /// It goes on after a human approved its escalated tool call.
+        resumed: bool,
     },
     /// Cancel the runner of `task` (it reports how it ended).
     Cancel {
@@ -361,6 +363,8 @@ pub(crate) struct Machine<'a> {
     pub(crate) s: &'a mut ProjectState,
     pub(crate) plan: &'a Checked,
     pub(crate) now_ms: u64,
+    /// Every event this machine emitted (the state keeps only the last ones).
+    pub(crate) emitted: Vec<ProjectEvent>,
 }
 
 impl Machine<'_> {
@@ -370,11 +374,13 @@ impl Machine<'_> {
 
     fn emit(&mut self, kind: EventKind) {
         self.s.next_event += 1;
-        self.s.events.push_back(ProjectEvent {
+        let event = ProjectEvent {
             seq: self.s.next_event,
             at_ms: self.now_ms,
             kind,
-        });
+        };
+        self.emitted.push(event.clone());
+        self.s.events.push_back(event);
         while self.s.events.len() > MAX_PROJECT_EVENTS {
             self.s.events.pop_front();
         }
@@ -447,8 +453,13 @@ impl Machine<'_> {
                 let id = self.id(task);
                 self.emit(EventKind::TaskStarted { task: id, attempt });
             }
-            effects.push(Effect::Run { task, attempt });
-            if let Some(after_ms) = timeout {
+            effects.push(Effect::Run {
+                task,
+                attempt,
+                resumed,
+            });
+            // A resumed run keeps the deadline its attempt was given when it started.
+            if let Some(after_ms) = timeout.filter(|_| !resumed) {
                 effects.push(Effect::TimeoutAfter {
                     task,
                     attempt,
@@ -478,6 +489,16 @@ impl Machine<'_> {
         match outcome {
             RunOutcome::Done { output } => self.done(task, output),
             RunOutcome::Cancelled => self.cancelled(task),
+            RunOutcome::Gated {
+                gate: Gate::ToolCall { call, .. },
+            } if failing || !self.running_status() => {
+                effects.push(Effect::RejectCall {
+                    call,
+                    by: "project".into(),
+                    comment: "the project no longer runs".into(),
+                });
+                self.cancelled(task);
+            }
             RunOutcome::Gated { .. } if failing || !self.running_status() => self.cancelled(task),
             RunOutcome::Gated { gate } => self.gate(task, gate),
             RunOutcome::Failed { error, .. } if failing => {
@@ -564,20 +585,33 @@ impl Machine<'_> {
         }
     }
 
+    /// Cancels every gated task; an escalated tool call among them is rejected, so that it
+    /// cannot be approved and run on its own later.
+    fn cancel_gates(&mut self, why: &str) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        for (t, gate) in std::mem::take(&mut self.s.gates) {
+            if let Gate::ToolCall { call, .. } = gate {
+                effects.push(Effect::RejectCall {
+                    call,
+                    by: "project".into(),
+                    comment: why.to_string(),
+                });
+            }
+            self.cancelled(t);
+        }
+        effects
+    }
+
     /// The project fails because of `task`: nothing new starts; running tasks are cancelled.
     fn fail(&mut self, task: String, error: String) -> Vec<Effect> {
+        let why = format!("the project failed at {task}");
         self.s.status = Some(ProjectStatus::Failing { task, error });
         self.s.ready.clear();
         self.cancel_unstarted();
         self.s.resume.clear();
-        for (t, _) in std::mem::take(&mut self.s.gates) {
-            self.cancelled(t);
-        }
-        self.s
-            .running
-            .keys()
-            .map(|&task| Effect::Cancel { task })
-            .collect()
+        let mut effects = self.cancel_gates(&why);
+        effects.extend(self.s.running.keys().map(|&task| Effect::Cancel { task }));
+        effects
     }
 
     /// Moves the project on once nothing runs: success, or the next compensation.
@@ -717,7 +751,7 @@ impl Machine<'_> {
         if self.s.status.as_ref().is_none_or(ProjectStatus::is_final) {
             return Err(Refusal::Ended);
         }
-        let effects = self
+        let mut effects: Vec<Effect> = self
             .s
             .running
             .keys()
@@ -726,9 +760,7 @@ impl Machine<'_> {
         for (task, _) in std::mem::take(&mut self.s.running) {
             self.cancelled(task);
         }
-        for (task, _) in std::mem::take(&mut self.s.gates) {
-            self.cancelled(task);
-        }
+        effects.extend(self.cancel_gates(&format!("the project was killed by {by}: {reason}")));
         self.s.ready.clear();
         self.cancel_unstarted();
         self.s.resume.clear();
@@ -742,14 +774,21 @@ impl Machine<'_> {
         Ok(effects)
     }
 
-    /// After a restart: the runs and the compensation the state says are under way.
+    /// After a restart: the runs and the compensation the state says are under way (runs
+    /// that were being cancelled are cancelled again).
     pub(crate) fn resume(&self) -> Vec<Effect> {
-        let mut effects: Vec<Effect> = self
-            .s
-            .running
-            .iter()
-            .map(|(&task, &attempt)| Effect::Run { task, attempt })
-            .collect();
+        let failing = matches!(self.s.status, Some(ProjectStatus::Failing { .. }));
+        let mut effects = Vec::new();
+        for (&task, &attempt) in &self.s.running {
+            effects.push(Effect::Run {
+                task,
+                attempt,
+                resumed: false,
+            });
+            if failing {
+                effects.push(Effect::Cancel { task });
+            }
+        }
         if let Some(task) = self.s.undoing {
             effects.push(Effect::Compensate { task });
         }

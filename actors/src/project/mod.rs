@@ -65,6 +65,9 @@ pub enum ProjectMsg {
         user: String,
         /// The seq of the plan's message in `project-plan` (sent alongside).
         plan_seq: u64,
+        /// The sha256 of the plan's text: a start whose plan is not the one stored (another
+        /// start of the same id stored its plan first) starts nothing.
+        plan_digest: String,
     },
     /// A runner reports a run.
     Ran {
@@ -167,7 +170,7 @@ impl ProjectOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Work {
     Run(u32),
-    Undo,
+    Undo(u32),
 }
 
 struct Inflight {
@@ -223,7 +226,7 @@ impl Shared {
             return Ok(None);
         };
         let checked = Plan::from_json(&text)
-            .and_then(|p| p.check(self.deps.tool_calls.tools()))
+            .and_then(Plan::compile)
             .map_err(HandlerError::new)?;
         let checked = Arc::new(checked);
         self.cache
@@ -316,7 +319,7 @@ impl Shared {
     /// A runner ends.
     fn finished(&self, job: &Job) {
         let work = if job.undo {
-            Work::Undo
+            Work::Undo(job.task)
         } else {
             Work::Run(job.task)
         };
@@ -337,6 +340,12 @@ impl Shared {
             }
         }
     }
+}
+
+/// The sha256 of a plan's text, hex.
+pub(crate) fn digest(text: &str) -> String {
+    use sha2::Digest;
+    crate::constitution::hex(&sha2::Sha256::digest(text.as_bytes()))
 }
 
 /// The project actor.
@@ -368,16 +377,9 @@ impl ProjectActor {
     async fn publish(
         &self,
         key: &str,
-        s: &ProjectState,
-        before: u64,
+        new: Vec<ProjectEvent>,
     ) -> std::result::Result<Vec<ProjectEvent>, HandlerError> {
         let (tenant, project) = split_key(key);
-        let new: Vec<ProjectEvent> = s
-            .events
-            .iter()
-            .filter(|e| e.seq > before)
-            .cloned()
-            .collect();
         for e in &new {
             let audit = AuditEvent {
                 actor: format!("project/{project}"),
@@ -406,10 +408,17 @@ impl ProjectActor {
     ) -> std::result::Result<(), HandlerError> {
         for effect in effects {
             match effect {
-                Effect::Run { task, attempt } => {
+                Effect::Run {
+                    task,
+                    attempt,
+                    resumed,
+                } => {
                     let spec = plan.plan.tasks[task as usize].clone();
                     let inputs = outputs_of(s, plan, &plan::referenced(&spec));
                     let decided = s.decisions.get(&task).filter(|d| d.approved).cloned();
+                    // Only a run resumed right after its tool call's approval carries that
+                    // approval to the call.
+                    let approve_call = decided.clone().filter(|_| resumed);
                     let job = Job {
                         key: key.to_string(),
                         seq: ctx.seq(),
@@ -420,6 +429,7 @@ impl ProjectActor {
                         user: s.user.clone(),
                         inputs,
                         decided,
+                        approve_call,
                         undo: false,
                     };
                     self.shared.spawn(job, Work::Run(task));
@@ -439,9 +449,10 @@ impl ProjectActor {
                         user: s.user.clone(),
                         inputs,
                         decided: None,
+                        approve_call: None,
                         undo: true,
                     };
-                    self.shared.spawn(job, Work::Undo);
+                    self.shared.spawn(job, Work::Undo(task));
                 }
                 Effect::Cancel { task } => self.shared.cancel(key, task),
                 Effect::RejectCall { call, by, comment } => {
@@ -493,22 +504,31 @@ impl ProjectActor {
                 .remove(key);
             return Ok(());
         }
-        if let ProjectMsg::Start { plan_seq, .. } = &msg {
-            self.shared
-                .plans
+        if let ProjectMsg::Start {
+            plan_seq,
+            plan_digest,
+            ..
+        } = &msg
+        {
+            let plans = &self.shared.plans;
+            plans
                 .wait_handled(key, *plan_seq)
                 .await
                 .map_err(HandlerError::new)?;
+            let stored = plans.state(key).await.map_err(HandlerError::new)?;
+            if stored.as_deref().map(digest).as_ref() != Some(plan_digest) {
+                return Ok(());
+            }
         }
         let Some(plan) = self.shared.plan(key).await? else {
             return Ok(());
         };
-        let before = s.next_event;
         let was_final = s.status.as_ref().is_some_and(ProjectStatus::is_final);
         let mut m = Machine {
             s,
             plan: &plan,
             now_ms: now_ms(),
+            emitted: Vec::new(),
         };
         let effects = match msg {
             ProjectMsg::Start { goal, user, .. } => {
@@ -541,11 +561,12 @@ impl ProjectActor {
             ProjectMsg::Resume => m.resume(),
             ProjectMsg::Erase => Vec::new(),
         };
+        let emitted = std::mem::take(&mut m.emitted);
         if !was_final && let Some(status) = s.status.as_ref().filter(|st| st.is_final()) {
             metrics::counter!("soma_projects_ended_total", "status" => status.name()).increment(1);
             tracing::info!(project = key, status = status.name(), "project ended");
         }
-        let new = self.publish(key, s, before).await?;
+        let new = self.publish(key, emitted).await?;
         self.apply(ctx, key, s, &plan, effects)?;
         self.shared.after_commit(key, ctx.seq(), new);
         Ok(())

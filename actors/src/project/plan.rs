@@ -230,7 +230,7 @@ impl TaskSpec {
         out
     }
 
-    fn check_shape(&self, tools: &ToolRegistry) -> Result<()> {
+    fn check_shape(&self, tools: Option<&ToolRegistry>) -> Result<()> {
         let id = Some(self.id.as_str());
         let no = |field: &str, present: bool| {
             if present {
@@ -306,11 +306,16 @@ impl TaskSpec {
             }
         }
         let size = self.prompt.as_ref().map_or(0, String::len)
-            + self.arguments.as_ref().map_or(0, |a| a.to_string().len());
+            + self.system_prompt.as_ref().map_or(0, String::len)
+            + self.arguments.as_ref().map_or(0, |a| a.to_string().len())
+            + self
+                .compensation
+                .as_ref()
+                .map_or(0, |c| c.arguments.to_string().len());
         if size > MAX_TASK_TEXT {
             return Err(invalid(
                 id,
-                format!("the prompt and arguments are {size} bytes, over {MAX_TASK_TEXT}"),
+                format!("the prompts and arguments are {size} bytes, over {MAX_TASK_TEXT}"),
             ));
         }
         if self.depends_on.len() > MAX_DEPENDENCIES {
@@ -326,7 +331,10 @@ impl TaskSpec {
     }
 }
 
-fn check_tool(task: Option<&str>, tool: &str, tools: &ToolRegistry) -> Result<()> {
+fn check_tool(task: Option<&str>, tool: &str, tools: Option<&ToolRegistry>) -> Result<()> {
+    let Some(tools) = tools else {
+        return Ok(());
+    };
     if tools.get(tool).is_none() {
         return Err(invalid(
             task,
@@ -353,6 +361,16 @@ impl Plan {
     /// Validates the plan against the registered `tools`: ids, shapes, dependencies (unknown
     /// ones, cycles: the error names one), references (only to tasks it depends on), limits.
     pub fn check(self, tools: &ToolRegistry) -> Result<Checked> {
+        self.check_with(Some(tools))
+    }
+
+    /// As [`check`](Self::check) without the tools: for a stored plan, whose tools may have
+    /// gone since (a run of an unknown tool then fails its task).
+    pub fn compile(self) -> Result<Checked> {
+        self.check_with(None)
+    }
+
+    fn check_with(self, tools: Option<&ToolRegistry>) -> Result<Checked> {
         if self.tasks.is_empty() {
             return Err(invalid(None, "the plan has no tasks"));
         }
@@ -412,16 +430,7 @@ impl Plan {
                 ),
             )
         })?;
-        // Ancestors, in topological order, for the reference check.
-        let mut ancestors: Vec<BTreeSet<u32>> = vec![BTreeSet::new(); n];
-        for &i in &order {
-            let mut a = BTreeSet::new();
-            for &d in &deps[i as usize] {
-                a.insert(d);
-                a.extend(ancestors[d as usize].iter().copied());
-            }
-            ancestors[i as usize] = a;
-        }
+        let _ = order;
         for (i, t) in self.tasks.iter().enumerate() {
             for (text, own) in t.texts() {
                 let refs = references(text).map_err(|e| invalid(Some(&t.id), e))?;
@@ -437,7 +446,7 @@ impl Plan {
                             ));
                         }
                         Some(&j) if own && j as usize == i => {}
-                        Some(j) if !ancestors[i].contains(j) => {
+                        Some(&j) if !reaches(&deps, i as u32, j) => {
                             return Err(invalid(
                                 Some(&t.id),
                                 format!(
@@ -457,6 +466,30 @@ impl Plan {
             max_parallel,
         })
     }
+}
+
+/// Whether `to` is among the dependencies of `from`, directly or through others.
+fn reaches(deps: &[Vec<u32>], from: u32, to: u32) -> bool {
+    if deps[from as usize].contains(&to) {
+        return true;
+    }
+    let mut seen = vec![false; deps.len()];
+    let mut stack: Vec<u32> = deps[from as usize].clone();
+    while let Some(t) = stack.pop() {
+        if t == to {
+            return true;
+        }
+        if std::mem::replace(&mut seen[t as usize], true) {
+            continue;
+        }
+        stack.extend(
+            deps[t as usize]
+                .iter()
+                .copied()
+                .filter(|&d| !seen[d as usize]),
+        );
+    }
+    false
 }
 
 /// A topological order, or one cycle (task indexes, the first repeated at the end).

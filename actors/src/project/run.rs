@@ -40,6 +40,8 @@ pub(crate) struct Job {
     /// A human approved it (its start is not decided again; an escalated tool call of it is
     /// approved with this decision).
     pub(crate) decided: Option<super::machine::Decided>,
+    /// The approval of its escalated tool call, when it goes on right after one.
+    pub(crate) approve_call: Option<super::machine::Decided>,
     /// A compensation rather than the task itself.
     pub(crate) undo: bool,
 }
@@ -88,10 +90,12 @@ impl Shared {
     /// Runs `job` and reports how it ended to the project.
     pub(crate) async fn run(self: Arc<Self>, job: Job, mut cancel: watch::Receiver<bool>) {
         let Some(registry) = self.registry.get().and_then(WeakRegistry::upgrade) else {
+            self.finished(&job);
             return;
         };
         // Only once the dispatching handler has committed (or its message was given up).
         if registry.wait_handled(&job.key, job.seq).await.is_err() {
+            self.finished(&job);
             return;
         }
         let slots = self.tenant_slots(job.tenant());
@@ -142,11 +146,13 @@ impl Shared {
                 outcome,
             }
         };
+        // Done before the report: the report's handling may dispatch the same work again (the
+        // next compensation, a run resumed after an approval).
+        self.finished(&job);
         if let Err(e) = registry.send(&job.key, &msg).await {
             // The runtime stops: the run is resumed from the state after the restart.
             tracing::warn!(project = %job.key, task = %job.spec.id, error = %e, "cannot report a task run");
         }
-        self.finished(&job);
     }
 
     /// The constitution's word on starting the task (`None`: go).
@@ -221,7 +227,7 @@ impl Shared {
             session: None,
         };
         // A call the constitution escalated and a human approved through the project.
-        if let Some(d) = &job.decided
+        if let Some(d) = &job.approve_call
             && let Ok(r) = calls.get(tenant, &id).await
             && matches!(r.status, Some(CallStatus::Awaiting { .. }))
         {

@@ -184,13 +184,14 @@ impl Sim {
             s: &mut self.s,
             plan: &self.plan,
             now_ms: self.now,
+            emitted: Vec::new(),
         }
     }
 
     fn apply(&mut self, effects: Vec<Effect>) {
         for e in effects {
             match e {
-                Effect::Run { task, attempt } => {
+                Effect::Run { task, attempt, .. } => {
                     for &d in &self.plan.deps[task as usize] {
                         assert_eq!(
                             self.s.tasks[d as usize].phase,
@@ -434,6 +435,7 @@ fn a_timeout_fails_the_run_and_a_late_report_is_ignored() {
     let fx = sim.machine().retry_due(0);
     assert!(fx.contains(&Effect::Run {
         task: 0,
-        attempt: 2
+        attempt: 2,
+        resumed: false
     }));
 }
