@@ -123,6 +123,43 @@ impl std::fmt::Debug for Projects {
     }
 }
 
+/// Project `id` as its state and plan say.
+fn info(id: &str, s: &ProjectState, plan: &Checked) -> ProjectInfo {
+    let tasks =
+        plan.plan
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let i = i as u32;
+                let slot = s.tasks.get(i as usize);
+                TaskInfo {
+                    id: t.id.clone(),
+                    kind: t.kind,
+                    phase: slot.map_or(Phase::Waiting, |x| x.phase),
+                    attempts: slot.map_or(0, |x| x.attempts),
+                    gate: s.gates.get(&i).cloned(),
+                    decided: s.decisions.get(&i).cloned(),
+                    output: s.outputs.get(&i).map(|o| {
+                        serde_json::from_str(o).unwrap_or_else(|_| Value::String(o.clone()))
+                    }),
+                    error: s.errors.get(&i).cloned(),
+                }
+            })
+            .collect();
+    ProjectInfo {
+        id: id.to_string(),
+        goal: s.goal.clone(),
+        user: s.user.clone(),
+        status: s.status.clone().unwrap_or(ProjectStatus::Running),
+        tasks,
+        done: s.done,
+        last_event: s.next_event,
+        created_ms: s.created_ms,
+        ended_ms: s.ended_ms,
+    }
+}
+
 fn key(tenant: &str, id: &str) -> Result<String> {
     check_id(tenant)?;
     check_id(id)?;
@@ -256,7 +293,16 @@ impl Projects {
             .map_err(|e| Error::Invalid(format!("the plan cannot be stored: {e}")))?;
         // The start follows the plan's append; the project's handler waits for the plan's
         // message to be handled before it reads the plan.
-        let plan_seq = self.plans.send(&k, &PlanMsg::Set(text.clone())).await?;
+        let digest = super::digest(&text);
+        let plan_seq = self.plans.send(&k, &PlanMsg::Set(text)).await?;
+        // The handler checks the stored plan by its digest; it need not compile it again.
+        let checked = Arc::new(checked);
+        self.shared
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(k.clone())
+            .or_insert_with(|| (digest.clone(), checked.clone()));
         let seq = self
             .registry
             .send(
@@ -265,16 +311,27 @@ impl Projects {
                     goal: goal.to_string(),
                     user: user.to_string(),
                     plan_seq,
-                    plan_digest: super::digest(&text),
+                    plan_digest: digest,
                 },
             )
             .await?;
         self.registry.wait_handled(&k, seq).await?;
-        if self.plans.state(&k).await?.as_deref() != Some(text.as_str()) {
-            // Another start of the same id stored its plan first.
+        let s = self.registry.state(&k).await?;
+        // Another start of the same id came first (its plan, or its start, was stored first;
+        // the same start retried is not another one).
+        if !s.exists || s.goal != goal || s.user != user {
+            self.shared
+                .cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&k);
             return Err(exists());
         }
-        self.status(tenant, id).await
+        let stored = self.checked(&k).await?;
+        if stored.plan != checked.plan {
+            return Err(exists());
+        }
+        Ok(info(id, &s, &stored))
     }
 
     async fn existing(&self, tenant: &str, id: &str) -> Result<(String, ProjectState)> {
@@ -305,39 +362,7 @@ impl Projects {
     pub async fn status(&self, tenant: &str, id: &str) -> Result<ProjectInfo> {
         let (k, s) = self.existing(tenant, id).await?;
         let plan = self.checked(&k).await?;
-        let tasks = plan
-            .plan
-            .tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let i = i as u32;
-                let slot = s.tasks.get(i as usize);
-                TaskInfo {
-                    id: t.id.clone(),
-                    kind: t.kind,
-                    phase: slot.map_or(Phase::Waiting, |x| x.phase),
-                    attempts: slot.map_or(0, |x| x.attempts),
-                    gate: s.gates.get(&i).cloned(),
-                    decided: s.decisions.get(&i).cloned(),
-                    output: s.outputs.get(&i).map(|o| {
-                        serde_json::from_str(o).unwrap_or_else(|_| Value::String(o.clone()))
-                    }),
-                    error: s.errors.get(&i).cloned(),
-                }
-            })
-            .collect();
-        Ok(ProjectInfo {
-            id: id.to_string(),
-            goal: s.goal.clone(),
-            user: s.user.clone(),
-            status: s.status.clone().unwrap_or(ProjectStatus::Running),
-            tasks,
-            done: s.done,
-            last_event: s.next_event,
-            created_ms: s.created_ms,
-            ended_ms: s.ended_ms,
-        })
+        Ok(info(id, &s, &plan))
     }
 
     async fn task_index(&self, k: &str, task: &str) -> Result<u32> {

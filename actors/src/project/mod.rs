@@ -188,7 +188,8 @@ pub(crate) struct Shared {
     /// Weak: the registry owns the actor, which owns this.
     registry: OnceLock<WeakRegistry<ProjectActor>>,
     plans: Registry<PlanActor>,
-    cache: Mutex<HashMap<String, Arc<Checked>>>,
+    /// Compiled plans by project, with the digest of the text they were compiled from.
+    cache: Mutex<HashMap<String, (String, Arc<Checked>)>>,
     inflight: Mutex<HashMap<(String, u32, Work), Inflight>>,
     idle: Notify,
     tenant_slots: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -220,7 +221,7 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .get(key)
         {
-            return Ok(Some(p.clone()));
+            return Ok(Some(p.1.clone()));
         }
         let Some(text) = self.plans.state(key).await.map_err(HandlerError::new)? else {
             return Ok(None);
@@ -232,7 +233,7 @@ impl Shared {
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key.to_string(), checked.clone());
+            .insert(key.to_string(), (digest(&text), checked.clone()));
         Ok(Some(checked))
     }
 
@@ -518,6 +519,11 @@ impl ProjectActor {
             let stored = plans.state(key).await.map_err(HandlerError::new)?;
             if stored.as_deref().map(digest).as_ref() != Some(plan_digest) {
                 return Ok(());
+            }
+            // A plan cached by another start of this id is not this one.
+            let mut cache = self.shared.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.get(key).is_some_and(|(d, _)| d != plan_digest) {
+                cache.remove(key);
             }
         }
         let Some(plan) = self.shared.plan(key).await? else {
