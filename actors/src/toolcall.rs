@@ -121,13 +121,12 @@ impl Default for RetryPolicy {
 /// run as soon as it begins).
 type Cancels = Arc<Mutex<HashMap<String, watch::Sender<bool>>>>;
 
-fn cancel_switch(cancels: &Cancels, key: &str) -> watch::Receiver<bool> {
-    cancels
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
+/// Runs `f` on the switch of `key` (made, unset, if there is none).
+fn with_switch<T>(cancels: &Cancels, key: &str, f: impl FnOnce(&watch::Sender<bool>) -> T) -> T {
+    let mut map = cancels.lock().unwrap_or_else(|p| p.into_inner());
+    f(map
         .entry(key.to_string())
-        .or_insert_with(|| watch::channel(false).0)
-        .subscribe()
+        .or_insert_with(|| watch::channel(false).0))
 }
 
 /// The tool-call actor.
@@ -180,7 +179,7 @@ impl ToolCallActor {
         let started = Instant::now();
         let mut backoff = self.retry.backoff;
         let mut attempt = 0;
-        let mut cancel = cancel_switch(&self.cancels, key);
+        let mut cancel = with_switch(&self.cancels, key, watch::Sender::subscribe);
         let cancelled = || {
             ToolError::new(
                 ToolErrorKind::Cancelled,
@@ -655,10 +654,7 @@ impl ToolCalls {
     /// [`forget_cancel`](Self::forget_cancel) once the call has ended.
     pub fn cancel(&self, tenant: &str, id: &str) -> Result<()> {
         let key = Self::key(tenant, id)?;
-        let mut map = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
-        map.entry(key)
-            .or_insert_with(|| watch::channel(false).0)
-            .send_replace(true);
+        with_switch(&self.cancels, &key, |s| s.send_replace(true));
         Ok(())
     }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde::Serialize;
 use serde_json::Value;
 use soma_supervision::{Registry, RegistryOptions, Runtime};
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::broadcast;
 
 use super::capsule::CapsuleActor;
 use super::machine::{Decided, Gate, Phase, ProjectEvent, ProjectState, ProjectStatus};
@@ -160,6 +160,15 @@ fn info(id: &str, s: &ProjectState, plan: &Checked) -> ProjectInfo {
     }
 }
 
+/// Project `id` has ended as `st`.
+fn ended(id: &str, st: &ProjectStatus) -> Error {
+    Error::Ended {
+        what: "project",
+        id: id.to_string(),
+        status: st.name().into(),
+    }
+}
+
 fn key(tenant: &str, id: &str) -> Result<String> {
     check_id(tenant)?;
     check_id(id)?;
@@ -191,7 +200,6 @@ impl Projects {
             plans: plans.clone(),
             cache: Mutex::default(),
             inflight: Mutex::default(),
-            idle: Notify::new(),
             tenant_slots: Mutex::default(),
             hub: Mutex::default(),
             unpublished: Mutex::default(),
@@ -365,19 +373,6 @@ impl Projects {
         Ok(info(id, &s, &plan))
     }
 
-    async fn task_index(&self, k: &str, task: &str) -> Result<u32> {
-        let plan = self.checked(k).await?;
-        plan.plan
-            .tasks
-            .iter()
-            .position(|t| t.id == task)
-            .map(|i| i as u32)
-            .ok_or_else(|| Error::NotFound {
-                what: "task",
-                id: task.to_string(),
-            })
-    }
-
     async fn decide(
         &self,
         tenant: &str,
@@ -386,21 +381,25 @@ impl Projects {
         decided: Decided,
     ) -> Result<ProjectInfo> {
         let (k, s) = self.existing(tenant, id).await?;
-        let i = self.task_index(&k, task).await?;
+        let plan = self.checked(&k).await?;
+        let i = plan
+            .plan
+            .tasks
+            .iter()
+            .position(|t| t.id == task)
+            .map(|i| i as u32)
+            .ok_or_else(|| Error::NotFound {
+                what: "task",
+                id: task.to_string(),
+            })?;
         if let Some(st) = s
             .status
             .as_ref()
             .filter(|st| **st != ProjectStatus::Running)
         {
-            return Err(Error::Ended {
-                what: "project",
-                id: id.to_string(),
-                status: st.name().into(),
-            });
+            return Err(ended(id, st));
         }
-        if !s.gates.contains_key(&i)
-            && s.tasks.get(i as usize).map(|t| t.phase) != Some(Phase::Gated)
-        {
+        if !s.gates.contains_key(&i) {
             return Err(Error::NotAwaiting {
                 what: "task",
                 id: task.to_string(),
@@ -422,18 +421,14 @@ impl Projects {
         let after = self.registry.state(&k).await?;
         if after.decisions.get(&i) != Some(&decided) {
             if let Some(st) = after.status.as_ref().filter(|st| st.is_final()) {
-                return Err(Error::Ended {
-                    what: "project",
-                    id: id.to_string(),
-                    status: st.name().into(),
-                });
+                return Err(ended(id, st));
             }
             return Err(Error::NotAwaiting {
                 what: "task",
                 id: task.to_string(),
             });
         }
-        self.status(tenant, id).await
+        Ok(info(id, &after, &plan))
     }
 
     /// Approves gated task `task` of project `id`: it goes on.
@@ -484,11 +479,7 @@ impl Projects {
     ) -> Result<ProjectInfo> {
         let (k, s) = self.existing(tenant, id).await?;
         if let Some(st) = s.status.as_ref().filter(|st| st.is_final()) {
-            return Err(Error::Ended {
-                what: "project",
-                id: id.to_string(),
-                status: st.name().into(),
-            });
+            return Err(ended(id, st));
         }
         let seq = self
             .registry

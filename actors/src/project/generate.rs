@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use serde_json::json;
-use soma_inference::{ChatMessage, GenerateRequest, GenerationEvent, Prompt, SamplingParams};
+use soma_inference::{ChatMessage, SamplingParams};
 
 use super::Projects;
 use super::plan::{Plan, TaskKind, TaskRetry, TaskSpec};
@@ -164,8 +164,8 @@ impl Projects {
                 reasons.join("; ")
             )));
         }
-        let text = self
-            .write(
+        let text = shared
+            .complete(
                 &pool,
                 tenant,
                 user,
@@ -174,10 +174,12 @@ impl Projects {
                     ChatMessage::new("system", SYSTEM),
                     ChatMessage::new("user", format!("Goal: {}", req.goal)),
                 ],
-                schema(req.max_tasks),
-                120 * req.max_tasks,
+                SamplingParams::greedy(120 * req.max_tasks),
+                Some(schema(req.max_tasks)),
+                None,
             )
-            .await?;
+            .await?
+            .unwrap_or_default();
         let generated: Generated = serde_json::from_str(&text).map_err(|e| Error::InvalidPlan {
             task: None,
             reason: format!(
@@ -205,8 +207,8 @@ impl Projects {
                 .zip(&generated.tasks)
                 .map(|(id, t)| format!("- {id}: {}\n", t.prompt))
                 .collect();
-            let text = self
-                .write(
+            let text = shared
+                .complete(
                     &pool,
                     tenant,
                     user,
@@ -218,10 +220,12 @@ impl Projects {
                             format!("Goal: {}\nTasks, in order:\n{listing}", req.goal),
                         ),
                     ],
-                    deps_schema(&ids),
-                    40 * ids.len(),
+                    SamplingParams::greedy(40 * ids.len()),
+                    Some(deps_schema(&ids)),
+                    None,
                 )
-                .await?;
+                .await?
+                .unwrap_or_default();
             deps = serde_json::from_str(&text).map_err(|e| Error::InvalidPlan {
                 task: None,
                 reason: format!("the model's dependencies are not complete JSON ({e}): {text}"),
@@ -262,57 +266,5 @@ impl Projects {
         };
         let checked = plan.check(shared.deps.tool_calls.tools())?;
         Ok(checked.plan)
-    }
-
-    /// One greedy generation under `schema`, metered.
-    #[allow(clippy::too_many_arguments)]
-    async fn write(
-        &self,
-        pool: &soma_inference::GeneratorPool,
-        tenant: &str,
-        user: &str,
-        model: &str,
-        messages: Vec<ChatMessage>,
-        schema: serde_json::Value,
-        max_tokens: usize,
-    ) -> Result<String> {
-        let mut stream = pool
-            .generate(GenerateRequest {
-                prompt: Prompt::Chat(messages),
-                params: SamplingParams::greedy(max_tokens),
-                schema: Some(schema),
-                tenant: Some(tenant.to_string()),
-            })
-            .await?;
-        let completion = loop {
-            match stream.next().await {
-                Some(Ok(GenerationEvent::Done(c))) => break c,
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.into()),
-                None => {
-                    return Err(Error::Invalid(
-                        "the generation ended without a result".into(),
-                    ));
-                }
-            }
-        };
-        if let Err(e) = self
-            .shared
-            .deps
-            .tenants
-            .record_usage_of(
-                tenant,
-                model,
-                Some(user),
-                None,
-                completion.usage.prompt_tokens as u64,
-                completion.usage.completion_tokens as u64,
-                now_ms(),
-            )
-            .await
-        {
-            tracing::warn!(tenant, error = %e, "cannot meter a model call");
-        }
-        Ok(completion.text)
     }
 }

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use soma_adapters::{AuditEvent, Outcome};
 use soma_inference::GeneratorPool;
 use soma_supervision::{Context, DurableActor, HandlerError, Registry, WeakRegistry};
-use tokio::sync::{Notify, Semaphore, broadcast, watch};
+use tokio::sync::{Semaphore, broadcast, watch};
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
@@ -167,8 +167,9 @@ impl ProjectOptions {
     }
 }
 
+/// What a runner does: a run of a task, or the compensation of one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Work {
+pub(crate) enum Work {
     Run(u32),
     Undo(u32),
 }
@@ -191,7 +192,6 @@ pub(crate) struct Shared {
     /// Compiled plans by project, with the digest of the text they were compiled from.
     cache: Mutex<HashMap<String, (String, Arc<Checked>)>>,
     inflight: Mutex<HashMap<(String, u32, Work), Inflight>>,
-    idle: Notify,
     tenant_slots: Mutex<HashMap<String, Arc<Semaphore>>>,
     hub: Mutex<HashMap<String, broadcast::Sender<ProjectEvent>>>,
     /// Per project, events waiting for their message's commit before subscribers see them.
@@ -293,8 +293,8 @@ impl Shared {
     }
 
     /// Starts a runner for `job` unless one runs for it already.
-    fn spawn(self: &Arc<Self>, job: Job, work: Work) {
-        let id = (job.key.clone(), job.attempt, work);
+    fn spawn(self: &Arc<Self>, job: Job) {
+        let id = (job.key.clone(), job.attempt, job.work());
         let (tx, rx) = watch::channel(false);
         {
             let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
@@ -319,17 +319,9 @@ impl Shared {
 
     /// A runner ends.
     fn finished(&self, job: &Job) {
-        let work = if job.undo {
-            Work::Undo(job.task)
-        } else {
-            Work::Run(job.task)
-        };
         let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(&(job.key.clone(), job.attempt, work));
+        map.remove(&(job.key.clone(), job.attempt, job.work()));
         metrics::gauge!("soma_project_runners").set(map.len() as f64);
-        if map.is_empty() {
-            self.idle.notify_waiters();
-        }
     }
 
     /// Signals the runners of `task` of project `key` to cancel.
@@ -374,7 +366,7 @@ fn outcome_of(kind: &ProjectEventKind) -> Outcome {
 }
 
 impl ProjectActor {
-    /// Publishes the events after `before` on `agent.audit`; returns them for the stream.
+    /// Publishes `new` (a handling's events) on `agent.audit`; returns them for the stream.
     async fn publish(
         &self,
         key: &str,
@@ -433,7 +425,7 @@ impl ProjectActor {
                         approve_call,
                         undo: false,
                     };
-                    self.shared.spawn(job, Work::Run(task));
+                    self.shared.spawn(job);
                 }
                 Effect::Compensate { task } => {
                     let spec = plan.plan.tasks[task as usize].clone();
@@ -453,7 +445,7 @@ impl ProjectActor {
                         approve_call: None,
                         undo: true,
                     };
-                    self.shared.spawn(job, Work::Undo(task));
+                    self.shared.spawn(job);
                 }
                 Effect::Cancel { task } => self.shared.cancel(key, task),
                 Effect::RejectCall { call, by, comment } => {

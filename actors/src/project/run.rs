@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use soma_inference::{ChatMessage, GenerateRequest, GenerationEvent, Prompt, SamplingParams};
+use soma_inference::{
+    ChatMessage, GenerateRequest, GenerationEvent, GeneratorPool, Prompt, SamplingParams,
+};
 use soma_supervision::WeakRegistry;
 use tokio::sync::watch;
 
@@ -47,6 +49,14 @@ pub(crate) struct Job {
 }
 
 impl Job {
+    pub(crate) fn work(&self) -> super::Work {
+        if self.undo {
+            super::Work::Undo(self.task)
+        } else {
+            super::Work::Run(self.task)
+        }
+    }
+
     fn tenant(&self) -> &str {
         crate::toolcall::split_key(&self.key).0
     }
@@ -330,47 +340,90 @@ impl Shared {
             temperature: 0.0,
             ..SamplingParams::default()
         };
-        let stream = pool
-            .generate(GenerateRequest {
-                prompt: Prompt::Chat(vec![
-                    ChatMessage::new("system", system),
-                    ChatMessage::new("user", prompt),
-                ]),
+        let messages = vec![
+            ChatMessage::new("system", system),
+            ChatMessage::new("user", prompt),
+        ];
+        let text = match self
+            .complete(
+                &pool,
+                tenant,
+                &job.user,
+                &model,
+                messages,
                 params,
-                schema: None,
-                tenant: Some(tenant.to_string()),
-            })
-            .await;
-        let mut stream = match stream {
-            Ok(s) => s,
+                None,
+                Some(cancel),
+            )
+            .await
+        {
+            Ok(Some(text)) => text,
+            Ok(None) => return RunOutcome::Cancelled,
             Err(e) => return failed(format!("the model: {e}"), true),
         };
+        RunOutcome::Done {
+            output: Value::String(text.trim().to_string()).to_string(),
+        }
+    }
+
+    /// One generation on `pool` for `user` of `tenant`, its tokens metered; `None` if
+    /// `cancel` is set first. (The constitution's `model.generate` is the caller's.)
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn complete(
+        &self,
+        pool: &GeneratorPool,
+        tenant: &str,
+        user: &str,
+        model: &str,
+        messages: Vec<ChatMessage>,
+        params: SamplingParams,
+        schema: Option<Value>,
+        cancel: Option<&mut watch::Receiver<bool>>,
+    ) -> crate::error::Result<Option<String>> {
+        let mut stream = pool
+            .generate(GenerateRequest {
+                prompt: Prompt::Chat(messages),
+                params,
+                schema,
+                tenant: Some(tenant.to_string()),
+            })
+            .await?;
+        // Without a switch, one that is never set (its sender kept: a dropped sender ends
+        // the wait at once).
+        let (_never_set, mut never) = watch::channel(false);
+        let cancel = cancel.unwrap_or(&mut never);
         let completion = loop {
             let event = tokio::select! {
                 e = stream.next() => e,
-                _ = cancel.wait_for(|c| *c) => return RunOutcome::Cancelled,
+                _ = cancel.wait_for(|c| *c) => return Ok(None),
             };
             match event {
                 Some(Ok(GenerationEvent::Done(c))) => break c,
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return failed(format!("the model: {e}"), true),
-                None => return failed("the generation ended without a result", true),
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    return Err(Error::Invalid(
+                        "the generation ended without a result".into(),
+                    ));
+                }
             }
         };
-        let (tin, tout) = (
-            completion.usage.prompt_tokens as u64,
-            completion.usage.completion_tokens as u64,
-        );
         if let Err(e) = self
             .deps
             .tenants
-            .record_usage_of(tenant, &model, Some(&job.user), None, tin, tout, now_ms())
+            .record_usage_of(
+                tenant,
+                model,
+                Some(user),
+                None,
+                completion.usage.prompt_tokens as u64,
+                completion.usage.completion_tokens as u64,
+                now_ms(),
+            )
             .await
         {
             tracing::warn!(tenant, error = %e, "cannot meter a model call");
         }
-        RunOutcome::Done {
-            output: Value::String(completion.text.trim().to_string()).to_string(),
-        }
+        Ok(Some(completion.text))
     }
 }
