@@ -176,6 +176,8 @@ pub(crate) enum Work {
 
 struct Inflight {
     cancel: watch::Sender<bool>,
+    /// The tool call it makes, if it makes one.
+    call: Option<String>,
     handle: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -296,6 +298,7 @@ impl Shared {
     fn spawn(self: &Arc<Self>, job: Job) {
         let id = (job.key.clone(), job.attempt, job.work());
         let (tx, rx) = watch::channel(false);
+        let call = (job.undo || job.spec.kind == TaskKind::Tool).then(|| job.call_id());
         {
             let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             if map.contains_key(&id) {
@@ -305,6 +308,7 @@ impl Shared {
                 id.clone(),
                 Inflight {
                     cancel: tx,
+                    call,
                     handle: None,
                 },
             );
@@ -324,12 +328,19 @@ impl Shared {
         metrics::gauge!("soma_project_runners").set(map.len() as f64);
     }
 
-    /// Signals the runners of `task` of project `key` to cancel.
+    /// Signals the runners of `task` of project `key` to cancel, and cancels their tool
+    /// call at once: a runner stopped right after (a shutdown) must not leave the call running.
     fn cancel(&self, key: &str, task: u32) {
+        let tenant = split_key(key).0;
         let map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         for ((k, _, w), e) in map.iter() {
             if k == key && *w == Work::Run(task) {
                 e.cancel.send_replace(true);
+                if let Some(call) = &e.call
+                    && let Err(err) = self.deps.tool_calls.cancel(tenant, call)
+                {
+                    tracing::warn!(call, error = %err, "cannot cancel a tool call");
+                }
             }
         }
     }
