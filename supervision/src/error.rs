@@ -72,6 +72,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A journal backend reached over the network failed (a command error, a lost
+    /// connection, a timeout). For a write the outcome is unknown: it may have landed.
+    #[error("journal backend {backend} failed: {source}")]
+    Backend {
+        /// Which backend and where, without credentials (e.g. `redis 127.0.0.1:6379`).
+        backend: String,
+        /// The backend client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The journal refused a write of `key`: its writer no longer owns it.
     #[error("write to {key} refused: {reason}")]
     Fenced {
