@@ -50,6 +50,9 @@ pub enum Error {
         /// The epoch the caller thought it held.
         epoch: soma_supervision::Epoch,
     },
+    /// The node's journal or runtime failed.
+    #[error("journal: {0}")]
+    Journal(#[from] soma_supervision::Error),
     /// A row of the membership table that does not parse.
     #[error("membership row of {node:?} is damaged: {detail}")]
     BadMember {

@@ -214,6 +214,28 @@ async fn a_cluster_journal_takes_ranges_through_the_shard_table() {
         .map(|e| e.payload)
         .collect();
     assert_eq!(payloads, vec![&b"a-1"[..], &b"b-2"[..]]);
+    // A holder whose lease is gone (here: dropped by hand, as its expiry would) writes
+    // nothing more, at its current epoch too, before anyone took the shard.
+    let mut conn = redis::Client::open(h.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg("soma:{shared}:lease:b")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            append(&jb, eb, b"b-late").await,
+            Err(Error::Fenced {
+                reason: soma_supervision::Fence::LeaseExpired { .. },
+                ..
+            })
+        ),
+        "a node without its lease appended"
+    );
     ma.leave().await.unwrap();
-    mb.leave().await.unwrap();
+    mb.shutdown().await;
 }

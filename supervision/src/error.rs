@@ -16,6 +16,12 @@ pub enum Fence {
         /// The range's current epoch here, `None` when this journal does not hold it.
         current: Option<Epoch>,
     },
+    /// The range's holder is a cluster node whose lease has expired: it may no longer write
+    /// (another node may take the range at any moment), even at its current epoch.
+    LeaseExpired {
+        /// The range of the key.
+        range: KeyRange,
+    },
     /// A commit or dead letter does not continue the key's committed sequence: another
     /// instance committed first (compare-and-set failed).
     NotNext {
@@ -42,6 +48,9 @@ impl std::fmt::Display for Fence {
                 f,
                 "epoch {epoch} of {range} is stale ({range} is not held here)"
             ),
+            Fence::LeaseExpired { range } => {
+                write!(f, "the lease of the node holding {range} has expired")
+            }
             Fence::NotNext { from, applied } => write!(
                 f,
                 "it starts at seq {from} but the committed state covers {applied} (expected {})",

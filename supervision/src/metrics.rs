@@ -72,6 +72,7 @@ pub(crate) fn fenced(reason: &crate::error::Fence) {
     let reason = match reason {
         crate::error::Fence::StaleEpoch { .. } => "stale_epoch",
         crate::error::Fence::NotNext { .. } => "not_next",
+        crate::error::Fence::LeaseExpired { .. } => "lease_expired",
     };
     counter!(FENCED, "reason" => reason).increment(1);
 }

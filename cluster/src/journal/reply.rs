@@ -19,6 +19,8 @@ pub(super) enum Reply {
         current: Option<u64>,
         key: Option<String>,
     },
+    /// Refused: the range's holder is a node whose lease expired.
+    LeaseExpired { range: u32, key: Option<String> },
     /// Refused: the write does not continue the key's applied seq.
     NotNext { applied: Seq },
     /// The message to dead-letter is not in the inbox.
@@ -80,6 +82,10 @@ impl Reply {
                 },
                 key: v.get(4).map(text).transpose()?,
             },
+            "lease" => Self::LeaseExpired {
+                range: int(at(&v, 1, &status)?)? as u32,
+                key: v.get(4).map(text).transpose()?,
+            },
             "notnext" => Self::NotNext {
                 applied: int(at(&v, 1, &status)?)? as Seq,
             },
@@ -114,6 +120,12 @@ impl Reply {
                     range: KeyRange(range),
                     epoch,
                     current,
+                },
+            }),
+            Self::LeaseExpired { range, key: named } => Err(Error::Fenced {
+                key: named.unwrap_or_else(|| key.to_string()),
+                reason: Fence::LeaseExpired {
+                    range: KeyRange(range),
                 },
             }),
             Self::NotNext { applied } => Err(Error::Fenced {

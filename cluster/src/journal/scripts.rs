@@ -9,7 +9,9 @@
 //! range):
 //!
 //! - `P:shard:<r>` hash `{epoch, node, incarnation}`: the range's owner epoch (shared with
-//!   [`crate::Shards`]); a write is accepted only at the current epoch while `node` is set;
+//!   [`crate::Shards`]); a write is accepted only at the current epoch while `node` is set
+//!   and, for a cluster node (incarnation above 0), while its lease `P:lease:<node>` still
+//!   holds that incarnation: a node paused past its lease writes nothing, taken over or not;
 //! - `P:k:<key>` hash `{last, applied, state, fseq, fcount, replay}`: the last assigned seq,
 //!   the committed seq and state, the failure count of the message it is stuck on, the seq
 //!   its last replay began at;
@@ -24,7 +26,8 @@
 //! - `P:open:<node>`: set while a journal of that node name is open (a crash leaves it).
 //!
 //! Replies are tables whose first element says what happened: `ok`, `stale` (range, epoch
-//! held, current epoch or false when nobody holds it), `notnext` (applied), `missing`,
+//! held, current epoch or false when nobody holds it), `lease` (range: the holder's lease
+//! expired), `notnext` (applied), `missing`,
 //! `beyond` (last), `nosuch`, `gone`.
 
 use std::sync::LazyLock;
@@ -35,9 +38,16 @@ use redis::Script;
 const PRELUDE: &str = r"
 local P = ARGV[1]
 local function fence(r, epoch)
-    local cur = redis.call('HMGET', P .. ':shard:' .. r, 'epoch', 'node')
+    local cur = redis.call('HMGET', P .. ':shard:' .. r, 'epoch', 'node', 'incarnation')
     local held = cur[2] and cur[2] ~= ''
-    if held and cur[1] == epoch then return nil end
+    if held and cur[1] == epoch then
+        -- A cluster node (incarnation above 0) writes only while its lease lives.
+        if cur[3] and cur[3] ~= '0'
+            and redis.call('GET', P .. ':lease:' .. cur[2]) ~= cur[3] then
+            return {'lease', r, epoch, false}
+        end
+        return nil
+    end
     if held then return {'stale', r, epoch, cur[1]} end
     return {'stale', r, epoch, false}
 end

@@ -1,0 +1,233 @@
+//! A node of the cluster: a runtime on the Redis journal whose key ranges follow the
+//! placement. One task owns which shards the node serves: whenever the member table or the
+//! node's serving state changes it computes the placement over the up members, releases the
+//! shards that moved away (their instances stop gracefully, then the shard table lets them
+//! go) and acquires the shards that came to it (a compare-and-set that waits until their
+//! previous holder released them or lost its lease; then their pending messages replay here).
+//!
+//! This is hand-off on join and leave and failover after a node's loss. Sends reach only the
+//! keys the node owns (`Error::NotOwned` otherwise): routing a send to its owner over a node
+//! link is not built yet.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use soma_supervision::{KeyRange, Runtime, RuntimeOptions};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::membership::Options;
+use crate::{
+    Error, Member, Membership, NodeName, NodeState, Placement, RedisJournal, RedisOptions, Result,
+    Serving, Shards,
+};
+
+/// Metric: shards this node serves.
+pub const SERVED: &str = "soma_cluster_shards_served";
+/// Metric: shard hand-overs this node made, by `how` (`acquired`, `released`).
+pub const MOVES: &str = "soma_cluster_shard_moves_total";
+
+/// How often a shard that could not be taken yet (its holder has not released it) is tried
+/// again.
+const RETRY: Duration = Duration::from_millis(100);
+
+/// What a node's controller is doing, as its owner reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeView {
+    /// The shards this node serves now.
+    pub served: BTreeSet<u32>,
+    /// The shards the placement gives it that it could not take yet.
+    pub waiting: BTreeSet<u32>,
+    /// Whether it serves at all (its lease holds).
+    pub serving: bool,
+    /// Whether the table it computed this from has it draining.
+    pub draining: bool,
+}
+
+/// A running cluster node.
+#[derive(Debug)]
+pub struct Node {
+    membership: Membership,
+    runtime: Runtime,
+    view: watch::Receiver<NodeView>,
+    stop: watch::Sender<bool>,
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Node {
+    /// Joins the cluster (`membership`), opens its Redis journal under the node's name and
+    /// shard table, starts a runtime owning nothing, marks the node up and starts the
+    /// controller. `journal.cluster` and `journal.node` are taken from `membership`.
+    pub async fn start(
+        membership: Options,
+        mut journal: RedisOptions,
+        runtime: &RuntimeOptions,
+    ) -> Result<Self> {
+        journal.cluster.clone_from(&membership.cluster);
+        journal.node = membership.node.as_str().to_string();
+        let shards_count = journal.ranges;
+        let m = Membership::join(membership).await?;
+        let j = RedisJournal::open_in_cluster(journal, Shards::new(m.clone())).await?;
+        let rt = Runtime::unowned(Arc::new(j), runtime);
+        m.set_state(NodeState::Up).await?;
+        let (view_tx, view) = watch::channel(NodeView::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(control(
+            m.clone(),
+            rt.clone(),
+            shards_count,
+            view_tx,
+            stop_rx,
+        ));
+        Ok(Self {
+            membership: m,
+            runtime: rt,
+            view,
+            stop,
+            task: std::sync::Mutex::new(Some(task)),
+        })
+    }
+
+    /// The node's runtime: start registries on it; they serve the keys of the shards the
+    /// node holds.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// The node's membership.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// What the controller serves and waits for; changes are notified.
+    pub fn view(&self) -> watch::Receiver<NodeView> {
+        self.view.clone()
+    }
+
+    /// Hands every shard off and leaves: state draining (the others' placements stop giving
+    /// it shards and they take them as it releases them), every shard released, then the
+    /// runtime shut down and the lease dropped.
+    pub async fn drain(&self) -> Result<()> {
+        self.membership.set_state(NodeState::Draining).await?;
+        let mut view = self.view.clone();
+        view.wait_for(|v| v.draining && v.served.is_empty())
+            .await
+            .map_err(|_| Error::Redis("the node's controller ended".into()))?;
+        self.stop().await;
+        self.membership.leave().await
+    }
+
+    /// Ends the controller and the runtime without handing anything off (the shards go to
+    /// the others once the lease expires, as after a crash).
+    pub async fn shutdown(&self) {
+        self.stop().await;
+        self.membership.shutdown().await;
+    }
+
+    async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        if let Err(e) = self.runtime.shutdown().await {
+            tracing::warn!(error = %e, "runtime shutdown failed");
+        }
+    }
+}
+
+/// The shards `me` should serve given the table: the placement over the up members.
+fn desired(members: &[Member], me: &NodeName, shards: u32) -> BTreeSet<u32> {
+    let up: Vec<NodeName> = members
+        .iter()
+        .filter(|m| m.state == NodeState::Up)
+        .map(|m| m.name.clone())
+        .collect();
+    match Placement::compute(shards, &up) {
+        Ok(p) => p.shards_of(me).into_iter().map(|r| r.0).collect(),
+        Err(_) => BTreeSet::new(),
+    }
+}
+
+/// The controller: the one owner of which shards this node serves.
+async fn control(
+    m: Membership,
+    rt: Runtime,
+    shards: u32,
+    view: watch::Sender<NodeView>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut members = m.members();
+    let mut serving = m.serving();
+    let me = m.node().clone();
+    let mut served: BTreeSet<u32> = BTreeSet::new();
+    loop {
+        let ok = *serving.borrow_and_update() == Serving::Yes;
+        let table = members.borrow_and_update().clone();
+        let draining = table
+            .iter()
+            .any(|r| r.name == me && r.state == NodeState::Draining);
+        let want = if ok {
+            desired(&table, &me, shards)
+        } else {
+            BTreeSet::new()
+        };
+        for r in served.difference(&want).copied().collect::<Vec<_>>() {
+            // Released locally first (the runtime stops writing), whatever Redis answers.
+            if let Err(e) = rt.release(KeyRange(r)).await {
+                tracing::warn!(shard = r, error = %e, "shard release failed");
+            }
+            served.remove(&r);
+            metrics::counter!(MOVES, "how" => "released").increment(1);
+            tracing::info!(shard = r, "shard handed off");
+        }
+        let mut waiting = BTreeSet::new();
+        for r in want.difference(&served).copied().collect::<Vec<_>>() {
+            if *stop.borrow() {
+                break;
+            }
+            match rt.acquire(KeyRange(r)).await {
+                Ok(epoch) => {
+                    served.insert(r);
+                    metrics::counter!(MOVES, "how" => "acquired").increment(1);
+                    tracing::info!(shard = r, epoch, "shard taken");
+                }
+                Err(e) => {
+                    tracing::debug!(shard = r, error = %e, "shard not taken yet");
+                    waiting.insert(r);
+                }
+            }
+        }
+        metrics::gauge!(SERVED).set(served.len() as f64);
+        view.send_replace(NodeView {
+            served: served.clone(),
+            waiting: waiting.clone(),
+            serving: ok,
+            draining,
+        });
+        let retry = async {
+            if waiting.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(RETRY).await;
+        };
+        tokio::select! {
+            _ = stop.changed() => break,
+            r = members.changed() => if r.is_err() { break },
+            r = serving.changed() => if r.is_err() { break },
+            () = retry => {}
+        }
+        if *stop.borrow() {
+            break;
+        }
+    }
+    // A drain ends here with nothing served; a shutdown leaves its shards to expire with
+    // its lease, as a crash would.
+    view.send_replace(NodeView {
+        served,
+        waiting: BTreeSet::new(),
+        serving: false,
+        draining: false,
+    });
+}
