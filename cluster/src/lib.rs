@@ -19,7 +19,7 @@ mod status;
 pub use error::{Error, Result};
 pub use journal::{APPENDED, OP_SECONDS, OPS, RedisJournal, RedisOptions};
 pub use membership::{Member, Membership, NodeState, Serving};
-pub use node::{MOVES, Node, NodeView, SERVED};
+pub use node::{MOVES, Node, NodeView, REJOINS, SERVED};
 pub use placement::{Move, NodeName, Placement, SLACK};
 pub use shards::{Holder, Shards, Taken};
 pub use status::{MemberStatus, Status, status};

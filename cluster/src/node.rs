@@ -14,6 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use soma_supervision::{KeyRange, Runtime, RuntimeOptions};
+use std::sync::RwLock;
+
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -27,6 +29,11 @@ use crate::{
 pub const SERVED: &str = "soma_cluster_shards_served";
 /// Metric: shard hand-overs this node made, by `how` (`acquired`, `released`).
 pub const MOVES: &str = "soma_cluster_shard_moves_total";
+/// Metric: joins of this node as a new incarnation after its lease was lost.
+pub const REJOINS: &str = "soma_cluster_rejoins_total";
+
+/// How long a failed join waits before the next attempt.
+const REJOIN_BACKOFF: Duration = Duration::from_millis(500);
 
 /// How often a shard that could not be taken yet (its holder has not released it) is tried
 /// again.
@@ -48,7 +55,8 @@ pub struct NodeView {
 /// A running cluster node.
 #[derive(Debug)]
 pub struct Node {
-    membership: Membership,
+    /// The current incarnation's membership (replaced when the node joins again).
+    membership: Arc<RwLock<Membership>>,
     runtime: Runtime,
     view: watch::Receiver<NodeView>,
     stop: watch::Sender<bool>,
@@ -67,21 +75,26 @@ impl Node {
         journal.cluster.clone_from(&membership.cluster);
         journal.node = membership.node.as_str().to_string();
         let shards_count = journal.ranges;
-        let m = Membership::join(membership).await?;
+        let m = Membership::join(membership.clone()).await?;
         let j = RedisJournal::open_in_cluster(journal, Shards::new(m.clone())).await?;
-        let rt = Runtime::unowned(Arc::new(j), runtime);
+        let rt = Runtime::unowned(Arc::new(j.clone()), runtime);
         m.set_state(NodeState::Up).await?;
         let (view_tx, view) = watch::channel(NodeView::default());
         let (stop, stop_rx) = watch::channel(false);
+        let shared = Arc::new(RwLock::new(m));
         let task = tokio::spawn(control(
-            m.clone(),
-            rt.clone(),
-            shards_count,
+            Controller {
+                options: membership,
+                journal: j,
+                shared: shared.clone(),
+                rt: rt.clone(),
+                shards: shards_count,
+            },
             view_tx,
             stop_rx,
         ));
         Ok(Self {
-            membership: m,
+            membership: shared,
             runtime: rt,
             view,
             stop,
@@ -95,9 +108,12 @@ impl Node {
         &self.runtime
     }
 
-    /// The node's membership.
-    pub fn membership(&self) -> &Membership {
-        &self.membership
+    /// The node's membership: its current incarnation's.
+    pub fn membership(&self) -> Membership {
+        self.membership
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// What the controller serves and waits for; changes are notified.
@@ -109,20 +125,20 @@ impl Node {
     /// it shards and they take them as it releases them), every shard released, then the
     /// runtime shut down and the lease dropped.
     pub async fn drain(&self) -> Result<()> {
-        self.membership.set_state(NodeState::Draining).await?;
+        self.membership().set_state(NodeState::Draining).await?;
         let mut view = self.view.clone();
         view.wait_for(|v| v.draining && v.served.is_empty())
             .await
             .map_err(|_| Error::Redis("the node's controller ended".into()))?;
         self.stop().await;
-        self.membership.leave().await
+        self.membership().leave().await
     }
 
     /// Ends the controller and the runtime without handing anything off (the shards go to
     /// the others once the lease expires, as after a crash).
     pub async fn shutdown(&self) {
         self.stop().await;
-        self.membership.shutdown().await;
+        self.membership().shutdown().await;
     }
 
     async fn stop(&self) {
@@ -150,20 +166,46 @@ fn desired(members: &[Member], me: &NodeName, shards: u32) -> BTreeSet<u32> {
     }
 }
 
-/// The controller: the one owner of which shards this node serves.
-async fn control(
-    m: Membership,
+/// What the controller works with.
+struct Controller {
+    /// To join again after the lease was lost.
+    options: Options,
+    journal: RedisJournal,
+    shared: Arc<RwLock<Membership>>,
     rt: Runtime,
     shards: u32,
-    view: watch::Sender<NodeView>,
-    mut stop: watch::Receiver<bool>,
-) {
+}
+
+impl Controller {
+    /// Joins as a new incarnation (the earlier one lost its lease: Redis restarted, or the
+    /// node was partitioned from it past its lease) and marks it up; the journal takes
+    /// ranges through the new incarnation's shard table from then on.
+    async fn rejoin(&self) -> Result<Membership> {
+        let m = Membership::join(self.options.clone()).await?;
+        self.journal.use_shards(Shards::new(m.clone()));
+        m.set_state(NodeState::Up).await?;
+        *self.shared.write().unwrap_or_else(|p| p.into_inner()) = m.clone();
+        metrics::counter!(REJOINS).increment(1);
+        tracing::info!(
+            incarnation = m.incarnation(),
+            "joined again after losing the lease"
+        );
+        Ok(m)
+    }
+}
+
+/// The controller: the one owner of which shards this node serves.
+async fn control(c: Controller, view: watch::Sender<NodeView>, mut stop: watch::Receiver<bool>) {
+    let (rt, shards) = (c.rt.clone(), c.shards);
+    let mut m = c.shared.read().unwrap_or_else(|p| p.into_inner()).clone();
     let mut members = m.members();
     let mut serving = m.serving();
     let me = m.node().clone();
     let mut served: BTreeSet<u32> = BTreeSet::new();
+    let (mut members_open, mut serving_open) = (true, true);
     loop {
-        let ok = *serving.borrow_and_update() == Serving::Yes;
+        let state = *serving.borrow_and_update();
+        let ok = state == Serving::Yes;
         let table = members.borrow_and_update().clone();
         let draining = table
             .iter()
@@ -206,16 +248,42 @@ async fn control(
             serving: ok,
             draining,
         });
+        if state == Serving::Lost && !draining {
+            // Everything was released above; this incarnation never serves again.
+            m.shutdown().await;
+            let joined = tokio::select! {
+                _ = stop.changed() => break,
+                r = c.rejoin() => r,
+            };
+            match joined {
+                Ok(new) => {
+                    m = new;
+                    members = m.members();
+                    serving = m.serving();
+                    (members_open, serving_open) = (true, true);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "joining again failed");
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        () = tokio::time::sleep(REJOIN_BACKOFF) => {}
+                    }
+                }
+            }
+            continue;
+        }
         let retry = async {
             if waiting.is_empty() {
                 std::future::pending::<()>().await;
             }
             tokio::time::sleep(RETRY).await;
         };
+        // The membership's channels close when its renewals end (a lost lease ends them):
+        // their last value stands, and a lost lease is handled at the top of the loop.
         tokio::select! {
             _ = stop.changed() => break,
-            r = members.changed() => if r.is_err() { break },
-            r = serving.changed() => if r.is_err() { break },
+            r = members.changed(), if members_open => members_open = r.is_ok(),
+            r = serving.changed(), if serving_open => serving_open = r.is_ok(),
             () = retry => {}
         }
         if *stop.borrow() {

@@ -12,6 +12,7 @@
 //! Damage is loud: a key whose inbox lacks messages its sequence counter says were
 //! appended (a server that lost writes) reads as [`Error::Corrupt`], never as an empty inbox.
 
+mod options;
 mod reply;
 mod scripts;
 
@@ -22,12 +23,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use serde::{Deserialize, Serialize};
 use soma_supervision::{
-    Append, Commit, DeadLetter, Entry, Epoch, Error, Journal, KeyRange, MAX_MESSAGE_BYTES, Result,
-    Seq, Snapshot, Timer,
+    Append, Commit, DeadLetter, Entry, Epoch, Error, Journal, KeyRange, Result, Seq, Snapshot,
+    Timer,
 };
 
+pub use self::options::RedisOptions;
 use self::reply::{Reply, bulk, int, items};
 use crate::Shards;
 
@@ -37,113 +38,6 @@ pub const OPS: &str = "soma_journal_redis_ops_total";
 pub const OP_SECONDS: &str = "soma_journal_redis_op_seconds";
 /// Metric: messages appended through Redis.
 pub const APPENDED: &str = "soma_journal_redis_appended_messages_total";
-
-/// How to reach the journal's Redis and what to call things there.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisOptions {
-    /// `redis://` URL (credentials allowed; never logged).
-    pub url: String,
-    /// The cluster's name: the prefix of its keys (`soma:{<cluster>}`), shared with the
-    /// membership and shard tables.
-    pub cluster: String,
-    /// This node's name: the journal records under it whether it was closed cleanly.
-    pub node: String,
-    /// Key ranges (the cluster's shards); fixed for the life of the cluster.
-    #[serde(default = "default_ranges")]
-    pub ranges: u32,
-    /// The largest message accepted, in bytes.
-    #[serde(default = "default_max_message_bytes")]
-    pub max_message_bytes: usize,
-    /// Refuse to open unless the server has `appendonly yes` and `appendfsync always`
-    /// (without them an acknowledged message can be lost by a crash of the server).
-    #[serde(default = "default_true")]
-    pub require_fsync: bool,
-    /// How long one command may take before it fails.
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-}
-
-fn default_ranges() -> u32 {
-    1024
-}
-fn default_max_message_bytes() -> usize {
-    MAX_MESSAGE_BYTES
-}
-fn default_true() -> bool {
-    true
-}
-fn default_timeout_ms() -> u64 {
-    5_000
-}
-
-impl RedisOptions {
-    /// Defaults for `node` of `cluster` at `url`: 1,024 ranges, fsync required, 5 s timeout.
-    pub fn new(
-        url: impl Into<String>,
-        cluster: impl Into<String>,
-        node: impl Into<String>,
-    ) -> Self {
-        Self {
-            url: url.into(),
-            cluster: cluster.into(),
-            node: node.into(),
-            ranges: default_ranges(),
-            max_message_bytes: default_max_message_bytes(),
-            require_fsync: true,
-            timeout_ms: default_timeout_ms(),
-        }
-    }
-
-    /// Checks every value, naming the option that is wrong.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |key: &'static str, reason: String| Err(Error::InvalidOption { key, reason });
-        let name_ok = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 64
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        };
-        if !name_ok(&self.cluster) {
-            return bad(
-                "journal.redis.cluster",
-                format!(
-                    "{:?}: use 1-64 ASCII letters, digits, '-', '_' or '.'",
-                    self.cluster
-                ),
-            );
-        }
-        if !name_ok(&self.node) {
-            return bad(
-                "journal.redis.node",
-                format!(
-                    "{:?}: use 1-64 ASCII letters, digits, '-', '_' or '.'",
-                    self.node
-                ),
-            );
-        }
-        if !(1..=65_536).contains(&self.ranges) {
-            return bad(
-                "journal.redis.ranges",
-                format!("must be within 1..=65536, got {}", self.ranges),
-            );
-        }
-        if self.max_message_bytes == 0 || self.max_message_bytes > MAX_MESSAGE_BYTES {
-            return bad(
-                "journal.redis.max_message_bytes",
-                format!("must be within 1..={MAX_MESSAGE_BYTES}"),
-            );
-        }
-        if self.timeout_ms == 0 {
-            return bad("journal.redis.timeout_ms", "must be above 0".into());
-        }
-        if redis::Client::open(self.url.as_str()).is_err() {
-            // The URL may hold a password: name the key, not the value.
-            return bad("journal.redis.url", "is not a valid redis:// URL".into());
-        }
-        Ok(())
-    }
-}
 
 /// A journal stored in Redis. Cheap to clone; clones share one multiplexed connection.
 #[derive(Clone)]
@@ -160,11 +54,13 @@ struct Inner {
     node: String,
     ranges: u32,
     max_message_bytes: usize,
+    /// The bound on one command, reconnection included.
+    timeout: Duration,
     recovered: bool,
     closed: AtomicBool,
     /// In a cluster, ranges are taken and given up through the shard table (under this
     /// node's lease); alone, the journal bumps the epochs itself.
-    shards: Option<Shards>,
+    shards: std::sync::RwLock<Option<Shards>>,
 }
 
 impl std::fmt::Debug for RedisJournal {
@@ -219,6 +115,7 @@ impl RedisJournal {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(timeout)
             .set_response_timeout(timeout)
+            .set_max_delay(options.timeout_ms.min(1_000))
             .set_number_of_retries(2);
         let mut conn = ConnectionManager::new_with_config(client, config)
             .await
@@ -262,9 +159,10 @@ impl RedisJournal {
                 node: options.node,
                 ranges: options.ranges,
                 max_message_bytes: options.max_message_bytes,
+                timeout,
                 recovered,
                 closed: AtomicBool::new(false),
-                shards: None,
+                shards: std::sync::RwLock::new(None),
             }),
         })
     }
@@ -276,10 +174,25 @@ impl RedisJournal {
     pub async fn open_in_cluster(options: RedisOptions, shards: Shards) -> Result<Self> {
         let journal = Self::open(options).await?;
         let mut inner = Arc::into_inner(journal.inner).ok_or(Error::Stopped { what: "journal" })?;
-        inner.shards = Some(shards);
+        inner.shards = std::sync::RwLock::new(Some(shards));
         Ok(Self {
             inner: Arc::new(inner),
         })
+    }
+
+    /// The shard table ranges are taken through, in a cluster.
+    fn shards(&self) -> Option<Shards> {
+        self.inner
+            .shards
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Takes ranges through `shards` from now on: the node joined again as a new
+    /// incarnation (its earlier one lost its lease).
+    pub(crate) fn use_shards(&self, shards: Shards) {
+        *self.inner.shards.write().unwrap_or_else(|p| p.into_inner()) = Some(shards);
     }
 
     fn cluster_error(&self, e: crate::Error) -> Error {
@@ -324,6 +237,21 @@ impl RedisJournal {
         Ok(())
     }
 
+    /// Bounds one command by the journal's timeout, reconnection included (a connection
+    /// being re-established after a restart of the server must not hold a caller forever).
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> redis::RedisResult<T> {
+        match tokio::time::timeout(self.inner.timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::IoError,
+                "journal command timed out",
+            ))),
+        }
+    }
+
     /// Runs `inv`, timing it and counting its outcome under `op`.
     async fn run(
         &self,
@@ -331,7 +259,9 @@ impl RedisJournal {
         inv: &redis::ScriptInvocation<'_>,
     ) -> Result<redis::Value> {
         let started = Instant::now();
-        let result = inv.invoke_async(&mut self.inner.conn.clone()).await;
+        let result = self
+            .bounded(inv.invoke_async(&mut self.inner.conn.clone()))
+            .await;
         metrics::histogram!(OP_SECONDS, "op" => op).record(started.elapsed().as_secs_f64());
         match result {
             Ok(v) => Ok(v),
@@ -415,9 +345,12 @@ impl RedisJournal {
     }
 
     async fn members(&self, set: String, prefix: &str) -> Result<Vec<String>> {
-        let raw: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
-            .arg(set)
-            .query_async(&mut self.inner.conn.clone())
+        let raw: Vec<Vec<u8>> = self
+            .bounded(
+                redis::cmd("SMEMBERS")
+                    .arg(set)
+                    .query_async(&mut self.inner.conn.clone()),
+            )
             .await
             .map_err(|e| self.backend(e))?;
         let mut keys = Vec::with_capacity(raw.len());
@@ -455,7 +388,7 @@ impl Journal for RedisJournal {
     async fn acquire_many(&self, ranges: &[KeyRange]) -> Result<Vec<Epoch>> {
         self.open_for_writes()?;
         let mut out = Vec::with_capacity(ranges.len());
-        if let Some(shards) = &self.inner.shards {
+        if let Some(shards) = self.shards() {
             for r in ranges {
                 let (epoch, _) = shards
                     .acquire(*r)
@@ -487,7 +420,7 @@ impl Journal for RedisJournal {
     }
 
     async fn release(&self, range: KeyRange, epoch: Epoch) -> Result<()> {
-        if let Some(shards) = &self.inner.shards {
+        if let Some(shards) = self.shards() {
             return shards
                 .release(range, epoch)
                 .await
@@ -540,11 +473,14 @@ impl Journal for RedisJournal {
     }
 
     async fn load(&self, key: &str) -> Result<Snapshot> {
-        let (applied, state): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
-            .arg(format!("{}:k:{key}", self.inner.prefix))
-            .arg("applied")
-            .arg("state")
-            .query_async(&mut self.inner.conn.clone())
+        let (applied, state): (Option<u64>, Option<Vec<u8>>) = self
+            .bounded(
+                redis::cmd("HMGET")
+                    .arg(format!("{}:k:{key}", self.inner.prefix))
+                    .arg("applied")
+                    .arg("state")
+                    .query_async(&mut self.inner.conn.clone()),
+            )
             .await
             .map_err(|e| self.backend(e))?;
         Ok(Snapshot {
@@ -681,12 +617,15 @@ impl Journal for RedisJournal {
     }
 
     async fn next_timer(&self, range: KeyRange) -> Result<Option<u64>> {
-        let first: Vec<(Vec<u8>, f64)> = redis::cmd("ZRANGE")
-            .arg(format!("{}:tm:{}", self.inner.prefix, range.0))
-            .arg(0)
-            .arg(0)
-            .arg("WITHSCORES")
-            .query_async(&mut self.inner.conn.clone())
+        let first: Vec<(Vec<u8>, f64)> = self
+            .bounded(
+                redis::cmd("ZRANGE")
+                    .arg(format!("{}:tm:{}", self.inner.prefix, range.0))
+                    .arg(0)
+                    .arg(0)
+                    .arg("WITHSCORES")
+                    .query_async(&mut self.inner.conn.clone()),
+            )
             .await
             .map_err(|e| self.backend(e))?;
         Ok(first.first().map(|(_, at)| *at as u64))
@@ -767,9 +706,12 @@ impl Journal for RedisJournal {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let _: () = redis::cmd("DEL")
-            .arg(format!("{}:open:{}", self.inner.prefix, self.inner.node))
-            .query_async(&mut self.inner.conn.clone())
+        let _: () = self
+            .bounded(
+                redis::cmd("DEL")
+                    .arg(format!("{}:open:{}", self.inner.prefix, self.inner.node))
+                    .query_async(&mut self.inner.conn.clone()),
+            )
             .await
             .map_err(|e| self.backend(e))?;
         tracing::info!(at = %self.inner.at, "redis journal closed");

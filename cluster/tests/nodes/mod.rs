@@ -84,6 +84,12 @@ pub fn journal(url: &str, node: &str) -> RedisOptions {
 /// `woke` after a pause of the process and `applied KEY ID` for each
 /// message its actors handle. Reads the Redis URL and its name from the environment.
 pub async fn run_node() {
+    if std::env::var_os("SOMA_NODES_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("soma_cluster=debug,soma_supervision=info")
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let url = std::env::var(CHILD_URL).unwrap_or_else(|_| panic!("{CHILD_URL} is not set"));
     let name = std::env::var(CHILD_NODE).unwrap();
     let (out, mut lines) = mpsc::unbounded_channel::<String>();
@@ -113,7 +119,6 @@ pub async fn run_node() {
         )
         .await
         .unwrap();
-    let incarnation = node.membership().incarnation();
     let (drain_tx, mut drain) = tokio::sync::oneshot::channel::<()>();
     std::thread::spawn(move || {
         let mut line = String::new();
@@ -142,11 +147,16 @@ pub async fn run_node() {
             tokio::time::sleep(Duration::from_millis(200)).await;
             std::process::exit(0);
         }
+        // The current incarnation: a node that lost its lease joins again as a new one.
+        let incarnation = node.membership().incarnation();
         let id = node_index * 1_000_000_000 + incarnation * 1_000_000 + i;
         let key = format!("k{}", i % KEYS);
         out.send(format!("try {key} {id}")).unwrap();
         if reg.send(&key, &Msg::Add(id)).await.is_ok() {
             out.send(format!("ack {key} {id}")).unwrap();
+        } else {
+            // Not this node's key now (or Redis is away): do not spin.
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         if i % 16 == 0 {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -211,14 +221,18 @@ pub struct Seen {
     pub acked: BTreeSet<u64>,
     /// Per node, how many sends it had acknowledged.
     pub acks: BTreeMap<&'static str, usize>,
+    /// Per node, the id of the last send it acknowledged.
+    pub last_of: BTreeMap<&'static str, u64>,
 }
 
 impl Seen {
     pub fn record(&mut self, line: &Line) {
         let w: Vec<&str> = line.text.split_whitespace().collect();
         if let ["ack", _, id] = w.as_slice() {
-            self.acked.insert(id.parse().unwrap());
+            let id = id.parse().unwrap();
+            self.acked.insert(id);
             *self.acks.entry(line.node).or_default() += 1;
+            self.last_of.insert(line.node, id);
         }
     }
 }
@@ -242,4 +256,9 @@ pub fn until(
             return;
         }
     }
+}
+
+/// The incarnation of the node that made the send with this id.
+pub fn incarnation_of(id: u64) -> u64 {
+    (id / 1_000_000) % 1_000
 }
