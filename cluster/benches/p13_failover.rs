@@ -20,12 +20,11 @@ mod common;
 #[path = "../tests/nodes/mod.rs"]
 mod nodes;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::mpsc as std_mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nodes::{CHILD_NODE, KEYS, Line, SHARDS, Seen, shard_of, spawn, until};
-use soma_cluster::{NodeName, Placement};
+use nodes::{CHILD_NODE, Line, Seen, keys_of, kill_and_time_failover, spawn, until};
 
 const KILLS: usize = 20;
 const NAMES: [&str; 3] = ["node-a", "node-b", "node-c"];
@@ -55,40 +54,13 @@ fn main() {
         "all three serving",
         |_, s| s.acks.len() == 3 && s.acks.values().all(|n| *n >= 300),
     );
-    let names: Vec<NodeName> = NAMES.iter().map(|n| NodeName::new(n).unwrap()).collect();
-    let placement = Placement::compute(SHARDS, &names).unwrap();
     let mut times = Vec::new();
     for kill in 0..KILLS {
         let victim = fastrand::usize(0..NAMES.len());
         let name = NAMES[victim];
-        let shards: BTreeSet<_> = placement.shards_of(&names[victim]).into_iter().collect();
-        let keys: BTreeSet<String> = (0..KEYS)
-            .map(|k| format!("k{k}"))
-            .filter(|k| shards.contains(&shard_of(k)))
-            .collect();
+        let keys = keys_of(&NAMES, name);
         let mut p = procs.remove(name).unwrap();
-        p.child.kill().unwrap(); // SIGKILL
-        let killed = Instant::now();
-        p.child.wait().unwrap();
-        let mut took = None;
-        until(
-            &rx,
-            &mut seen,
-            Duration::from_secs(30),
-            "a moved shard handled",
-            |l, _| {
-                let w: Vec<&str> = l.text.split_whitespace().collect();
-                if let ["applied", key, _] = w.as_slice()
-                    && l.node != name
-                    && keys.contains(*key)
-                {
-                    took = Some(l.at.duration_since(killed));
-                    return true;
-                }
-                false
-            },
-        );
-        let took = took.unwrap();
+        let took = kill_and_time_failover(&mut p, name, &keys, &rx, &mut seen);
         println!("kill {kill:2}: {name} -> first moved message handled after {took:?}");
         times.push(took);
         // Back to three: the node starts again and its shards hand off back to it.

@@ -9,11 +9,11 @@
 //! keys the node owns (`Error::NotOwned` otherwise): routing a send to its owner over a node
 //! link is not built yet.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use soma_supervision::{KeyRange, Runtime, RuntimeOptions};
+use soma_supervision::{Epoch, Journal, KeyRange, Runtime, RuntimeOptions};
 use std::sync::RwLock;
 
 use tokio::sync::watch;
@@ -182,8 +182,12 @@ impl Controller {
     /// ranges through the new incarnation's shard table from then on.
     async fn rejoin(&self) -> Result<Membership> {
         let m = Membership::join(self.options.clone()).await?;
+        if let Err(e) = m.set_state(NodeState::Up).await {
+            // Its renewals must end with it, or the next join waits for this lease forever.
+            m.shutdown().await;
+            return Err(e);
+        }
         self.journal.use_shards(Shards::new(m.clone()));
-        m.set_state(NodeState::Up).await?;
         *self.shared.write().unwrap_or_else(|p| p.into_inner()) = m.clone();
         metrics::counter!(REJOINS).increment(1);
         tracing::info!(
@@ -203,6 +207,8 @@ async fn control(c: Controller, view: watch::Sender<NodeView>, mut stop: watch::
     let me = m.node().clone();
     let mut served: BTreeSet<u32> = BTreeSet::new();
     let (mut members_open, mut serving_open) = (true, true);
+    // Shards stopped here whose release in the shard table has not succeeded yet.
+    let mut unreleased: BTreeMap<u32, Epoch> = BTreeMap::new();
     loop {
         let state = *serving.borrow_and_update();
         let ok = state == Serving::Yes;
@@ -216,13 +222,28 @@ async fn control(c: Controller, view: watch::Sender<NodeView>, mut stop: watch::
             BTreeSet::new()
         };
         for r in served.difference(&want).copied().collect::<Vec<_>>() {
-            // Released locally first (the runtime stops writing), whatever Redis answers.
-            if let Err(e) = rt.release(KeyRange(r)).await {
-                tracing::warn!(shard = r, error = %e, "shard release failed");
-            }
+            // Stopped here first (the runtime writes nothing more to it), whatever Redis
+            // answers. Not serving (the lease is in doubt, Redis may be away): only that; the
+            // fence in Redis refuses this node's writes once its lease is gone, and the shard
+            // goes to another node then. Serving: then handed off in the shard table.
+            let epoch = rt.abandon(KeyRange(r)).await;
             served.remove(&r);
-            metrics::counter!(MOVES, "how" => "released").increment(1);
-            tracing::info!(shard = r, "shard handed off");
+            if let (true, Some(epoch)) = (ok, epoch) {
+                unreleased.insert(r, epoch);
+            }
+        }
+        for (r, epoch) in std::mem::take(&mut unreleased) {
+            match c.journal.release(KeyRange(r), epoch).await {
+                // Fenced: it is no longer this incarnation's at that epoch anyway.
+                Ok(()) | Err(soma_supervision::Error::Fenced { .. }) => {
+                    metrics::counter!(MOVES, "how" => "released").increment(1);
+                    tracing::info!(shard = r, "shard handed off");
+                }
+                Err(e) => {
+                    tracing::warn!(shard = r, error = %e, "shard release failed; trying again");
+                    unreleased.insert(r, epoch);
+                }
+            }
         }
         let mut waiting = BTreeSet::new();
         for r in want.difference(&served).copied().collect::<Vec<_>>() {
@@ -237,6 +258,10 @@ async fn control(c: Controller, view: watch::Sender<NodeView>, mut stop: watch::
                 }
                 Err(e) => {
                     tracing::debug!(shard = r, error = %e, "shard not taken yet");
+                    // Taken in the shard table but not activated here: give it back.
+                    if let Some(epoch) = rt.abandon(KeyRange(r)).await {
+                        unreleased.insert(r, epoch);
+                    }
                     waiting.insert(r);
                 }
             }
@@ -249,7 +274,9 @@ async fn control(c: Controller, view: watch::Sender<NodeView>, mut stop: watch::
             draining,
         });
         if state == Serving::Lost && !draining {
-            // Everything was released above; this incarnation never serves again.
+            // Everything was stopped above; this incarnation never serves again (and its
+            // releases would be refused: its shards go to whoever takes them).
+            unreleased.clear();
             m.shutdown().await;
             let joined = tokio::select! {
                 _ = stop.changed() => break,
@@ -273,7 +300,7 @@ async fn control(c: Controller, view: watch::Sender<NodeView>, mut stop: watch::
             continue;
         }
         let retry = async {
-            if waiting.is_empty() {
+            if waiting.is_empty() && unreleased.is_empty() {
                 std::future::pending::<()>().await;
             }
             tokio::time::sleep(RETRY).await;

@@ -181,7 +181,7 @@ async fn a_cluster_journal_takes_ranges_through_the_shard_table() {
     let r = ja.range_of("k");
     let ea = ja.acquire(r).await.unwrap();
     assert!(
-        matches!(jb.acquire(r).await, Err(Error::Backend { .. })),
+        matches!(jb.acquire(r).await, Err(Error::NotOwned { .. })),
         "b cannot take a shard a holds"
     );
     let append = |j: &RedisJournal, epoch, payload: &'static [u8]| {

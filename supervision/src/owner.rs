@@ -64,6 +64,14 @@ impl Ownership {
         Ok(epochs)
     }
 
+    /// Stops holding `range` here without telling the journal; the epoch it was held at.
+    pub(crate) fn forget(&self, range: KeyRange) -> Option<Epoch> {
+        self.held
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&range.0)
+    }
+
     pub(crate) async fn release(&self, range: KeyRange) -> Result<()> {
         let epoch = self
             .held

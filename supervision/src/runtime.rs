@@ -159,6 +159,18 @@ impl Runtime {
         self.wiring.owner.release(range).await
     }
 
+    /// Stops serving `range` here without a word to the journal (a node that cannot reach
+    /// its journal's server, or whose lease is in doubt): its instances stop as with
+    /// [`release`](Self::release) and this runtime writes nothing more to it, but the journal
+    /// still has this runtime's epoch as the range's until someone else acquires it. Returns
+    /// that epoch, for a later `Journal::release` by the caller.
+    pub async fn abandon(&self, range: KeyRange) -> Option<Epoch> {
+        for registry in self.wiring.routes.all() {
+            registry.releasing(range).await;
+        }
+        self.wiring.owner.forget(range)
+    }
+
     /// The ranges this runtime owns, with their epochs.
     pub fn owned(&self) -> Vec<(KeyRange, Epoch)> {
         self.wiring.owner.held()

@@ -80,7 +80,7 @@ fn wall_ms() -> u64 {
 }
 
 /// Where a URL points, without its credentials.
-fn location(url: &str) -> String {
+pub(super) fn location(url: &str) -> String {
     match redis::Client::open(url) {
         Ok(c) => match &c.get_connection_info().addr {
             redis::ConnectionAddr::Tcp(h, p)
@@ -195,7 +195,7 @@ impl RedisJournal {
         *self.inner.shards.write().unwrap_or_else(|p| p.into_inner()) = Some(shards);
     }
 
-    fn cluster_error(&self, e: crate::Error) -> Error {
+    fn cluster_error(&self, e: crate::Error, range: KeyRange) -> Error {
         match e {
             crate::Error::NotHolder { shard, epoch } => Error::Fenced {
                 key: shard.to_string(),
@@ -204,6 +204,15 @@ impl RedisJournal {
                     epoch,
                     current: None,
                 },
+            },
+            // Definite refusals, not failures of unknown outcome.
+            crate::Error::ShardHeld { shard, .. } => Error::NotOwned {
+                key: shard.to_string(),
+                range: shard,
+            },
+            crate::Error::LeaseLost { .. } => Error::Fenced {
+                key: range.to_string(),
+                reason: soma_supervision::Fence::LeaseExpired { range },
             },
             crate::Error::Redis(_) | crate::Error::BadMember { .. } => Error::Backend {
                 backend: self.inner.at.clone(),
@@ -393,7 +402,7 @@ impl Journal for RedisJournal {
                 let (epoch, _) = shards
                     .acquire(*r)
                     .await
-                    .map_err(|e| self.cluster_error(e))?;
+                    .map_err(|e| self.cluster_error(e, *r))?;
                 out.push(epoch);
             }
             return Ok(out);
@@ -424,7 +433,7 @@ impl Journal for RedisJournal {
             return shards
                 .release(range, epoch)
                 .await
-                .map_err(|e| self.cluster_error(e));
+                .map_err(|e| self.cluster_error(e, range));
         }
         let mut inv = self.invocation(&scripts::RELEASE);
         inv.arg(range.0).arg(epoch);

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use soma_supervision::{Error, MAX_MESSAGE_BYTES, Result};
 
 /// How to reach the journal's Redis and what to call things there.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisOptions {
     /// `redis://` URL (credentials allowed; never logged).
@@ -107,5 +107,20 @@ impl RedisOptions {
             return bad("journal.redis.url", "is not a valid redis:// URL".into());
         }
         Ok(())
+    }
+}
+
+impl std::fmt::Debug for RedisOptions {
+    /// The URL may carry a password: only where it points is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("url", &super::location(&self.url))
+            .field("cluster", &self.cluster)
+            .field("node", &self.node)
+            .field("ranges", &self.ranges)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("require_fsync", &self.require_fsync)
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
     }
 }

@@ -136,7 +136,7 @@ impl Reply {
                 "seq {from} is not in the inbox though it is the next to handle"
             ))),
             Self::Beyond { last } => Err(corrupt(format!(
-                "a commit up to a seq beyond the last appended one ({last})"
+                "a commit whose seqs are not within its from and the last appended one ({last})"
             ))),
         }
     }

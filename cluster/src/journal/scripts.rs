@@ -5,7 +5,8 @@
 //!
 //! Every script takes the key prefix `P` (`soma:{<cluster>}`) as `ARGV[1]`; keys are built
 //! inside the script from it. All keys of a journal share the hash tag `{<cluster>}`, so they
-//! live in one slot even on a Redis Cluster. The layout (`<key>` is the journal key, `<r>` its
+//! would live in one slot of a Redis Cluster; the scripts do not declare them as `KEYS`, so
+//! the journal needs a standalone Redis (or one that allows undeclared keys). The layout (`<key>` is the journal key, `<r>` its
 //! range):
 //!
 //! - `P:shard:<r>` hash `{epoch, node, incarnation}`: the range's owner epoch (shared with
@@ -162,7 +163,7 @@ pub(super) static COMMIT: LazyLock<Script> = LazyLock::new(|| {
         if tonumber(ARGV[5]) ~= applied + 1 then return {'notnext', applied} end
         local seq = tonumber(ARGV[6])
         local last = tonumber(redis.call('HGET', k, 'last') or '0')
-        if seq > last then return {'beyond', last} end
+        if seq > last or seq < tonumber(ARGV[5]) then return {'beyond', last} end
         redis.call('HSET', k, 'applied', ARGV[6], 'state', ARGV[7])
         redis.call('HDEL', k, 'fseq', 'fcount')
         trim(r, key, seq)

@@ -262,3 +262,50 @@ pub fn until(
 pub fn incarnation_of(id: u64) -> u64 {
     (id / 1_000_000) % 1_000
 }
+
+/// SIGKILLs `victim` and reads lines until another node handles a message of one of `keys`
+/// (the victim's keys): the failover time, from the SIGKILL.
+pub fn kill_and_time_failover(
+    victim: &mut Proc,
+    name: &str,
+    keys: &BTreeSet<String>,
+    rx: &std_mpsc::Receiver<Line>,
+    seen: &mut Seen,
+) -> Duration {
+    victim.child.kill().unwrap(); // SIGKILL
+    let killed = Instant::now();
+    victim.child.wait().unwrap();
+    let mut took = None;
+    until(
+        rx,
+        seen,
+        Duration::from_secs(30),
+        "a moved shard handled",
+        |l, _| {
+            let w: Vec<&str> = l.text.split_whitespace().collect();
+            if let ["applied", key, _] = w.as_slice()
+                && l.node != name
+                && keys.contains(*key)
+            {
+                took = Some(l.at.duration_since(killed));
+                return true;
+            }
+            false
+        },
+    );
+    took.unwrap()
+}
+
+/// The keys whose shards `node` owns in a placement over `nodes`.
+pub fn keys_of(nodes: &[&str], node: &str) -> BTreeSet<String> {
+    let names: Vec<NodeName> = nodes.iter().map(|n| NodeName::new(n).unwrap()).collect();
+    let placement = soma_cluster::Placement::compute(SHARDS, &names).unwrap();
+    let shards: BTreeSet<KeyRange> = placement
+        .shards_of(&NodeName::new(node).unwrap())
+        .into_iter()
+        .collect();
+    (0..KEYS)
+        .map(|k| format!("k{k}"))
+        .filter(|k| shards.contains(&shard_of(k)))
+        .collect()
+}
