@@ -239,3 +239,18 @@ async fn a_cluster_journal_takes_ranges_through_the_shard_table() {
     ma.leave().await.unwrap();
     mb.shutdown().await;
 }
+
+#[test]
+fn options_never_show_the_password() {
+    let url = "redis://user:s3cret@127.0.0.1:6379/";
+    let journal = format!("{:?}", RedisOptions::new(url, "c", "n"));
+    let node = soma_cluster::NodeName::new("n").unwrap();
+    let membership = format!(
+        "{:?}",
+        soma_cluster::membership::Options::new(url, "c", node)
+    );
+    for shown in [journal, membership] {
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("127.0.0.1:6379"), "{shown}");
+    }
+}

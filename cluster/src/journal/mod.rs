@@ -80,7 +80,7 @@ fn wall_ms() -> u64 {
 }
 
 /// Where a URL points, without its credentials.
-pub(super) fn location(url: &str) -> String {
+pub(crate) fn location(url: &str) -> String {
     match redis::Client::open(url) {
         Ok(c) => match &c.get_connection_info().addr {
             redis::ConnectionAddr::Tcp(h, p)

@@ -95,7 +95,7 @@ pub enum Serving {
 }
 
 /// How a node holds its membership.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     /// `redis://` URL of the coordination store (credentials allowed; never logged).
     pub redis_url: String,
@@ -150,6 +150,21 @@ impl Options {
             );
         }
         Ok(())
+    }
+}
+
+impl std::fmt::Debug for Options {
+    /// The URL may carry a password: only where it points is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("redis", &crate::journal::location(&self.redis_url))
+            .field("cluster", &self.cluster)
+            .field("node", &self.node)
+            .field("addr", &self.addr)
+            .field("lease", &self.lease)
+            .field("renew", &self.renew)
+            .field("clock_bound", &self.clock_bound)
+            .finish()
     }
 }
 
