@@ -27,32 +27,7 @@ async fn durable(dir: &std::path::Path) -> (f64, f64, f64, f64) {
         .unwrap();
     let reg = rt.registry(Sink, bench_options("sink")).await.unwrap();
     let payload = vec![7u8; MESSAGE - 3]; // bincode adds a 1-3 byte length
-    let started = Instant::now();
-    let senders: Vec<_> = (0..SENDERS)
-        .map(|s| {
-            let reg = reg.clone();
-            let payload = payload.clone();
-            tokio::spawn(async move {
-                let key = format!("k{}", s % KEYS);
-                let mut last = 0;
-                for _ in 0..PER_SENDER {
-                    last = reg.send(&key, &payload).await.unwrap();
-                }
-                (key, last)
-            })
-        })
-        .collect();
-    let mut lasts = std::collections::BTreeMap::new();
-    for s in senders {
-        let (key, last) = s.await.unwrap();
-        let e = lasts.entry(key).or_insert(0);
-        *e = (*e).max(last);
-    }
-    let acked = started.elapsed();
-    for (key, last) in &lasts {
-        reg.wait_handled(key, *last).await.unwrap();
-    }
-    let handled = started.elapsed();
+    let (acked, handled) = common::send_load(&reg, SENDERS, PER_SENDER, KEYS, &payload).await;
     let total = SENDERS * PER_SENDER;
     let stats = rt.writer_stats();
     let per_msg = (common::write_bytes() - written) as f64 / total as f64;

@@ -89,3 +89,42 @@ pub fn bench_options(name: &str) -> soma::RegistryOptions {
     o.passivate_after_ms = None;
     o
 }
+
+/// The load of the durable-throughput benchmarks: `senders` tasks over `keys` keys, each
+/// sending `per_sender` copies of `payload` (each send returns once durable); then waits
+/// until every message is handled. Returns the time to the last acknowledgement and to the
+/// last message handled, both from the first send.
+pub async fn send_load(
+    reg: &soma::Registry<Sink>,
+    senders: u64,
+    per_sender: u64,
+    keys: u64,
+    payload: &[u8],
+) -> (Duration, Duration) {
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..senders)
+        .map(|s| {
+            let reg = reg.clone();
+            let payload = payload.to_vec();
+            tokio::spawn(async move {
+                let key = format!("k{}", s % keys);
+                let mut last = 0;
+                for _ in 0..per_sender {
+                    last = reg.send(&key, &payload).await.unwrap();
+                }
+                (key, last)
+            })
+        })
+        .collect();
+    let mut lasts = std::collections::BTreeMap::new();
+    for t in tasks {
+        let (key, last) = t.await.unwrap();
+        let e = lasts.entry(key).or_insert(0);
+        *e = (*e).max(last);
+    }
+    let acked = started.elapsed();
+    for (key, last) in &lasts {
+        reg.wait_handled(key, *last).await.unwrap();
+    }
+    (acked, started.elapsed())
+}

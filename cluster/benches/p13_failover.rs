@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
-use nodes::{CHILD_NODE, Line, Seen, keys_of, kill_and_time_failover, spawn, until};
+use nodes::{CHILD_NODE, Line, Seen, keys_of, kill_and_time_failover, more_acks, spawn, until};
 
 const KILLS: usize = 20;
 const NAMES: [&str; 3] = ["node-a", "node-b", "node-c"];
@@ -65,14 +65,7 @@ fn main() {
         times.push(took);
         // Back to three: the node starts again and its shards hand off back to it.
         procs.insert(name, spawn(&[], &url, name, tx.clone()));
-        let before = seen.acks.get(name).copied().unwrap_or(0);
-        until(
-            &rx,
-            &mut seen,
-            Duration::from_secs(30),
-            "the node back",
-            |_, s| s.acks.get(name).copied().unwrap_or(0) > before + 300,
-        );
+        more_acks(&rx, &mut seen, name, 300, Duration::from_secs(30));
     }
     for (_, mut p) in procs {
         p.child.kill().unwrap();

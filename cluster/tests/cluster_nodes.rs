@@ -20,8 +20,8 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use nodes::{
-    KEYS, Ledger, Line, Msg, Proc, Seen, journal, keys_of, kill_and_time_failover, options, spawn,
-    until,
+    KEYS, Ledger, Line, Msg, Proc, Seen, journal, keys_of, kill_and_time_failover, more_acks,
+    options, spawn, until,
 };
 use soma_cluster::RedisJournal;
 use soma_supervision::{Runtime, RuntimeOptions};
@@ -81,14 +81,7 @@ fn three_nodes_fail_over_hand_off_and_drain_without_loss() {
 
     // Join: node-a starts again; shards hand off back to it.
     procs.insert("node-a", spawn(&CHILD, &url, "node-a", tx.clone()));
-    let acks_a = seen.acks.get("node-a").copied().unwrap_or(0);
-    until(
-        &rx,
-        &mut seen,
-        Duration::from_secs(30),
-        "node-a serving again",
-        |_, s| s.acks.get("node-a").copied().unwrap_or(0) > acks_a + 300,
-    );
+    more_acks(&rx, &mut seen, "node-a", 300, Duration::from_secs(30));
 
     // Drain: node-b hands every shard off and leaves while the others keep sending.
     let b = procs.get_mut("node-b").unwrap();
@@ -110,14 +103,7 @@ fn three_nodes_fail_over_hand_off_and_drain_without_loss() {
             .success()
     );
     procs.remove("node-b");
-    let acks_c = seen.acks.get("node-c").copied().unwrap_or(0);
-    until(
-        &rx,
-        &mut seen,
-        Duration::from_secs(30),
-        "load after the drain",
-        |_, s| s.acks.get("node-c").copied().unwrap_or(0) > acks_c + 500,
-    );
+    more_acks(&rx, &mut seen, "node-c", 500, Duration::from_secs(30));
 
     // A paused node: SIGSTOP node-c past its lease; node-a takes its shards; once woken,
     // node-c finds its lease lost and acknowledges nothing more (its late writes are fenced).

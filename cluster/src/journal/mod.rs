@@ -29,7 +29,7 @@ use soma_supervision::{
 };
 
 pub use self::options::RedisOptions;
-use self::reply::{Reply, bulk, int, items};
+use self::reply::{Reply, bulk, int, ints, items};
 use crate::Shards;
 
 /// Metric: journal operations against Redis by `op` and `outcome` (`ok`, `fenced`, `error`).
@@ -73,10 +73,12 @@ impl std::fmt::Debug for RedisJournal {
     }
 }
 
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// A failed command of the journal at `at`: its outcome is unknown.
+fn backend(at: &str, e: redis::RedisError) -> Error {
+    Error::Backend {
+        backend: at.to_string(),
+        source: Box::new(e),
+    }
 }
 
 /// Where a URL points, without its credentials.
@@ -106,10 +108,7 @@ impl RedisJournal {
             location(&options.url),
             options.cluster
         );
-        let backend = |e: redis::RedisError| Error::Backend {
-            backend: at.clone(),
-            source: Box::new(e),
-        };
+        let backend = |e| backend(&at, e);
         let client = redis::Client::open(options.url.as_str()).map_err(backend)?;
         let timeout = Duration::from_millis(options.timeout_ms);
         let config = ConnectionManagerConfig::new()
@@ -173,11 +172,8 @@ impl RedisJournal {
     /// `options.cluster` must be the cluster of `shards`.
     pub async fn open_in_cluster(options: RedisOptions, shards: Shards) -> Result<Self> {
         let journal = Self::open(options).await?;
-        let mut inner = Arc::into_inner(journal.inner).ok_or(Error::Stopped { what: "journal" })?;
-        inner.shards = std::sync::RwLock::new(Some(shards));
-        Ok(Self {
-            inner: Arc::new(inner),
-        })
+        journal.use_shards(shards);
+        Ok(journal)
     }
 
     /// The shard table ranges are taken through, in a cluster.
@@ -226,10 +222,7 @@ impl RedisJournal {
     }
 
     fn backend(&self, e: redis::RedisError) -> Error {
-        Error::Backend {
-            backend: self.inner.at.clone(),
-            source: Box::new(e),
-        }
+        backend(&self.inner.at, e)
     }
 
     fn corrupt(&self, detail: String) -> Error {
@@ -315,6 +308,14 @@ impl RedisJournal {
         self.write(op, key, from, inv)
             .await?
             .ok_or_else(|| self.corrupt(format!("{op} of {key}: an unexpected 'gone'")))
+    }
+
+    /// The number a writing script answered after its status, if any.
+    fn first_int(&self, rest: &[redis::Value], what: &str) -> Result<Option<i64>> {
+        rest.first()
+            .map(int)
+            .transpose()
+            .map_err(|d| self.corrupt(format!("{what}: {d}")))
     }
 
     fn invocation(&self, script: &'static redis::Script) -> redis::ScriptInvocation<'static> {
@@ -414,9 +415,13 @@ impl Journal for RedisJournal {
                 inv.arg(r.0);
             }
             let value = self.run("acquire", &inv).await?;
-            for v in items(value).map_err(|d| self.corrupt(format!("acquire: {d}")))? {
-                out.push(int(&v).map_err(|d| self.corrupt(format!("acquire: {d}")))? as Epoch);
-            }
+            let epochs = items(value).and_then(|v| ints(&v));
+            out.extend(
+                epochs
+                    .map_err(|d| self.corrupt(format!("acquire: {d}")))?
+                    .into_iter()
+                    .map(|e| e as Epoch),
+            );
         }
         if out.len() != ranges.len() {
             return Err(self.corrupt(format!(
@@ -465,11 +470,11 @@ impl Journal for RedisJournal {
         }
         let first = &batch[0].key;
         let rest = self.write_ok("append", first, 0, &inv).await?;
-        let seqs = rest
-            .iter()
-            .map(|v| int(v).map(|i| i as Seq))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|d| self.corrupt(format!("append: {d}")))?;
+        let seqs: Vec<Seq> = ints(&rest)
+            .map_err(|d| self.corrupt(format!("append: {d}")))?
+            .into_iter()
+            .map(|i| i as Seq)
+            .collect();
         if seqs.len() != batch.len() {
             return Err(self.corrupt(format!(
                 "append of {} answered {} seqs",
@@ -580,9 +585,12 @@ impl Journal for RedisJournal {
                 inv.arg(&**k).arg(*seq);
             }
             let v = self.run("begin_replays", &inv).await?;
-            for x in items(v).map_err(|d| self.corrupt(format!("begin_replays: {d}")))? {
-                out.push(int(&x).map_err(|d| self.corrupt(format!("begin_replays: {d}")))? == 1);
-            }
+            let same = items(v).and_then(|v| ints(&v));
+            out.extend(
+                same.map_err(|d| self.corrupt(format!("begin_replays: {d}")))?
+                    .into_iter()
+                    .map(|x| x == 1),
+            );
         }
         Ok(out)
     }
@@ -602,7 +610,7 @@ impl Journal for RedisJournal {
             .arg(seq)
             .arg(error)
             .arg(attempts)
-            .arg(wall_ms());
+            .arg(crate::membership::now_ms());
         self.write_ok("dead_letter", key, seq, &inv)
             .await
             .map(|_| ())
@@ -617,10 +625,7 @@ impl Journal for RedisJournal {
 
     async fn redrive(&self, key: &str, seq: Seq, epoch: Epoch) -> Result<Seq> {
         let rest = self.take_dead_letter(key, seq, epoch, true).await?;
-        rest.first()
-            .map(int)
-            .transpose()
-            .map_err(|d| self.corrupt(format!("redrive of {key}: {d}")))?
+        self.first_int(&rest, &format!("redrive of {key}"))?
             .map(|s| s as Seq)
             .ok_or_else(|| self.corrupt(format!("redrive of {key} answered no seq")))
     }
@@ -659,10 +664,7 @@ impl Journal for RedisJournal {
         let Some(rest) = self.write("fire_timer", &timer.key, 0, &inv).await? else {
             return Ok(None);
         };
-        rest.first()
-            .map(int)
-            .transpose()
-            .map_err(|d| self.corrupt(format!("fire_timer of {}: {d}", timer.key)))?
+        self.first_int(&rest, &format!("fire_timer of {}", timer.key))?
             .map(|s| Some(s as Seq))
             .ok_or_else(|| self.corrupt(format!("fire_timer of {} answered no seq", timer.key)))
     }
@@ -699,11 +701,9 @@ impl Journal for RedisJournal {
         let mut inv = self.invocation(&scripts::DISCARD_TIMERS);
         inv.arg(self.range_arg(key)).arg(epoch).arg(key);
         let rest = self.write_ok("discard_timers", key, 0, &inv).await?;
-        rest.first()
-            .map(int)
-            .transpose()
-            .map_err(|d| self.corrupt(format!("discard_timers of {key}: {d}")))
-            .map(|n| n.unwrap_or(0) as u64)
+        Ok(self
+            .first_int(&rest, &format!("discard_timers of {key}"))?
+            .unwrap_or(0) as u64)
     }
 
     async fn flush(&self) -> Result<()> {

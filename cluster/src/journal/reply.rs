@@ -49,6 +49,10 @@ pub(super) fn int(v: &Value) -> Result<i64, String> {
     }
 }
 
+pub(super) fn ints(v: &[Value]) -> Result<Vec<i64>, String> {
+    v.iter().map(int).collect()
+}
+
 pub(super) fn bulk(v: &Value) -> Result<Vec<u8>, String> {
     match v {
         Value::BulkString(b) => Ok(b.clone()),

@@ -247,7 +247,8 @@ pub(crate) async fn connect(
         .map_err(Error::redis)
 }
 
-fn now_ms() -> u64 {
+/// The wall clock, Unix milliseconds.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

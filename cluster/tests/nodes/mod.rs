@@ -226,6 +226,11 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// How many sends `node` has acknowledged.
+    pub fn acks_of(&self, node: &str) -> usize {
+        self.acks.get(node).copied().unwrap_or(0)
+    }
+
     pub fn record(&mut self, line: &Line) {
         let w: Vec<&str> = line.text.split_whitespace().collect();
         if let ["ack", _, id] = w.as_slice() {
@@ -308,4 +313,20 @@ pub fn keys_of(nodes: &[&str], node: &str) -> BTreeSet<String> {
         .map(|k| format!("k{k}"))
         .filter(|k| shards.contains(&shard_of(k)))
         .collect()
+}
+
+/// Reads lines until `node` has acknowledged `more` sends beyond what it had; panics after
+/// `within`.
+pub fn more_acks(
+    rx: &std_mpsc::Receiver<Line>,
+    seen: &mut Seen,
+    node: &str,
+    more: usize,
+    within: Duration,
+) {
+    let before = seen.acks_of(node);
+    let what = format!("{more} more acknowledgements from {node}");
+    until(rx, seen, within, &what, |_, s| {
+        s.acks_of(node) > before + more
+    });
 }
